@@ -1,0 +1,42 @@
+# The documented interface: `make help` lists every target. Set-up is implicit: each target that runs
+# code depends on `setup`, which builds .venv once and again only when pyproject.toml changes.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+RECIPE ?= tiny_lora_dpo
+ARGS ?=
+PYTEST_ARGS ?=
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train validate test lint format clean
+
+help: ## List every target
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install: torch first (TORCH_SPEC), then the project with dev tools
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+train: setup ## Train RECIPE (default tiny_lora_dpo) with Hydra overrides in ARGS="train.beta=0.05 ..."
+	$(PY) -m dpo_recipes.train recipes=$(RECIPE) $(ARGS)
+
+validate: setup ## Compose RECIPE and build every TRL object without loading weights
+	$(PY) -m dpo_recipes.validate recipes=$(RECIPE) $(ARGS)
+
+test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff check and format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: setup ## Format the code with ruff
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+clean: ## Remove .venv and caches (runs in outputs/ and multirun/ are kept)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

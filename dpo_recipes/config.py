@@ -1,0 +1,151 @@
+"""Compose the Hydra groups and build TRL's objects from them, failing early with every error at once.
+
+`train:` keys are `trl.DPOConfig` fields and `model:` keys are `trl.ModelConfig` fields: both are checked
+against the dataclasses themselves, so nothing here lists TRL's fields by hand. Our own nodes
+(`dataset`, `hardware`) are typed by the schemas below and checked by Hydra at compose time.
+"""
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from peft import PeftConfig
+from transformers import BitsAndBytesConfig
+from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
+
+from dpo_recipes import ROOT, tiny
+
+CONF_DIR = ROOT / "conf"
+RECIPES_DIR = ROOT / "recipes"
+SET_BY_US = {"output_dir"}  # DPOConfig fields the run sets itself
+
+
+@dataclass
+class DatasetSchema:
+    path: str = MISSING  # a .json/.jsonl/.parquet file, a folder saved by `datasets`, or a hub id
+    format: str = "trl"  # trl | alpaca | ultrafeedback | sharegpt
+    train_split: str = "train"  # split to read from a hub id or a saved DatasetDict
+    eval_path: str | None = None  # a separate eval file, if any
+    eval_split: str | None = None  # an eval split of the same dataset, if any
+    eval_size: float = 0.0  # with neither: hold out this fraction (<1) or count (>=1) of train
+    max_samples: int | None = None  # keep the first N training rows
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class HardwareSchema:
+    device: str = "cpu"  # what the option needs to train: cpu | cuda
+
+
+@dataclass
+class Schema:
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    dataset: DatasetSchema = field(default_factory=DatasetSchema)
+    hardware: HardwareSchema = field(default_factory=HardwareSchema)
+
+
+ConfigStore.instance().store(name="schema", node=Schema)
+OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), replace=True)
+OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a composed config, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class Built:
+    args: DPOConfig
+    model: ModelConfig
+    peft: PeftConfig | None
+    quantization: BitsAndBytesConfig | None
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def compose(overrides: list[str] = ()) -> tuple[DictConfig, str]:
+    """Compose like `python -m dpo_recipes.train` would; returns the config and the recipe name."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    recipe = cfg.hydra.runtime.choices.recipes
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, recipe
+
+
+def loss_types() -> set[str]:
+    """The loss names TRL accepts, read from DPOConfig's own field help (TRL checks only at the first step)."""
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
+    return set(re.findall(r"`'(\w+)'`", help_text))
+
+
+def _unknown_keys(node: str, keys, cls) -> list[str]:
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    problems = []
+    for key in keys:
+        if key in SET_BY_US and node == "train":
+            problems.append(f"{node}.{key}: set by the run itself (the run dir); remove it")
+        elif key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            problems.append(f"{node}.{key}: not a {cls.__name__} field{hint}")
+    return problems
+
+
+def check(cfg: DictConfig, *, need_device: bool = True) -> None:
+    """Raise ConfigError listing every problem that can be seen without loading weights."""
+    train = OmegaConf.to_container(cfg.train, resolve=False)
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    problems = _unknown_keys("train", train, DPOConfig) + _unknown_keys("model", model, ModelConfig)
+    losses = train.get("loss_type", ["sigmoid"])
+    known_losses = loss_types()
+    for loss in [losses] if isinstance(losses, str) else losses:
+        if loss not in known_losses:
+            close = difflib.get_close_matches(str(loss), known_losses, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                f"train.loss_type: unknown loss {loss!r}; {hint}TRL has {', '.join(sorted(known_losses))}"
+            )
+    wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
+    if need_device and wants_gpu and not train.get("use_cpu") and not torch.cuda.is_available():
+        problems.append(
+            "hardware: this recipe trains on a CUDA GPU (bf16) and none is visible here; "
+            "to run it on this machine add the override hardware=cpu"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def build(cfg: DictConfig, output_dir: Path, *, need_device: bool = True) -> Built:
+    """Check `cfg`, then build DPOConfig, ModelConfig and the PEFT and quantization configs (no weights)."""
+    check(cfg, need_device=need_device)
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    model_args = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    if not torch.cuda.is_available() and not need_device:
+        train.update(use_cpu=True, bf16=False, fp16=False)  # validating a GPU recipe here: skip device checks
+    train["model_init_kwargs"] = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(train.get("model_init_kwargs") or {}),
+    }
+    try:
+        args = DPOConfig(output_dir=str(output_dir), **train)
+    except (ValueError, TypeError) as err:
+        raise ConfigError([f"train: {err}"]) from err
+    return Built(args, model_args, get_peft_config(model_args), get_quantization_config(model_args))

@@ -1,0 +1,136 @@
+"""Export every run's metrics to `<run dir>/dpo_metrics/`: CSV, curves, summary and the raw log history.
+
+The CSV and JSON files are rewritten atomically on every log, so a crash keeps everything logged so far;
+the PNG is drawn at every evaluation and at the end. Only the main process writes.
+"""
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from data_prep.io import atomic_path, write_text
+
+# (panel title, metrics drawn in it). Train and eval (`eval_` prefix) are overlaid in each panel.
+PANELS = [
+    ("loss", ["loss"]),
+    ("rewards/accuracies", ["rewards/accuracies"]),
+    ("rewards/margins", ["rewards/margins"]),
+    ("rewards: chosen vs rejected", ["rewards/chosen", "rewards/rejected"]),
+    ("log-probs: chosen vs rejected", ["logps/chosen", "logps/rejected"]),
+    ("learning rate", ["learning_rate"]),
+]
+BEST = {  # metric -> True when higher is better
+    "loss": False,
+    "rewards/accuracies": True,
+    "rewards/margins": True,
+    "eval_loss": False,
+    "eval_rewards/accuracies": True,
+    "eval_rewards/margins": True,
+}
+
+
+def step_rows(log_history: list[dict]) -> list[dict]:
+    """The logging and eval entries; the trainer's closing totals (train_runtime, ...) go to the summary."""
+    return [entry for entry in log_history if "train_runtime" not in entry]
+
+
+def to_csv(rows: list[dict]) -> str:
+    columns = ["step", "epoch"]
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def summarize(log_history: list[dict]) -> dict:
+    """Final value of every metric, and the best of the main ones with the step it was reached at."""
+    rows = step_rows(log_history)
+    final, best = {}, {}
+    for row in rows:
+        for key, value in row.items():
+            if key in ("step", "epoch") or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            final[key] = value
+            if key in BEST:
+                higher = BEST[key]
+                if key not in best or (value > best[key]["value"] if higher else value < best[key]["value"]):
+                    best[key] = {"value": value, "step": row.get("step")}
+    totals = next((e for e in reversed(log_history) if "train_runtime" in e), {})
+    return {"final": final, "best": best, "totals": totals}
+
+
+def plot(rows: list[dict], target: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for ax, (panel, metrics) in zip(axes.flat, PANELS, strict=True):
+        for metric in metrics:
+            for prefix, style in (("", "-"), ("eval_", "o--")):
+                points = [(r["step"], r[prefix + metric]) for r in rows if prefix + metric in r]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, style, label=f"{'eval' if prefix else 'train'} {metric}", markersize=4)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.split(":")[0])
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes training_metrics.csv, log_history.json, training_curves.png and summary.json."""
+
+    def __init__(self, out_dir: Path, context: dict):
+        self.out_dir = Path(out_dir)
+        self.context = context  # recipe, resolved config, dataset sizes, versions, commit
+
+    def _tables(self, state) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.out_dir / "log_history.json", json.dumps(state.log_history, indent=2))
+        write_text(self.out_dir / "training_metrics.csv", to_csv(step_rows(state.log_history)))
+
+    def _plot(self, state) -> None:
+        plot(
+            step_rows(state.log_history), self.out_dir / "training_curves.png", self.context.get("recipe", "")
+        )
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._tables(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._plot(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._tables(state)
+        self._plot(state)
+        summary = summarize(state.log_history)
+        totals = summary.pop("totals")
+        summary = {
+            "recipe": self.context.get("recipe"),
+            "steps": state.global_step,
+            "epochs": state.epoch,
+            "runtime_s": totals.get("train_runtime"),
+            "samples_per_second": totals.get("train_samples_per_second"),
+            **summary,
+            **{k: v for k, v in self.context.items() if k != "recipe"},
+        }
+        write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+from dpo_recipes import config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Build the tiny model once per session, away from the user's cache; subprocesses inherit it."""
+    os.environ.setdefault("DPO_RECIPES_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def pytest_collection_modifyitems(items):
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def tiny_overrides(recipe: str, *extra: str) -> list[str]:
+    """The real recipe with model, dataset and hardware swapped for the tiny offline ones, 2 steps."""
+    cfg, _ = config.compose([f"recipes={recipe}"])
+    model = "tiny_llama_lora" if cfg.model.get("use_peft") else "tiny_llama_full"
+    return [
+        f"recipes={recipe}",
+        f"model={model}",
+        "dataset=toy",
+        "hardware=cpu",
+        "dataset.max_samples=32",
+        "dataset.max_eval_samples=16",
+        "++train.max_steps=2",
+        "++train.logging_steps=1",
+        "++train.eval_steps=2",
+        "++train.disable_tqdm=true",
+        *extra,
+    ]

@@ -1,0 +1,155 @@
+"""Composition and validation: every recipe builds, and bad config fails early with every problem named."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import HydraException
+
+from dpo_recipes import ROOT, config
+from dpo_recipes.config import ConfigError
+
+RECIPES = config.recipes()
+
+
+def test_recipes_are_found():
+    assert {
+        "tiny_lora_dpo",
+        "tiny_full_dpo",
+        "qwen7b_lora_dpo",
+        "qwen7b_qlora_dpo",
+        "qwen7b_full_dpo",
+    } <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_builds_on_cpu(recipe, tmp_path):
+    cfg, name = config.compose([f"recipes={recipe}", "hardware=cpu"])
+    assert name == recipe
+    built = config.build(cfg, tmp_path)
+    assert built.args.loss_type == list(cfg.train.loss_type)
+    assert built.args.use_cpu and not built.args.bf16
+    assert (built.peft is not None) == bool(cfg.model.use_peft)
+    assert (built.quantization is not None) == bool(cfg.model.get("load_in_4bit"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_header_gives_its_launch_command(recipe):
+    header = (config.RECIPES_DIR / f"{recipe}.yaml").read_text().split("defaults:")[0]
+    assert "# @package _global_" in header
+    assert f"make train RECIPE={recipe}" in header or (recipe == "tiny_lora_dpo" and "make train" in header)
+
+
+def test_qwen_lora_recipe_matches_the_reference_setup(tmp_path):
+    cfg, _ = config.compose(["recipes=qwen7b_lora_dpo", "hardware=cpu"])
+    built = config.build(cfg, tmp_path)
+    assert built.model.model_name_or_path == "Qwen/Qwen2.5-7B"
+    assert built.peft.r == 64 and built.peft.target_modules == "all-linear"
+    args = built.args
+    assert (args.beta, args.learning_rate, args.max_length, args.num_train_epochs) == (0.1, 5e-6, 2048, 2)
+    assert args.loss_type == ["sigmoid"]
+    gpu, _ = config.compose(["recipes=qwen7b_lora_dpo"])
+    assert (gpu.train.per_device_train_batch_size, gpu.train.gradient_accumulation_steps) == (1, 16)
+    assert gpu.train.bf16 is True
+
+
+def test_unknown_keys_are_reported_together_with_suggestions():
+    cfg, _ = config.compose(["+train.bta=0.2", "+train.learnig_rate=1e-5", "+model.lora_rr=8"])
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    problems = err.value.problems
+    assert len(problems) == 3
+    text = str(err.value)
+    assert "train.bta" in text and "did you mean 'beta'" in text
+    assert "train.learnig_rate" in text and "'learning_rate'" in text
+    assert "model.lora_rr" in text and "'lora_r'" in text
+
+
+def test_unknown_loss_type_is_rejected_before_training():
+    cfg, _ = config.compose(["train.loss_type=[sigmoidd]"])
+    with pytest.raises(ConfigError, match="unknown loss 'sigmoidd'; did you mean 'sigmoid'"):
+        config.check(cfg)
+
+
+def test_loss_names_come_from_trl():
+    assert {"sigmoid", "ipo", "hinge", "sft"} <= config.loss_types()
+
+
+def test_output_dir_is_owned_by_the_run():
+    cfg, _ = config.compose(["+train.output_dir=/tmp/elsewhere"])
+    with pytest.raises(ConfigError, match="train.output_dir: set by the run"):
+        config.check(cfg)
+
+
+def test_missing_recipe_lists_the_available_ones():
+    with pytest.raises(HydraException) as err:
+        config.compose(["recipes=no_such_recipe"])
+    for recipe in RECIPES:
+        assert recipe in str(err.value)
+
+
+def test_typo_in_our_own_dataset_schema_fails_at_compose():
+    with pytest.raises(HydraException, match="dataset.pth"):
+        config.compose(["dataset.pth=data.jsonl"])
+    with pytest.raises(HydraException, match="max_samples"):
+        config.compose(["dataset.max_samples=many"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_gpu_recipe_on_cpu_names_the_override():
+    cfg, _ = config.compose(["recipes=qwen7b_lora_dpo"])
+    with pytest.raises(ConfigError, match="hardware=cpu"):
+        config.check(cfg)
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_validate_builds_a_gpu_recipe_without_weights():
+    out = run_cli("dpo_recipes.validate", "recipes=qwen7b_qlora_dpo")
+    assert out.returncode == 0, out.stderr
+    assert "model_name_or_path: Qwen/Qwen2.5-7B" in out.stdout
+    assert "LoraConfig, BitsAndBytesConfig built; no weights loaded" in out.stdout
+
+
+def test_cli_reports_config_errors_and_exits_nonzero():
+    out = run_cli("dpo_recipes.validate", "+train.bta=1")
+    assert out.returncode == 2
+    assert "did you mean 'beta'" in out.stderr
+    out = run_cli("dpo_recipes.train", "recipes=nope")
+    assert out.returncode != 0
+    assert "tiny_lora_dpo" in out.stderr
+
+
+def _train_keys(path) -> set[str]:
+    import yaml
+
+    node = yaml.safe_load(path.read_text()) or {}
+    if path.parent.name == "loss":  # `# @package train`
+        return set(node)
+    return set(node.get("train") or {})
+
+
+def test_one_key_one_home():
+    """Loss keys live in loss/, precision and batch keys in hardware/; recipes set neither."""
+    conf = config.CONF_DIR
+    loss_keys = set().union(*(_train_keys(p) for p in (conf / "loss").glob("*.yaml")))
+    hardware_keys = set().union(*(_train_keys(p) for p in (conf / "hardware").glob("*.yaml")))
+    assert "beta" in loss_keys and "per_device_train_batch_size" in hardware_keys
+    assert not loss_keys & hardware_keys
+    others = [
+        *config.RECIPES_DIR.glob("*.yaml"),
+        *(conf / "model").glob("*.yaml"),
+        *(conf / "dataset").glob("*.yaml"),
+    ]
+    for path in [*others, conf / "train.yaml"]:
+        misplaced = _train_keys(path) & (loss_keys | hardware_keys)
+        assert not misplaced, f"{path.name} sets {sorted(misplaced)}, which belong to loss/ or hardware/"
+
+
+def test_runs_go_to_outputs_recipe_timestamp():
+    train_yaml = (config.CONF_DIR / "train.yaml").read_text()
+    assert "dir: outputs/${hydra:runtime.choices.recipes}/${now:" in train_yaml
+    assert "outputs/" in (ROOT / ".gitignore").read_text()

@@ -1,0 +1,30 @@
+"""The tiny offline model: deterministic, and loaded through the same path as a hub model."""
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_recipes import tiny
+
+
+def test_same_seed_same_weights_and_tokenizer(tmp_path):
+    tiny.build(tmp_path / "a")
+    tiny.build(tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+
+
+def test_loads_like_a_hub_model_with_a_chat_template():
+    path = tiny.path()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "llama"
+    assert 1_000_000 < model.num_parameters() < 10_000_000
+    messages = [{"role": "user", "content": "Tell me something cheerful about tea."}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (
+        text == "<|im_start|>user\nTell me something cheerful about tea.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|pad|>"

@@ -1,0 +1,134 @@
+"""Real DPO runs on the tiny offline model: the default recipe learns, every recipe smoke-trains."""
+
+import csv
+import json
+import math
+
+import pytest
+from conftest import tiny_overrides
+
+from dpo_recipes import config, train
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp_path, overrides):
+    cfg, recipe = config.compose(overrides)
+    trainer = train.run(cfg, tmp_path / "run", recipe)
+    return trainer, tmp_path / "run" / "dpo_metrics"
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default recipe exactly as `make train` runs it."""
+    return run(tmp_path_factory.mktemp("default"), [])
+
+
+def test_default_run_learns_the_toy_preference(default_run):
+    _, metrics = default_run
+    rows = [
+        r for r in json.loads((metrics / "log_history.json").read_text()) if "eval_rewards/accuracies" in r
+    ]
+    first, last = rows[0], rows[-1]
+    assert 0.3 <= first["eval_rewards/accuracies"] <= 0.7
+    assert last["eval_rewards/accuracies"] >= 0.8
+    assert last["eval_rewards/margins"] > first["eval_rewards/margins"] + 0.5
+
+
+def test_first_sigmoid_loss_is_ln2_because_policy_equals_reference(default_run):
+    _, metrics = default_run
+    history = json.loads((metrics / "log_history.json").read_text())
+    first = next(r for r in history if "loss" in r)
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(math.log(2), abs=0.01)
+
+
+def test_metrics_files_exist_and_agree_with_the_log(default_run):
+    trainer, metrics = default_run
+    history = trainer.state.log_history
+    with open(metrics / "training_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [e for e in history if "train_runtime" not in e]
+    assert [int(r["step"]) for r in rows] == [e["step"] for e in logged]
+    assert {"loss", "rewards/margins", "eval_rewards/accuracies", "learning_rate"} <= set(rows[0])
+    for row in rows:
+        for prefix in ("", "eval_"):
+            if row.get(prefix + "rewards/margins"):
+                margin = float(row[prefix + "rewards/margins"])
+                chosen, rejected = (
+                    float(row[prefix + "rewards/chosen"]),
+                    float(row[prefix + "rewards/rejected"]),
+                )
+                assert margin == pytest.approx(chosen - rejected, abs=1e-4)
+    assert json.loads((metrics / "log_history.json").read_text()) == history
+    png = (metrics / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_summary_describes_the_run(default_run):
+    trainer, metrics = default_run
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert summary["recipe"] == "tiny_lora_dpo"
+    assert summary["steps"] == trainer.state.global_step == 150
+    assert summary["dataset"] == {"train": 1000, "eval": 128}
+    assert summary["final"]["eval_rewards/accuracies"] >= 0.8
+    assert summary["best"]["eval_loss"]["value"] <= summary["final"]["eval_loss"]
+    assert summary["config"]["train"]["beta"] == 0.1
+    assert {"trl", "transformers", "torch"} <= set(summary["versions"])
+    assert summary["runtime_s"] > 0 and summary["samples_per_second"] > 0
+    assert "git_commit" in summary
+
+
+def test_lora_run_saves_the_adapter_and_keeps_no_second_model(default_run):
+    trainer, metrics = default_run
+    assert trainer.ref_model is None  # the adapter-disabled base is the reference
+    run_dir = metrics.parent
+    assert (run_dir / "adapter_config.json").exists() and (run_dir / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("recipe", config.recipes())
+def test_every_recipe_smoke_trains_on_the_tiny_model(recipe, tmp_path):
+    trainer, metrics = run(tmp_path, tiny_overrides(recipe))
+    assert trainer.state.global_step == 2
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert (metrics / "summary.json").exists()
+    if trainer.ref_model is not None:  # full fine-tuning: an explicit frozen copy, not the policy
+        assert trainer.ref_model is not trainer.model
+        assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+def test_a_finished_run_dir_is_never_overwritten(tmp_path):
+    overrides = tiny_overrides("tiny_lora_dpo")
+    run(tmp_path, overrides)
+    before = (tmp_path / "run" / "dpo_metrics" / "summary.json").read_text()
+    with pytest.raises(config.ConfigError, match="already holds a finished run"):
+        run(tmp_path, overrides)
+    assert (tmp_path / "run" / "dpo_metrics" / "summary.json").read_text() == before
+
+
+def test_cli_writes_a_self_describing_run_dir(tmp_path):
+    import subprocess
+    import sys
+
+    from dpo_recipes import ROOT
+
+    run_dir = tmp_path / "cli"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_recipes.train",
+            *tiny_overrides("tiny_lora_dpo"),
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"run dir: {run_dir}" in out.stdout
+    assert "beta: 0.1" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert (run_dir / "adapter_model.safetensors").exists()
+    for name in ("training_metrics.csv", "training_curves.png", "summary.json", "log_history.json"):
+        assert (run_dir / "dpo_metrics" / name).exists()
