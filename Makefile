@@ -10,7 +10,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train validate test lint format clean
+FORMAT ?= alpaca
+IN ?=
+OUT ?=
+.PHONY: help setup train validate prep test bench lint format clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -29,8 +32,15 @@ train: setup ## Train RECIPE (default tiny_lora_dpo) with Hydra overrides in ARG
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
 	$(PY) -m dpo_recipes.validate recipes=$(RECIPE) $(ARGS)
 
+prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's form in OUT; options in ARGS
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo 'usage: make prep FORMAT=alpaca IN=data.json OUT=prefs.jsonl [ARGS="--strict"]'; exit 2; }
+	$(PY) -m data_prep $(FORMAT) $(IN) $(OUT) $(ARGS)
+
 test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup ## Run the benchmarks and print their tables (results in benchmarks/*.json)
+	$(PY) -m benchmarks.data_prep
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -1,29 +1,50 @@
-"""Load the dataset a `dataset:` option names and split off the eval set."""
+"""Load the dataset a `dataset:` option names, convert it with data_prep's converters, split off eval."""
 
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from data_prep import io
+from data_prep.pipeline import Options, convert, read, summary_line
+
+
+class DataError(ValueError):
+    """No usable rows: the message carries the conversion report's summary."""
 
 
 def _head(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
 
 
-def load(cfg: DictConfig, seed: int = 42) -> tuple[Dataset, Dataset | None]:
-    """Return (train, eval) in TRL's prompt/chosen/rejected form; eval is None when there is none."""
-    train = io.read(cfg.path, cfg.train_split)
-    if cfg.eval_path:
-        evaluation = io.read(cfg.eval_path, cfg.eval_split or "train")
-    elif cfg.eval_split:
-        evaluation = io.read(cfg.path, cfg.eval_split)
+def _convert(path: str, split: str, limit: int | None, cfg: DictConfig, name: str, num_proc) -> tuple:
+    rows, report = convert(
+        _head(read(path, split), limit), Options(format=cfg.format, num_proc=num_proc), name
+    )
+    if not report["rows_out"]:
+        examples = "; ".join(
+            f"row {e['row']}: {rule}: {e['detail']}"
+            for rule, ex in report["examples"].items()
+            for e in ex[:2]
+        )
+        raise DataError(
+            f"{path}: no usable {name} rows as format {cfg.format!r}: {summary_line(report)}. {examples}"
+        )
+    return rows, report
+
+
+def load(
+    cfg: DictConfig, seed: int = 42, num_proc: int | None = None
+) -> tuple[Dataset, Dataset | None, dict]:
+    """Return (train, eval, report) in TRL's prompt/chosen/rejected form; eval is None when there is none."""
+    train, report = _convert(cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc)
+    reports = {"train": report}
+    evaluation = None
+    if cfg.eval_path or cfg.eval_split:
+        path = cfg.eval_path or cfg.path
+        split = cfg.eval_split or "train"
+        evaluation, reports["eval"] = _convert(path, split, cfg.max_eval_samples, cfg, "eval", num_proc)
     elif cfg.eval_size:
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
         parts = train.train_test_split(test_size=size, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
-    else:
-        evaluation = None
-    train = _head(train, cfg.max_samples)
-    if evaluation is not None:
-        evaluation = _head(evaluation, cfg.max_eval_samples)
-    return train, evaluation
+        train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
+        n = len(evaluation)
+        reports["eval"] = {"rows_in": n, "rows_out": n, "dropped": {}, "held_out_from_train": True}
+    return train, evaluation, reports

@@ -3,6 +3,7 @@
 python -m dpo_recipes.train recipes=tiny_lora_dpo train.beta=0.05
 """
 
+import json
 import subprocess
 import sys
 from importlib.metadata import version
@@ -12,8 +13,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.io import write_text
 from dpo_recipes import ROOT, config, data
 from dpo_recipes.config import ConfigError
+from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
 
@@ -56,13 +59,16 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         revision=model_args.model_revision,
         trust_remote_code=built.args.trust_remote_code,
     )
-    train_set, eval_set = data.load(cfg.dataset, seed=built.args.seed)
+    train_set, eval_set, data_report = data.load(cfg.dataset, built.args.seed, built.args.dataset_num_proc)
     if eval_set is None:
         built.args.eval_strategy = "no"
     context = {
         "recipe": recipe,
         "run_dir": str(run_dir),
         "dataset": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0},
+        "data": {
+            split: {k: r[k] for k in ("rows_in", "rows_out", "dropped")} for split, r in data_report.items()
+        },
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -78,6 +84,19 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         quantization_config=built.quantization,
         callbacks=[MetricsCallback(metrics_dir, context)],
     )
+    too_long = {"train": len(train_set) - len(trainer.train_dataset)}
+    if eval_set is not None:
+        too_long["eval"] = len(eval_set) - len(trainer.eval_dataset)
+    for split, n in too_long.items():
+        data_report[split]["trl_dropped_prompt_too_long"] = n
+        context["data"][split]["trl_dropped_prompt_too_long"] = n
+        if n:
+            print(
+                f"warning: TRL dropped {n} {split} rows whose prompt alone reaches train.max_length="
+                f"{built.args.max_length}; raise it to keep them",
+                file=sys.stderr,
+            )
+    write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
     trainer.train()
     trainer.save_model(str(run_dir))
     return trainer
@@ -89,7 +108,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         run(cfg, run_dir, hc.runtime.choices["recipes"])
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"run dir: {run_dir}")

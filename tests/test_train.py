@@ -3,11 +3,16 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
 
 from dpo_recipes import config, train
+from dpo_recipes.data import DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +137,55 @@ def test_cli_writes_a_self_describing_run_dir(tmp_path):
     assert (run_dir / "adapter_model.safetensors").exists()
     for name in ("training_metrics.csv", "training_curves.png", "summary.json", "log_history.json"):
         assert (run_dir / "dpo_metrics" / name).exists()
+
+
+def test_data_report_and_counts_are_part_of_the_run(default_run):
+    _, metrics = default_run
+    report = json.loads((metrics / "data_report.json").read_text())
+    assert report["train"]["rows_in"] == report["train"]["rows_out"] == 1000
+    assert report["train"]["trl_dropped_prompt_too_long"] == 0
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert summary["data"]["train"]["dropped"] == {} and summary["data"]["eval"]["rows_out"] == 128
+
+
+def test_prepared_file_feeds_the_trainer(tmp_path):
+    from data_prep.__main__ import main as prep
+
+    prepared = tmp_path / "prefs.jsonl"
+    assert prep(["alpaca", str(FIXTURES / "alpaca.json"), str(prepared)]) == 0
+    trainer, _ = run(
+        tmp_path, tiny_overrides("tiny_lora_dpo", f"dataset.path={prepared}", "dataset.eval_path=null")
+    )
+    assert trainer.state.global_step == 2 and len(trainer.train_dataset) == 4
+
+
+def test_training_converts_raw_formats_on_the_fly(tmp_path):
+    overrides = [
+        f"dataset.path={FIXTURES / 'sharegpt.json'}",
+        "dataset.format=sharegpt",
+        "dataset.eval_path=null",
+    ]
+    trainer, metrics = run(tmp_path, tiny_overrides("tiny_lora_dpo", *overrides))
+    assert trainer.state.global_step == 2
+    assert json.loads((metrics / "data_report.json").read_text())["train"]["format"] == "sharegpt"
+
+
+def test_a_dataset_with_no_valid_row_stops_with_the_report(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    row = {"prompt": "Hi.", "chosen": "Same.", "rejected": "Same."}
+    bad.write_text(json.dumps(row) + "\n" + json.dumps({**row, "chosen": ""}) + "\n")
+    with pytest.raises(
+        DataError, match=r"kept 0 of 2 rows \(dropped: empty_completion=1, identical_pair=1\)"
+    ):
+        run(tmp_path, tiny_overrides("tiny_lora_dpo", f"dataset.path={bad}"))
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is absent")
+@pytest.mark.parametrize("option", ["real_alpaca", "real_sharegpt", "real_ultrafeedback"])
+def test_real_data_options_train(option, tmp_path):
+    trainer, metrics = run(
+        tmp_path, tiny_overrides("tiny_lora_dpo", f"dataset={option}", "dataset.max_samples=40")
+    )
+    assert trainer.state.global_step == 2
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert summary["data"]["train"]["rows_in"] == 40

@@ -1,0 +1,127 @@
+"""Conversion throughput: rows/s and peak memory per format on 100,000 synthetic rows.
+
+    python -m benchmarks.data_prep [--rows N] [--repeats R]
+
+Each conversion (read -> convert -> write .jsonl, as the CLI does) runs in a fresh process with the
+`datasets` cache off, so peak RSS is that conversion's own and no run reuses another's work.
+"""
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "answer",
+    "prompt",
+    "good",
+    "bad",
+    "helpful",
+    "clear",
+    "short",
+    "long",
+    "data",
+    "pair",
+    "reward",
+    "policy",
+    "token",
+]
+
+
+def text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def synthetic(fmt: str, rng: random.Random) -> dict:
+    q, good, bad = text(rng, 30), text(rng, 60), text(rng, 60)
+    if fmt == "alpaca":
+        return {"instruction": q, "input": "", "chosen": good, "rejected": bad}
+    if fmt == "sharegpt":
+        return {
+            "conversations": [{"from": "human", "value": q}],
+            "chosen": {"from": "gpt", "value": good},
+            "rejected": {"from": "gpt", "value": bad},
+        }
+    turn = {"role": "user", "content": q}
+    return {
+        "prompt": q,
+        "chosen": [turn, {"role": "assistant", "content": good}],
+        "rejected": [turn, {"role": "assistant", "content": bad}],
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    }
+
+
+CHILD = """
+import resource, sys, time, datasets
+datasets.disable_caching()
+datasets.logging.disable_progress_bar()
+from data_prep import io
+from data_prep.pipeline import Options, convert, read
+fmt, src, out, procs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+start = time.perf_counter()
+kept, report = convert(read(src), Options(format=fmt, num_proc=procs if procs > 1 else None))
+io.write(kept, out)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(seconds, report["rows_out"], peak // 1024)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("alpaca", "ultrafeedback", "sharegpt"):
+            rng = random.Random(0)
+            src = Path(tmp) / f"{fmt}.jsonl"
+            with src.open("w") as f:
+                for _ in range(args.rows):
+                    f.write(json.dumps(synthetic(fmt, rng)) + "\n")
+            for procs in (1, 2):
+                runs = []
+                for i in range(args.repeats):
+                    out = Path(tmp) / f"out-{fmt}-{procs}-{i}.jsonl"
+                    cmd = [sys.executable, "-c", CHILD, fmt, str(src), str(out), str(procs)]
+                    seconds, kept, peak_mb = subprocess.run(
+                        cmd, capture_output=True, text=True, check=True
+                    ).stdout.split()
+                    runs.append((float(seconds), int(peak_mb)))
+                    assert int(kept) == args.rows
+                times = [s for s, _ in runs]
+                results.append(
+                    {
+                        "format": fmt,
+                        "num_proc": procs,
+                        "rows": args.rows,
+                        "rows_per_s": round(args.rows / statistics.median(times)),
+                        "seconds_median": round(statistics.median(times), 2),
+                        "seconds_min_max": [round(min(times), 2), round(max(times), 2)],
+                        "peak_rss_mb": max(p for _, p in runs),
+                    }
+                )
+                print(json.dumps(results[-1]), flush=True)
+    (HERE / "data_prep.json").write_text(
+        json.dumps({"when": time.strftime("%Y-%m-%d"), "results": results}, indent=2)
+    )
+    print(f"{'format':<14} {'procs':>5} {'rows/s':>9} {'median s':>9} {'peak MB':>8}")
+    for r in results:
+        print(
+            f"{r['format']:<14} {r['num_proc']:>5} {r['rows_per_s']:>9} {r['seconds_median']:>9} {r['peak_rss_mb']:>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""python -m data_prep FORMAT IN OUT: convert preference data to TRL's prompt/chosen/rejected form.
+
+FORMAT is alpaca, ultrafeedback, sharegpt or trl. IN is a .json array, .jsonl, .parquet, a folder saved
+by `datasets`, or a hub dataset id (with --split). OUT is .jsonl, .parquet or (no suffix) a folder.
+Invalid rows are skipped and counted by rule in a report written next to OUT; --strict fails instead.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_prep import io
+from data_prep.convert import FORMATS, RULES
+from data_prep.pipeline import Options, convert, read, summary_line, token_lengths
+
+
+def mapping(text: str) -> dict[str, str]:
+    """`ours=theirs,...`: read our field `ours` from the input's column `theirs`."""
+    items = [item for item in text.split(",") if item]
+    if not all("=" in item for item in items):
+        raise argparse.ArgumentTypeError(f"expected field=column[,field=column...], got {text!r}")
+    return dict(item.split("=", 1) for item in items)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description=__doc__.split("\n\n")[0],
+        epilog="Rules: " + "; ".join(f"{name}: {text}" for name, text in RULES.items()),
+    )
+    p.add_argument("format", choices=FORMATS)
+    p.add_argument("input", help="file, dataset folder or hub id")
+    p.add_argument("output", type=Path, help=".jsonl, .parquet or a folder")
+    p.add_argument("--split", default="train", help="split of a hub id or saved DatasetDict (default: train)")
+    p.add_argument("--style", choices=["conversational", "standard"], default="conversational")
+    p.add_argument(
+        "--columns", type=mapping, default={}, help="remap: chosen=chosen_messages,rejected=rejected_messages"
+    )
+    p.add_argument("--keep-columns", type=lambda t: [c for c in t.split(",") if c], default=[])
+    p.add_argument("--min-score-margin", type=float, help="drop rows whose score margin is below this")
+    p.add_argument("--drop-ties", action="store_true", help="drop rows whose scores are equal")
+    p.add_argument("--strict", action="store_true", help="fail on any invalid row; write nothing")
+    p.add_argument("--report", type=Path, help="report path (default: OUT's name + .report.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.add_argument("--num-proc", type=int, help="processes for the conversion")
+    p.add_argument("--tokenizer", help="add token-length statistics with this tokenizer")
+    p.add_argument("--max-length", type=int, help="with --tokenizer: count rows TRL would drop")
+    return p
+
+
+def report_path(output: Path) -> Path:
+    return output.with_name(output.name.split(".")[0] + ".report.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    report_to = args.report or report_path(args.output)
+    if args.output.exists() and not args.force:
+        print(f"error: {args.output} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    if args.output.suffix not in ("", ".jsonl", ".parquet"):
+        print(f"error: OUT must end in .jsonl or .parquet, or be a folder: {args.output}", file=sys.stderr)
+        return 2
+    options = Options(
+        format=args.format,
+        style=args.style,
+        columns=args.columns,
+        keep_columns=args.keep_columns,
+        min_score_margin=args.min_score_margin,
+        drop_ties=args.drop_ties,
+        num_proc=args.num_proc,
+    )
+    try:
+        kept, report = convert(read(args.input, args.split), options)
+    except (OSError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = {"input": args.input, "output": str(args.output), **report}
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        report.update(token_lengths(kept, tokenizer, args.max_length, args.num_proc))
+    if args.strict and report["dropped"]:
+        print("error: --strict and some rows are invalid; nothing was written", file=sys.stderr)
+        for rule, examples in report["examples"].items():
+            more = report["dropped"][rule] - len(examples)
+            for e in examples:
+                print(f"  row {e['row']}: {rule}: {e['detail']}", file=sys.stderr)
+            if more:
+                print(f"  ... and {more} more {rule}", file=sys.stderr)
+        print(summary_line(report), file=sys.stderr)
+        return 1
+    if report["rows_out"]:
+        io.write(kept, args.output)
+    io.write_text(report_to, json.dumps(report, indent=2, ensure_ascii=False))
+    print(summary_line(report))
+    return 0 if report["rows_out"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

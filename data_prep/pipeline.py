@@ -1,0 +1,253 @@
+"""Run the row converters over a whole dataset with `datasets.map`, counting every row that is dropped."""
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, Features, Json, List, Value, load_dataset
+
+from data_prep import io
+from data_prep.convert import CONVERTERS, RULES, Invalid, to_standard
+
+EXAMPLES_PER_RULE = 5
+BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
+
+
+@dataclass
+class Options:
+    format: str
+    style: str = "conversational"  # or "standard": plain strings
+    columns: dict[str, str] = field(default_factory=dict)  # our field name -> the input's column name
+    keep_columns: list[str] = field(default_factory=list)
+    min_score_margin: float | None = None
+    drop_ties: bool = False
+    num_proc: int | None = None
+
+    def __post_init__(self):
+        if self.format not in CONVERTERS:
+            raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(CONVERTERS)}")
+        clash = set(self.keep_columns) & {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+        if clash:
+            raise ValueError(f"keep-columns cannot name {sorted(clash)}: the conversion writes them")
+        if self.style not in ("conversational", "standard"):
+            raise ValueError(f"unknown style {self.style!r}; choose conversational or standard")
+
+
+def _mixed(feature) -> bool:
+    """True where Arrow gave up on one type (`Json`): decoding it turns a string "4" into the number 4."""
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_mixed(f) for f in feature.values())
+    return _mixed(feature.feature) if isinstance(feature, List) else False
+
+
+def read(path: str, split: str = "train") -> Dataset:
+    """Like `io.read`, but a JSON file that Arrow cannot type cleanly (a broken line, mixed types) is
+    read again as raw rows, so the good rows survive and each bad line is reported with its number."""
+    suffix = Path(path).suffix
+    try:
+        dataset = io.read(path, split)
+        if suffix not in (".json", ".jsonl") or not _mixed(dataset.features):
+            return dataset
+    except Exception:
+        if suffix not in (".json", ".jsonl"):
+            raise
+    if suffix == ".jsonl":
+        return load_dataset("text", data_files=path, split="train").rename_column("text", "_raw")
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: a .json file must hold an array of rows")
+    return Dataset.from_dict({"_raw": [json.dumps(r) for r in rows]})
+
+
+def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features:
+    message = List({"role": Value("string"), "content": Value("string")})
+    text = Value("string") if options.style == "standard" else message
+    out = {"prompt": text, "chosen": text, "rejected": text}
+    out.update({name: Value("float64") for name in scores})
+    for name in options.keep_columns:
+        out[name] = Value("string") if "_raw" in dataset.column_names else dataset.features[name]
+    out.update({name: Value("string") for name in ("_rule", "_detail", "_excerpt", "_key")})
+    return Features(out)
+
+
+def _scores(row: dict, options: Options) -> dict:
+    scores = {k: row.get(k) for k in ("score_chosen", "score_rejected") if k in row}
+    if options.min_score_margin is None and not options.drop_ties:
+        return scores
+    for name in ("score_chosen", "score_rejected"):
+        if not isinstance(row.get(name), int | float):
+            raise Invalid("missing_field", f"`{name}` is needed for score filtering")
+    margin = row["score_chosen"] - row["score_rejected"]
+    if options.drop_ties and margin == 0:
+        raise Invalid("score_tie", f"both scores are {row['score_chosen']}")
+    if options.min_score_margin is not None and margin < options.min_score_margin:
+        raise Invalid("low_margin", f"margin {margin:g} < {options.min_score_margin:g}")
+    return scores
+
+
+def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
+    """One input row (a dict, or a raw .jsonl line) -> (pair with scores, the parsed source row)."""
+    if isinstance(source, str):
+        try:
+            source = json.loads(source)
+        except json.JSONDecodeError as err:
+            raise Invalid("malformed_line", f"line {index + 1}: {err.msg}") from None
+    if not isinstance(source, dict):
+        raise Invalid("wrong_type", f"a row should be an object, got {type(source).__name__}")
+    rename = {theirs: ours for ours, theirs in options.columns.items()}
+    row = {rename.get(k, k): v for k, v in source.items()}
+    pair = CONVERTERS[options.format](row)
+    pair.update(_scores(row, options))
+    return (to_standard(pair) if options.style == "standard" else pair), source
+
+
+def _convert_batch(batch: dict, indices: list[int], options: Options, scores: list[str]) -> dict:
+    names = [
+        "prompt",
+        "chosen",
+        "rejected",
+        *scores,
+        *options.keep_columns,
+        "_rule",
+        "_detail",
+        "_excerpt",
+        "_key",
+    ]
+    out = {name: [] for name in names}
+    raw = batch.get("_raw")
+    empty = "" if options.style == "standard" else []
+    for j, index in enumerate(indices):
+        given = raw[j] if raw is not None else {k: batch[k][j] for k in batch}
+        pair, source = {"prompt": empty, "chosen": empty, "rejected": empty}, {}
+        rule, detail, excerpt, key = "", "", "", ""
+        if raw is not None and not given.strip():
+            rule = BLANK
+        else:
+            try:
+                pair, source = _convert_row(given, index, options)
+                text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
+                key = hashlib.sha1(text.encode()).hexdigest()
+            except Invalid as err:
+                pair = {"prompt": empty, "chosen": empty, "rejected": empty}
+                rule, detail = err.rule, err.detail
+                excerpt = (given if raw is not None else json.dumps(given, default=str))[:160]
+        for name in ("prompt", "chosen", "rejected", *scores):
+            out[name].append(pair.get(name))
+        for name in options.keep_columns:
+            value = source.get(name)
+            out[name].append(json.dumps(value) if raw is not None and not isinstance(value, str) else value)
+        for name, value in (("_rule", rule), ("_detail", detail), ("_excerpt", excerpt), ("_key", key)):
+            out[name].append(value)
+    return out
+
+
+def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tuple[Dataset, dict]:
+    """Return (kept rows in TRL's form, report). Nothing is dropped without a rule and a count."""
+    raw = "_raw" in dataset.column_names
+    score_columns = {options.columns.get(k, k) for k in ("score_chosen", "score_rejected")}
+    scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
+    missing = [c for c in options.keep_columns if not raw and c not in dataset.column_names]
+    if missing:
+        raise KeyError(f"--keep-columns names columns the input lacks: {', '.join(missing)}")
+    converted = dataset.map(
+        _convert_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"options": options, "scores": scores},
+        remove_columns=dataset.column_names,
+        features=_features(dataset, options, scores),
+        num_proc=options.num_proc,
+        desc=desc,
+    )
+    seen, keep, blanks = {}, [], 0
+    first_of: dict[int, int] = {}  # duplicate row -> the earlier row it repeats
+    dropped: dict[str, list[int]] = {}
+    for index, (rule, key) in enumerate(zip(converted["_rule"], converted["_key"], strict=True)):
+        if rule == BLANK:
+            blanks += 1
+            continue
+        if not rule and key in seen:
+            rule, first_of[index] = "duplicate", seen[key]
+        if rule:
+            dropped.setdefault(rule, []).append(index)
+        else:
+            seen[key] = index
+            keep.append(index)
+    kept = converted.select(keep).remove_columns(["_rule", "_detail", "_excerpt", "_key"])
+    if raw and all(v is None for v in kept["score_chosen"]):
+        kept = kept.remove_columns(scores)
+    report = {
+        "format": options.format,
+        "style": options.style,
+        "rows_in": len(converted) - blanks,
+        "rows_out": len(kept),
+        "dropped": {rule: len(indices) for rule, indices in sorted(dropped.items())},
+        "examples": {
+            rule: _examples(converted, rule, indices[:EXAMPLES_PER_RULE], first_of)
+            for rule, indices in sorted(dropped.items())
+        },
+    }
+    return kept, report
+
+
+def _examples(converted: Dataset, rule: str, indices: list[int], first_of: dict[int, int]) -> list[dict]:
+    """The first offending rows of a rule: row number (from 1: a .jsonl line number), what is wrong, an excerpt."""
+    examples = []
+    for index in indices:
+        row = converted[index]
+        if rule == "duplicate":
+            detail, excerpt = f"repeats row {first_of[index] + 1}", json.dumps(row["prompt"])[:160]
+        else:
+            detail, excerpt = row["_detail"] or RULES[rule], row["_excerpt"]
+        examples.append({"row": index + 1, "detail": detail, "excerpt": excerpt})
+    return examples
+
+
+def summary_line(report: dict) -> str:
+    dropped = ", ".join(f"{rule}={n}" for rule, n in report["dropped"].items()) or "none"
+    return f"kept {report['rows_out']} of {report['rows_in']} rows (dropped: {dropped})"
+
+
+def token_lengths(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> dict:
+    """Token counts after the chat template (prompt, chosen, rejected) and how many rows TRL would drop
+    because the prompt alone reaches `max_length`."""
+
+    def lengths(row):
+        if isinstance(row["prompt"], str):
+            prompt = len(tokenizer(row["prompt"])["input_ids"])
+            return {
+                "prompt_len": prompt,
+                **{
+                    k + "_len": len(tokenizer(row["prompt"] + row[k])["input_ids"]) - prompt
+                    for k in ("chosen", "rejected")
+                },
+            }
+        template = tokenizer.apply_chat_template
+        prompt = len(
+            template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        )
+        out = {"prompt_len": prompt}
+        for k in ("chosen", "rejected"):
+            whole = template(row["prompt"] + row[k], tokenize=True, return_dict=True)["input_ids"]
+            out[k + "_len"] = len(whole) - prompt
+        return out
+
+    counted = dataset.map(
+        lengths, remove_columns=dataset.column_names, num_proc=num_proc, desc="Counting tokens"
+    )
+    stats = {}
+    for name in ("prompt", "chosen", "rejected"):
+        values = sorted(counted[name + "_len"])
+        if values:
+            stats[name] = {
+                "min": values[0],
+                "median": statistics.median(values),
+                "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
+                "max": values[-1],
+            }
+    too_long = sum(n >= max_length for n in counted["prompt_len"]) if max_length else 0
+    return {"token_lengths": stats, "max_length": max_length, "trl_would_drop": too_long}

@@ -1,0 +1,229 @@
+"""data_prep: golden rows for every format, one test per validation rule, and the CLI's guarantees."""
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from data_prep import __main__ as cli
+from data_prep import convert as rows
+from data_prep.convert import RULES, Invalid
+from data_prep.pipeline import Options, convert, read
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def answer(text):
+    return [{"role": "assistant", "content": text}]
+
+
+# The four pairs every fixture layout holds, in TRL's conversational explicit-prompt form.
+GOLDEN = [
+    {"prompt": [user("Name a primary colour.")], "chosen": answer("Red."), "rejected": answer("Banana.")},
+    {
+        "prompt": [user("Translate to French.\n\nGood morning")],
+        "chosen": answer("Bonjour."),
+        "rejected": answer("Hola."),
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "You are a translator."},
+            user("Translate to French: Good morning"),
+            {"role": "assistant", "content": "Bonjour."},
+            user("And in German?"),
+        ],
+        "chosen": answer("Guten Morgen."),
+        "rejected": answer("Buongiorno."),
+    },
+    {"prompt": [user("Add 2 and 2.")], "chosen": answer("4"), "rejected": answer("5")},
+]
+
+
+def pairs(dataset: Dataset) -> list[dict]:
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in dataset]
+
+
+@pytest.mark.parametrize(
+    "fmt,name",
+    [("alpaca", "alpaca.json"), ("ultrafeedback", "ultrafeedback.jsonl"), ("sharegpt", "sharegpt.json")],
+)
+def test_golden_rows_for_every_format(fmt, name):
+    kept, report = convert(read(str(FIXTURES / name)), Options(format=fmt))
+    assert pairs(kept) == GOLDEN
+    assert report["rows_in"] == report["rows_out"] == 4 and report["dropped"] == {}
+
+
+def test_alpaca_joins_input_with_a_blank_line_and_reads_output_pairs():
+    row = rows.alpaca({"instruction": "Summarise.", "input": "Some text.", "output": ["Short.", "Long."]})
+    assert row["prompt"] == [user("Summarise.\n\nSome text.")]
+    assert (row["chosen"], row["rejected"]) == (answer("Short."), answer("Long."))
+
+
+def test_typed_content_parts_are_joined():
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there."}]
+    row = rows.trl({"prompt": [{"role": "user", "content": parts}], "chosen": "Hi!", "rejected": "Go away."})
+    assert row["prompt"] == [user("Hello there.")]
+
+
+def test_trl_strings_become_turns_and_standard_style_gives_strings():
+    row = rows.trl({"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Banana."})
+    assert row == {
+        "prompt": [user("Name a colour.")],
+        "chosen": answer("Red."),
+        "rejected": answer("Banana."),
+    }
+    assert rows.to_standard(row) == {"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Banana."}
+    multi = rows.to_standard(GOLDEN[2])
+    assert multi["prompt"].endswith("User: And in German?\n\nAssistant:")
+    assert multi["chosen"] == " Guten Morgen."
+
+
+def test_scores_are_kept_and_other_columns_dropped():
+    kept, _ = convert(read(str(FIXTURES / "ultrafeedback.jsonl")), Options(format="ultrafeedback"))
+    assert kept.column_names == ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"]
+    assert kept[0]["score_chosen"] == 9.0
+    with pytest.raises(ValueError, match="prompt"):
+        Options("ultrafeedback", keep_columns=["prompt"])
+
+
+def test_columns_can_be_remapped():
+    data = Dataset.from_list([{"q": "Name a colour.", "good": "Red.", "bad": "Banana.", "id": 7}])
+    options = Options(
+        format="trl", columns={"prompt": "q", "chosen": "good", "rejected": "bad"}, keep_columns=["id"]
+    )
+    kept, _ = convert(data, options)
+    assert kept[0]["prompt"] == [user("Name a colour.")] and kept[0]["id"] == 7
+
+
+def ok(**extra):
+    return {"prompt": [user("Hi.")], "chosen": answer("Hello!"), "rejected": answer("Go away."), **extra}
+
+
+# One row breaking each rule (malformed_line and duplicate have tests of their own).
+BROKEN = {
+    "missing_field": {"prompt": [user("Hi.")], "chosen": answer("Hello!")},
+    "wrong_type": {"prompt": 42, "chosen": answer("Hello!"), "rejected": answer("No.")},
+    "empty_prompt": ok(prompt=[user("   ")]),
+    "empty_completion": ok(chosen=answer(" \n ")),
+    "identical_pair": ok(rejected=answer("Hello!")),
+    "unknown_role": ok(prompt=[{"role": "wizard", "content": "Hi."}]),
+    "bad_role_order": ok(prompt=[user("Hi."), {"role": "assistant", "content": "Hello."}]),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(BROKEN))
+def test_each_rule_is_named_in_the_report(rule):
+    data = Dataset.from_list([{"row": json.dumps(r)} for r in (ok(), BROKEN[rule])])
+    kept, report = convert(data.rename_column("row", "_raw"), Options(format="trl"))
+    assert len(kept) == 1
+    assert report["dropped"] == {rule: 1}
+    assert report["examples"][rule][0]["row"] == 2
+    assert rule in RULES
+
+
+def test_prompt_mismatch_between_chosen_and_rejected_or_the_prompt_field():
+    base = [user("Hi.")]
+    with pytest.raises(Invalid, match="prompt_mismatch"):
+        rows.ultrafeedback({"chosen": [*base, *answer("a")], "rejected": [user("Bye."), *answer("b")]})
+    with pytest.raises(Invalid, match="prompt_mismatch"):
+        rows.ultrafeedback(
+            {"prompt": "Hello?", "chosen": [*base, *answer("a")], "rejected": [*base, *answer("b")]}
+        )
+
+
+def test_score_ties_and_low_margins_when_asked():
+    data = read(str(FIXTURES / "ultrafeedback.jsonl"))
+    _, report = convert(data, Options(format="ultrafeedback", drop_ties=True))
+    assert report["dropped"] == {"score_tie": 1} and report["examples"]["score_tie"][0]["row"] == 3
+    _, report = convert(data, Options(format="ultrafeedback", min_score_margin=1.0))
+    assert report["dropped"] == {"low_margin": 2}
+    assert [e["row"] for e in report["examples"]["low_margin"]] == [2, 3]
+
+
+def test_exact_duplicates_are_dropped_and_point_to_the_first():
+    data = Dataset.from_list([ok(), ok(chosen=answer("Hey!")), ok()])
+    kept, report = convert(data, Options(format="trl"))
+    assert len(kept) == 2 and report["dropped"] == {"duplicate": 1}
+    assert report["examples"]["duplicate"][0] == {
+        "row": 3,
+        "detail": "repeats row 1",
+        "excerpt": json.dumps([user("Hi.")]),
+    }
+
+
+def run_cli(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def test_jsonl_with_a_broken_line_keeps_the_rest(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert run_cli("trl", FIXTURES / "broken.jsonl", out) == 0
+    assert capsys.readouterr().out.strip().endswith("kept 2 of 3 rows (dropped: malformed_line=1)")
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["examples"]["malformed_line"][0]["row"] == 2
+    assert report["examples"]["malformed_line"][0]["detail"].startswith("line 2:")
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_strict_mode_fails_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert run_cli("trl", FIXTURES / "broken.jsonl", out, "--strict") == 1
+    assert "row 2: malformed_line" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept_without_force(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    assert run_cli("sharegpt", FIXTURES / "sharegpt.json", out) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == "precious\n"
+    assert run_cli("sharegpt", FIXTURES / "sharegpt.json", out, "--force") == 0
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_nothing_kept_exits_nonzero(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(BROKEN["identical_pair"]) + "\n")
+    assert run_cli("trl", bad, tmp_path / "out.jsonl") == 1
+    assert not (tmp_path / "out.jsonl").exists()
+    assert json.loads((tmp_path / "out.report.json").read_text())["dropped"] == {"identical_pair": 1}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ""])
+def test_output_kinds_and_reconverting_with_trl_is_a_no_op(tmp_path, suffix):
+    first, second = tmp_path / f"first{suffix}", tmp_path / f"second{suffix}"
+    assert run_cli("alpaca", FIXTURES / "alpaca.json", first) == 0
+    assert run_cli("trl", first, second) == 0
+    assert pairs(read(str(first))) == pairs(read(str(second))) == GOLDEN
+
+
+def test_report_location_and_token_statistics(tmp_path):
+    from dpo_recipes import tiny
+
+    report = tmp_path / "elsewhere.json"
+    args = ["--report", report, "--tokenizer", tiny.path(), "--max-length", 12]
+    assert run_cli("ultrafeedback", FIXTURES / "ultrafeedback.jsonl", tmp_path / "o.jsonl", *args) == 0
+    stats = json.loads(report.read_text())
+    assert set(stats["token_lengths"]) == {"prompt", "chosen", "rejected"}
+    assert stats["token_lengths"]["prompt"]["max"] >= stats["token_lengths"]["prompt"]["median"] > 0
+    assert 1 <= stats["trl_would_drop"] <= 4
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is absent")
+def test_real_data_in_three_layouts_converts_to_the_same_pairs():
+    files = {
+        "alpaca": "dpo_en_demo.alpaca.json",
+        "sharegpt": "dpo_en_demo.sharegpt.json",
+        "ultrafeedback": "dpo_en_demo.ultrafeedback.jsonl",
+    }
+    results = {fmt: convert(read(str(REAL / name)), Options(format=fmt)) for fmt, name in files.items()}
+    contents = [pairs(kept) for kept, _ in results.values()]
+    assert contents[0] == contents[1] == contents[2]
+    assert all(report["rows_in"] == 300 for _, report in results.values())
+    assert len(contents[0]) + sum(results["alpaca"][1]["dropped"].values()) == 300
