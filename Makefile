@@ -39,8 +39,8 @@ prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's fo
 test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup ## Run the benchmarks and print their tables (results in benchmarks/*.json)
-	$(PY) -m benchmarks.data_prep
+bench: setup ## Run every benchmark; writes benchmarks/results.json and BENCHMARKS.md
+	$(PY) -m benchmarks
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

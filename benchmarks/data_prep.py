@@ -13,10 +13,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
 WORDS = [
     "the",
     "a",
@@ -77,51 +75,56 @@ print(seconds, report["rows_out"], peak // 1024)
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def run(rows: int = 100_000, repeats: int = 3) -> dict:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("alpaca", "ultrafeedback", "sharegpt"):
             rng = random.Random(0)
             src = Path(tmp) / f"{fmt}.jsonl"
             with src.open("w") as f:
-                for _ in range(args.rows):
+                for _ in range(rows):
                     f.write(json.dumps(synthetic(fmt, rng)) + "\n")
             for procs in (1, 2):
                 runs = []
-                for i in range(args.repeats):
+                for i in range(repeats):
                     out = Path(tmp) / f"out-{fmt}-{procs}-{i}.jsonl"
                     cmd = [sys.executable, "-c", CHILD, fmt, str(src), str(out), str(procs)]
                     seconds, kept, peak_mb = subprocess.run(
                         cmd, capture_output=True, text=True, check=True
                     ).stdout.split()
+                    assert int(kept) == rows
                     runs.append((float(seconds), int(peak_mb)))
-                    assert int(kept) == args.rows
                 times = [s for s, _ in runs]
                 results.append(
                     {
                         "format": fmt,
                         "num_proc": procs,
-                        "rows": args.rows,
-                        "rows_per_s": round(args.rows / statistics.median(times)),
+                        "rows": rows,
+                        "rows_per_s": round(rows / statistics.median(times)),
                         "seconds_median": round(statistics.median(times), 2),
                         "seconds_min_max": [round(min(times), 2), round(max(times), 2)],
                         "peak_rss_mb": max(p for _, p in runs),
                     }
                 )
-                print(json.dumps(results[-1]), flush=True)
-    (HERE / "data_prep.json").write_text(
-        json.dumps({"when": time.strftime("%Y-%m-%d"), "results": results}, indent=2)
-    )
-    print(f"{'format':<14} {'procs':>5} {'rows/s':>9} {'median s':>9} {'peak MB':>8}")
-    for r in results:
-        print(
-            f"{r['format']:<14} {r['num_proc']:>5} {r['rows_per_s']:>9} {r['seconds_median']:>9} {r['peak_rss_mb']:>8}"
+    return {"repeats": repeats, "results": results}
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| format | processes | rows/s | median s (min-max) | peak RSS MB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result["results"]:
+        low, high = r["seconds_min_max"]
+        lines.append(
+            f"| {r['format']} | {r['num_proc']} | {r['rows_per_s']:,} | {r['seconds_median']} ({low}-{high}) | {r['peak_rss_mb']} |"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(table(run(args.rows, args.repeats)))

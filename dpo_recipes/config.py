@@ -46,11 +46,22 @@ class HardwareSchema:
 
 
 @dataclass
+class ReferenceSchema:
+    strategy: str = "auto"  # auto | adapter | copy | path | precomputed | sft_adapter
+    path: str | None = None  # `path`: the reference model; `sft_adapter`: the SFT LoRA adapter
+
+
+REFERENCES = ("auto", "adapter", "copy", "path", "precomputed", "sft_adapter")
+LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
+
+
+@dataclass
 class Schema:
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     dataset: DatasetSchema = field(default_factory=DatasetSchema)
     hardware: HardwareSchema = field(default_factory=HardwareSchema)
+    reference: ReferenceSchema = field(default_factory=ReferenceSchema)
 
 
 ConfigStore.instance().store(name="schema", node=Schema)
@@ -107,6 +118,44 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
     return problems
 
 
+def reference_strategy(cfg: DictConfig) -> str:
+    strategy = cfg.reference.strategy
+    if strategy == "auto":
+        return "adapter" if cfg.model.get("use_peft") else "copy"
+    return strategy
+
+
+def _reference_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
+    strategy, problems = cfg.reference.strategy, []
+    if strategy not in REFERENCES:
+        return [f"reference.strategy: unknown {strategy!r}; choose one of {', '.join(REFERENCES)}"]
+    strategy = reference_strategy(cfg)
+    if strategy in ("path", "sft_adapter") and (
+        OmegaConf.is_missing(cfg.reference, "path") or not cfg.reference.path
+    ):
+        what = (
+            "the reference model's path or hub id" if strategy == "path" else "the SFT LoRA adapter's folder"
+        )
+        problems.append(f"reference.path: reference={strategy} needs {what}")
+    if strategy == "adapter" and not model.get("use_peft"):
+        problems.append(
+            "reference=adapter needs a LoRA model option (model.use_peft=true); use reference=copy"
+        )
+    if train.get("precompute_ref_log_probs") and strategy != "precomputed":
+        problems.append("train.precompute_ref_log_probs: set it through reference=precomputed")
+    if train.get("sync_ref_model"):
+        if strategy in ("adapter", "sft_adapter") or model.get("use_peft"):
+            problems.append(
+                "train.sync_ref_model: TR-DPO needs a separate reference model, not a LoRA adapter; "
+                "use a full fine-tuning model option with reference=copy"
+            )
+        if strategy == "precomputed":
+            problems.append(
+                "train.sync_ref_model: precomputed reference log-probs cannot follow a synced reference"
+            )
+    return problems
+
+
 def check(cfg: DictConfig, *, need_device: bool = True) -> None:
     """Raise ConfigError listing every problem that can be seen without loading weights."""
     train = OmegaConf.to_container(cfg.train, resolve=False)
@@ -121,6 +170,12 @@ def check(cfg: DictConfig, *, need_device: bool = True) -> None:
             problems.append(
                 f"train.loss_type: unknown loss {loss!r}; {hint}TRL has {', '.join(sorted(known_losses))}"
             )
+    problems += _reference_problems(cfg, train, model)
+    if train.get("label_smoothing") and not set(losses) & LABEL_SMOOTHING_LOSSES:
+        problems.append(
+            f"train.label_smoothing: ignored by loss {losses} (TRL 1.16 reads it only in robust and exo_pair; "
+            "the label-smoothed sigmoid of cDPO is gone); use loss=robust for noisy labels, or remove it"
+        )
     wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
     if need_device and wants_gpu and not train.get("use_cpu") and not torch.cuda.is_available():
         problems.append(

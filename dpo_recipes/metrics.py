@@ -38,8 +38,8 @@ def step_rows(log_history: list[dict]) -> list[dict]:
     return [entry for entry in log_history if "train_runtime" not in entry]
 
 
-def to_csv(rows: list[dict]) -> str:
-    columns = ["step", "epoch"]
+def to_csv(rows: list[dict], first: tuple[str, ...] = ("step", "epoch")) -> str:
+    columns = list(first)
     for row in rows:
         columns += [key for key in row if key not in columns]
     out = io.StringIO()

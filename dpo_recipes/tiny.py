@@ -14,7 +14,7 @@ from pathlib import Path
 from dpo_recipes import ROOT
 
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
-VERSION = 1
+VERSION = 2
 SEED = 0
 VOCAB_SIZE = 1024
 MODEL = dict(
@@ -37,7 +37,7 @@ CORPUS = ROOT / "data" / "toy"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DPO_RECIPES_CACHE", Path.home() / ".cache" / "dpo_recipes"))
+    return Path(os.environ.get("DPO_RECIPES_CACHE") or Path.home() / ".cache" / "dpo_recipes")
 
 
 def path() -> Path:
@@ -56,7 +56,7 @@ def _corpus():
                 yield message["content"]
 
 
-def build(target: Path) -> None:
+def build(target: Path, seed: int = SEED) -> None:
     """Train the tokenizer, initialise the model, save both; atomic so parallel builders cannot clash."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -81,7 +81,7 @@ def build(target: Path) -> None:
         bos_token=None,
         chat_template=CHAT_TEMPLATE,
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

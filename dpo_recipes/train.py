@@ -31,14 +31,30 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def load_reference(built: config.Built):
-    """Full fine-tuning needs its own frozen copy of the starting weights; LoRA disables the adapter instead."""
-    if built.peft is not None:
-        return None
-    from trl.trainer.utils import create_model_from_path
-
-    reference = create_model_from_path(built.model.model_name_or_path, **built.args.model_init_kwargs)
-    return reference.eval().requires_grad_(False)
+def note_length_drops(trainer, train_set, eval_set, data_report: dict, context: dict) -> None:
+    """TRL silently drops rows whose prompt alone reaches max_length: count them, and stop if none is left."""
+    max_length = trainer.args.max_length
+    for split, before, after in (
+        ("train", train_set, trainer.train_dataset),
+        ("eval", eval_set, trainer.eval_dataset),
+    ):
+        if before is None:
+            continue
+        dropped = len(before) - len(after)
+        data_report[split]["trl_dropped_prompt_too_long"] = context["data"][split][
+            "trl_dropped_prompt_too_long"
+        ] = dropped
+        if dropped == len(before):
+            raise DataError(
+                f"all {dropped} {split} rows have a prompt of at least train.max_length={max_length} tokens, "
+                "so TRL would train on nothing; raise train.max_length"
+            )
+        if dropped:
+            print(
+                f"warning: TRL dropped {dropped} of {len(before)} {split} rows whose prompt alone reaches "
+                f"train.max_length={max_length}; raise it to keep them",
+                file=sys.stderr,
+            )
 
 
 def run(cfg: DictConfig, run_dir: Path, recipe: str):
@@ -49,8 +65,8 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         raise ConfigError([f"{run_dir} already holds a finished run; pick another run dir"])
 
     from transformers import AutoTokenizer
-    from trl import DPOTrainer
 
+    from dpo_recipes import models
     from dpo_recipes.metrics import MetricsCallback
 
     model_args = built.model
@@ -73,29 +89,23 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    trainer = DPOTrainer(
-        model=model_args.model_name_or_path,
-        ref_model=load_reference(built),
+    policy, reference, peft = models.load(built, cfg)
+    trainer = models.Trainer(
+        model=policy,
+        ref_model=reference,
         args=built.args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=built.peft,
-        quantization_config=built.quantization,
+        peft_config=peft,
+        quantization_config=built.quantization if isinstance(policy, str) else None,
         callbacks=[MetricsCallback(metrics_dir, context)],
     )
-    too_long = {"train": len(train_set) - len(trainer.train_dataset)}
-    if eval_set is not None:
-        too_long["eval"] = len(eval_set) - len(trainer.eval_dataset)
-    for split, n in too_long.items():
-        data_report[split]["trl_dropped_prompt_too_long"] = n
-        context["data"][split]["trl_dropped_prompt_too_long"] = n
-        if n:
-            print(
-                f"warning: TRL dropped {n} {split} rows whose prompt alone reaches train.max_length="
-                f"{built.args.max_length}; raise it to keep them",
-                file=sys.stderr,
-            )
+    context["reference"] = {"strategy": config.reference_strategy(cfg), "path": cfg.reference.path}
+    if hasattr(trainer, "ref_logps_cache"):
+        context["reference"]["precomputed"] = trainer.ref_logps_cache
+        print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
+    note_length_drops(trainer, train_set, eval_set, data_report, context)
     write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
     trainer.train()
     trainer.save_model(str(run_dir))

@@ -102,7 +102,8 @@ ANSWERS = {
 
 
 def rows(topics, n, rng):
-    for _ in range(n):
+    seen = set()
+    while len(seen) < n:
         t = rng.choice(topics)
         fill = {"t": t, "T": t[0].upper() + t[1:]}
         mood, other = rng.sample(sorted(ANSWERS), 2)
@@ -110,11 +111,15 @@ def rows(topics, n, rng):
         system = rng.choice(SYSTEMS)
         if system:
             prompt.insert(0, {"role": "system", "content": system})
-        yield {
+        row = {
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": rng.choice(ANSWERS[mood]).format(**fill)}],
             "rejected": [{"role": "assistant", "content": rng.choice(ANSWERS[other]).format(**fill)}],
         }
+        key = json.dumps(row)
+        if key not in seen:  # no duplicate pairs: the converter would (rightly) drop them
+            seen.add(key)
+            yield row
 
 
 def main():

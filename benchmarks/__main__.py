@@ -1,0 +1,54 @@
+"""`make bench`: run every benchmark, print the tables, write benchmarks/results.json and BENCHMARKS.md.
+
+Benchmarks measure; they never fail a test run. Each reports the median of its repeats with min-max.
+"""
+
+import json
+import os
+import platform
+import time
+from importlib.metadata import version
+
+from benchmarks import data_prep, memory
+from data_prep.io import write_text
+from dpo_recipes import ROOT
+
+BENCHMARKS = {
+    "data_prep": (
+        "Conversion throughput: 100,000 synthetic rows per format, read -> convert -> write .jsonl",
+        data_prep,
+    ),
+    "memory": ("Reference strategies: weights held and peak memory", memory),
+}
+LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
+
+
+def machine() -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        **{name: version(name) for name in LIBRARIES},
+    }
+
+
+def main() -> None:
+    results = {"machine": machine()}
+    sections = []
+    for name, (title, module) in BENCHMARKS.items():
+        print(f"== {title}", flush=True)
+        results[name] = module.run()
+        text = module.table(results[name])
+        print(text + "\n", flush=True)
+        sections.append(f"## {title}\n\n{text}\n")
+    write_text(ROOT / "benchmarks" / "results.json", json.dumps(results, indent=2))
+    info = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
+    write_text(
+        ROOT / "BENCHMARKS.md",
+        f"# Benchmarks\n\n`make bench` wrote this file ({info}).\n\n" + "\n".join(sections),
+    )
+
+
+if __name__ == "__main__":
+    main()

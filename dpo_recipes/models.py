@@ -1,0 +1,69 @@
+"""Load the policy and the reference model the `reference:` option asks for.
+
+| strategy    | policy                      | reference                                  |
+| adapter     | base + new LoRA adapter     | the base with the adapter disabled (TRL)   |
+| copy        | the model                   | a frozen copy from the same path           |
+| path        | the model                   | a frozen model from `reference.path`       |
+| precomputed | the model (or + LoRA)       | none held: log-probs computed before training |
+| sft_adapter | base + the SFT adapter      | a frozen copy of the SFT adapter (TRL's "ref" adapter) |
+"""
+
+import os
+
+import trl
+from datasets.fingerprint import Hasher
+from omegaconf import DictConfig
+from trl import DPOTrainer
+from trl.trainer.utils import create_model_from_path
+
+from dpo_recipes import config
+
+
+def _init_kwargs(built: config.Built) -> dict:
+    kwargs = dict(built.args.model_init_kwargs, trust_remote_code=built.args.trust_remote_code)
+    if built.quantization is not None:
+        kwargs["quantization_config"] = built.quantization
+    if built.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # each process holds its own replica
+    return kwargs
+
+
+def _frozen(path: str, built: config.Built):
+    return create_model_from_path(path, **_init_kwargs(built)).eval().requires_grad_(False)
+
+
+def load(built: config.Built, cfg: DictConfig):
+    """Return (policy, reference, peft_config) for DPOTrainer; a policy given as a path is loaded by TRL."""
+    strategy = config.reference_strategy(cfg)
+    path = built.model.model_name_or_path
+    if strategy == "sft_adapter":
+        from peft import PeftModel
+
+        base = create_model_from_path(path, **_init_kwargs(built))
+        return PeftModel.from_pretrained(base, cfg.reference.path, is_trainable=True), None, None
+    if strategy == "copy":
+        return path, _frozen(path, built), built.peft
+    if strategy == "path":
+        return path, _frozen(cfg.reference.path, built), built.peft
+    return path, None, built.peft  # adapter, precomputed: no reference model held
+
+
+class Trainer(DPOTrainer):
+    """TRL's DPOTrainer with a stable fingerprint on the tokenized data, so that precomputed reference
+    log-probs are found again by later runs (a sweep's jobs), and a note of whether they were."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        # TRL's length filter hashes the whole DPOConfig, output_dir included, so every run would give
+        # the same tokens a new fingerprint. Key them on what they depend on instead.
+        # ld_alpha and precision shape the reference log-probs cached under this fingerprint too.
+        inputs = (dataset._fingerprint, Hasher.hash(processing_class), args.max_length, args.truncation_mode)
+        prepared._fingerprint = Hasher.hash((*inputs, args.ld_alpha, args.bf16, args.fp16, trl.__version__))
+        return prepared
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL caches them next to the tokenized data under this fingerprint (see its _precompute_ref_logps).
+        fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash))
+        hit = os.path.exists(dataset._get_cache_file_path(fingerprint))
+        self.__dict__.setdefault("ref_logps_cache", {})[name] = "hit" if hit else "computed"
+        return super()._precompute_ref_logps(dataset, name, batch_size)

@@ -1,0 +1,67 @@
+"""The loss group: every option trains, known closed forms at step 1, and `loss=` touches loss keys only."""
+
+import math
+
+import pytest
+import yaml
+from conftest import tiny_overrides
+
+from dpo_recipes import config, train
+
+LOSS_DIR = config.CONF_DIR / "loss"
+LOSSES = sorted(p.stem for p in LOSS_DIR.glob("*.yaml"))
+
+
+def loss_keys(option: str) -> dict:
+    return yaml.safe_load((LOSS_DIR / f"{option}.yaml").read_text())
+
+
+def test_every_trl_loss_type_has_an_option():
+    assert config.loss_types() <= set(LOSSES)
+    for option in LOSSES:
+        header = (LOSS_DIR / f"{option}.yaml").read_text().splitlines()
+        assert header[0] == "# @package train" and header[1].startswith("# ")
+
+
+@pytest.mark.parametrize("option", LOSSES)
+def test_switching_loss_changes_loss_keys_and_nothing_else(option):
+    base, _ = config.compose(["loss=sigmoid"])
+    switched, _ = config.compose([f"loss={option}"])
+    before, after = dict(base.train), dict(switched.train)
+    owned = set(loss_keys("sigmoid")) | set(loss_keys(option))
+    assert {k: v for k, v in before.items() if k not in owned} == {
+        k: v for k, v in after.items() if k not in owned
+    }
+    assert {k: after[k] for k in loss_keys(option)} == loss_keys(option)
+    assert list(after["loss_type"]) == loss_keys(option)["loss_type"]
+    config.check(switched)
+
+
+def test_label_smoothing_where_trl_ignores_it_is_refused():
+    cfg, _ = config.compose(["+train.label_smoothing=0.1"])
+    with pytest.raises(config.ConfigError, match="use loss=robust"):
+        config.check(cfg)
+
+
+def run(tmp_path, *overrides):
+    cfg, recipe = config.compose(tiny_overrides("tiny_lora_dpo", *overrides))
+    return train.run(cfg, tmp_path / "run", recipe)
+
+
+def first_loss(trainer) -> float:
+    return next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", LOSSES)
+def test_every_loss_trains_with_finite_loss(option, tmp_path):
+    trainer = run(tmp_path, f"loss={option}")
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert trainer.state.global_step == 2 and all(math.isfinite(x) for x in losses)
+    assert trainer.args.loss_type == loss_keys(option)["loss_type"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,expected", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
+def test_first_loss_matches_the_closed_form_at_policy_equals_reference(option, expected, tmp_path):
+    assert first_loss(run(tmp_path, f"loss={option}")) == pytest.approx(expected, rel=1e-3)
