@@ -10,24 +10,36 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
+SWEEP ?=
+LAUNCHER ?=
+DIR ?=
+# One launch time for every process of a launch, so all ranks and jobs agree on the run dir.
+export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
 IN ?=
 OUT ?=
-.PHONY: help setup train validate prep test bench lint format clean
+.PHONY: help setup train sweep sweep-report validate prep test bench lint format clean
 
 help: ## List every target
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install: torch first (TORCH_SPEC), then the project with dev tools
+setup: $(STAMP) ## Create .venv and install: torch first (TORCH_SPEC), then the project with dev and sweep extras
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,sweep]"
 	@touch $@
 
 train: setup ## Train RECIPE (default tiny_lora_dpo) with Hydra overrides in ARGS="train.beta=0.05 ..."
 	$(PY) -m dpo_recipes.train recipes=$(RECIPE) $(ARGS)
+
+sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm
+	$(PY) -m dpo_recipes.train -m recipes=$(RECIPE) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
+
+sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster)
+	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
+	$(PY) -m dpo_recipes.sweep $(DIR)
 
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
 	$(PY) -m dpo_recipes.validate recipes=$(RECIPE) $(ARGS)

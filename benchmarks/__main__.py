@@ -9,7 +9,7 @@ import platform
 import time
 from importlib.metadata import version
 
-from benchmarks import data_prep, memory
+from benchmarks import data_prep, memory, sweep
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
@@ -19,6 +19,7 @@ BENCHMARKS = {
         data_prep,
     ),
     "memory": ("Reference strategies: weights held and peak memory", memory),
+    "sweep": ("Sweep jobs reuse the first job's tokenization", sweep),
 }
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 

@@ -8,6 +8,8 @@ against the dataclasses themselves, so nothing here lists TRL's fields by hand. 
 import dataclasses
 import difflib
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,13 @@ class ReferenceSchema:
     path: str | None = None  # `path`: the reference model; `sft_adapter`: the SFT LoRA adapter
 
 
+@dataclass
+class SweepReportSchema:
+    metric: str = "eval_rewards/accuracies"  # the job with the best final value is picked
+    higher_is_better: bool = True
+    tie_break: str = "eval_loss"  # lowest final value wins a tie
+
+
 REFERENCES = ("auto", "adapter", "copy", "path", "precomputed", "sft_adapter")
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
 
@@ -62,6 +71,7 @@ class Schema:
     dataset: DatasetSchema = field(default_factory=DatasetSchema)
     hardware: HardwareSchema = field(default_factory=HardwareSchema)
     reference: ReferenceSchema = field(default_factory=ReferenceSchema)
+    sweep_report: SweepReportSchema = field(default_factory=SweepReportSchema)
 
 
 ConfigStore.instance().store(name="schema", node=Schema)
@@ -156,11 +166,36 @@ def _reference_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
     return problems
 
 
+SIMPLE = (bool, int, float, str, type(None))
+
+
+def _wrong_types(node: str, values: dict, cls) -> list[str]:
+    """Values whose type a plain field (bool, int, float, str, or a union of them) cannot take."""
+    hints, problems = typing.get_type_hints(cls), []
+    for key, value in values.items():
+        hint = hints.get(key)
+        allowed = (
+            typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        )
+        if key not in hints or not all(t in SIMPLE for t in allowed) or value == "???":
+            continue
+        ok = any(
+            (isinstance(value, t) and not (isinstance(value, bool) and t in (int, float)))
+            or (t is float and isinstance(value, int) and not isinstance(value, bool))
+            for t in allowed
+        )
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            problems.append(f"{node}.{key}: expected {names}, got {value!r}")
+    return problems
+
+
 def check(cfg: DictConfig, *, need_device: bool = True) -> None:
     """Raise ConfigError listing every problem that can be seen without loading weights."""
-    train = OmegaConf.to_container(cfg.train, resolve=False)
+    train = OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=False)
     model = OmegaConf.to_container(cfg.model, resolve=False)
     problems = _unknown_keys("train", train, DPOConfig) + _unknown_keys("model", model, ModelConfig)
+    problems += _wrong_types("train", train, DPOConfig) + _wrong_types("model", model, ModelConfig)
     losses = train.get("loss_type", ["sigmoid"])
     known_losses = loss_types()
     for loss in [losses] if isinstance(losses, str) else losses:

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import resource
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -130,6 +131,7 @@ class MetricsCallback(TrainerCallback):
             "epochs": state.epoch,
             "runtime_s": totals.get("train_runtime"),
             "samples_per_second": totals.get("train_samples_per_second"),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **summary,
             **{k: v for k, v in self.context.items() if k != "recipe"},
         }

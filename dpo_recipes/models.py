@@ -9,6 +9,7 @@
 """
 
 import os
+import time
 
 import trl
 from datasets.fingerprint import Hasher
@@ -53,7 +54,13 @@ class Trainer(DPOTrainer):
     log-probs are found again by later runs (a sweep's jobs), and a note of whether they were."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        start = time.perf_counter()
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        # Seconds spent and the tokenized table's file: a later run that reuses the tokens names the same file.
+        self.__dict__.setdefault("tokenize_log", {})[dataset_name] = {
+            "seconds": round(time.perf_counter() - start, 3),
+            "cache_file": prepared.cache_files[0]["filename"] if prepared.cache_files else None,
+        }
         # TRL's length filter hashes the whole DPOConfig, output_dir included, so every run would give
         # the same tokens a new fingerprint. Key them on what they depend on instead.
         # ld_alpha and precision shape the reference log-probs cached under this fingerprint too.

@@ -3,6 +3,7 @@
 python -m dpo_recipes.train recipes=tiny_lora_dpo train.beta=0.05
 """
 
+import gc
 import json
 import subprocess
 import sys
@@ -10,11 +11,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data
+from dpo_recipes import ROOT, config, data, sweep
 from dpo_recipes.config import ConfigError
 from dpo_recipes.data import DataError
 
@@ -101,6 +104,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         quantization_config=built.quantization if isinstance(policy, str) else None,
         callbacks=[MetricsCallback(metrics_dir, context)],
     )
+    context["tokenize"] = trainer.tokenize_log
     context["reference"] = {"strategy": config.reference_strategy(cfg), "path": cfg.reference.path}
     if hasattr(trainer, "ref_logps_cache"):
         context["reference"]["precomputed"] = trainer.ref_logps_cache
@@ -118,9 +122,19 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         run(cfg, run_dir, hc.runtime.choices["recipes"])
-    except (ConfigError, DataError) as err:
+    except Exception as err:
+        if hc.mode == RunMode.MULTIRUN:  # one failed job must not stop the sweep: the report lists it
+            write_text(run_dir / sweep.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return
+        if not isinstance(err, ConfigError | DataError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:  # jobs of one sweep share the process: free this job's model before the next one loads
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     print(f"run dir: {run_dir}")
 
 

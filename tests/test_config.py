@@ -153,7 +153,15 @@ def test_one_key_one_home():
         assert not misplaced, f"{path.name} sets {sorted(misplaced)}, which belong to loss/ or hardware/"
 
 
-def test_runs_go_to_outputs_recipe_timestamp():
-    train_yaml = (config.CONF_DIR / "train.yaml").read_text()
-    assert "dir: outputs/${hydra:runtime.choices.recipes}/${now:" in train_yaml
+def test_runs_go_to_outputs_recipe_stamp_shared_by_all_processes(monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("DPO_RUN_STAMP", "2026-01-02_03-04-05")
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["recipes=tiny_full_dpo"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    assert cfg.hydra.run.dir == "outputs/tiny_full_dpo/2026-01-02_03-04-05"
+    assert cfg.hydra.sweep.dir == "multirun/tiny_full_dpo/2026-01-02_03-04-05"
     assert "outputs/" in (ROOT / ".gitignore").read_text()
+    assert "export DPO_RUN_STAMP" in (ROOT / "Makefile").read_text()
