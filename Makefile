@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
+RUN ?=
+RESUME ?=
 SWEEP ?=
 LAUNCHER ?=
 DIR ?=
@@ -31,8 +33,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,sweep]"
 	@touch $@
 
-train: setup ## Train RECIPE (default tiny_lora_dpo) with Hydra overrides in ARGS="train.beta=0.05 ..."
-	$(PY) -m dpo_recipes.train recipes=$(RECIPE) $(ARGS)
+train: setup ## Train RECIPE (default tiny_lora_dpo); RUN=name for a resumable dir, RESUME=auto|never|<checkpoint>; overrides in ARGS
+	$(PY) -m dpo_recipes.train recipes=$(RECIPE) $(if $(RUN),run.name=$(RUN)) $(if $(RESUME),run.resume=$(RESUME)) $(ARGS)
 
 sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm
 	$(PY) -m dpo_recipes.train -m recipes=$(RECIPE) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)

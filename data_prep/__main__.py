@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from datasets.exceptions import DatasetGenerationError
+from pyarrow import ArrowException
+
 from data_prep import io
 from data_prep.convert import FORMATS, RULES
 from data_prep.pipeline import Options, convert, read, summary_line, token_lengths
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         kept, report = convert(read(args.input, args.split), options)
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, ArrowException, DatasetGenerationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = {"input": args.input, "output": str(args.output), **report}

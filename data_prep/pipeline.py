@@ -1,12 +1,13 @@
 """Run the row converters over a whole dataset with `datasets.map`, counting every row that is dropped."""
 
+import codecs
 import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, Features, Json, List, Value, load_dataset
+from datasets import Dataset, Features, Json, List, Value
 
 from data_prep import io
 from data_prep.convert import CONVERTERS, RULES, Invalid, to_standard
@@ -48,19 +49,54 @@ def read(path: str, split: str = "train") -> Dataset:
     """Like `io.read`, but a JSON file that Arrow cannot type cleanly (a broken line, mixed types) is
     read again as raw rows, so the good rows survive and each bad line is reported with its number."""
     suffix = Path(path).suffix
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
     try:
         dataset = io.read(path, split)
-        if suffix not in (".json", ".jsonl") or not _mixed(dataset.features):
+        if suffix not in (".json", ".jsonl") or (not _mixed(dataset.features) and _utf8(path)):
             return dataset
     except Exception:
         if suffix not in (".json", ".jsonl"):
             raise
     if suffix == ".jsonl":
-        return load_dataset("text", data_files=path, split="train").rename_column("text", "_raw")
-    rows = json.loads(Path(path).read_text())
+        stat = Path(path).stat()  # in the cache key: a changed file is read again
+        return Dataset.from_generator(
+            _lines, gen_kwargs={"path": path, "stamp": (stat.st_size, stat.st_mtime_ns)}
+        )
+    try:
+        rows = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid UTF-8 (byte {err.start}); re-encode it or use .jsonl"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: a .json file must hold an array of rows")
-    return Dataset.from_dict({"_raw": [json.dumps(r) for r in rows]})
+    return Dataset.from_dict({"_raw": [json.dumps(r) for r in rows], "_line_error": [""] * len(rows)})
+
+
+def _utf8(path: str) -> bool:
+    """Arrow reads invalid UTF-8 without a word and the text then fails to decode; check the bytes first."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _lines(path: str, stamp):
+    """Each line of a .jsonl file as text, with why it cannot be read when its bytes are not UTF-8."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                yield {"_raw": line.decode("utf-8"), "_line_error": ""}
+            except UnicodeDecodeError as err:
+                yield {"_raw": "", "_line_error": f"line {number}: not valid UTF-8 (byte {err.start})"}
 
 
 def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features:
@@ -124,7 +160,10 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
         given = raw[j] if raw is not None else {k: batch[k][j] for k in batch}
         pair, source = {"prompt": empty, "chosen": empty, "rejected": empty}, {}
         rule, detail, excerpt, key = "", "", "", ""
-        if raw is not None and not given.strip():
+        line_error = batch["_line_error"][j] if "_line_error" in batch else ""
+        if line_error:
+            rule, detail = "malformed_line", line_error
+        elif raw is not None and not given.strip():
             rule = BLANK
         else:
             try:
@@ -150,6 +189,8 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     raw = "_raw" in dataset.column_names
     score_columns = {options.columns.get(k, k) for k in ("score_chosen", "score_rejected")}
     scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
+    if len(dataset) == 0:
+        raise ValueError("the input holds no rows")
     missing = [c for c in options.keep_columns if not raw and c not in dataset.column_names]
     if missing:
         raise KeyError(f"--keep-columns names columns the input lacks: {', '.join(missing)}")

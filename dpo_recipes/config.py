@@ -2,7 +2,9 @@
 
 `train:` keys are `trl.DPOConfig` fields and `model:` keys are `trl.ModelConfig` fields: both are checked
 against the dataclasses themselves, so nothing here lists TRL's fields by hand. Our own nodes
-(`dataset`, `hardware`) are typed by the schemas below and checked by Hydra at compose time.
+(`dataset`, `hardware`, `reference`, `run`, `sweep_report`) are typed by the dataclasses below and
+checked the same way, rather than by Hydra at compose time, which stops at the first error: every
+unknown key, wrong type and impossible combination is reported together.
 """
 
 import dataclasses
@@ -54,6 +56,14 @@ class ReferenceSchema:
 
 
 @dataclass
+class RunSchema:
+    name: str | None = None  # a stable run dir, outputs/<recipe>/<name>; default: the launch time
+    resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | a checkpoint dir
+    overwrite: bool = False  # replace a finished run in the same dir
+    nan_patience: int = 0  # logged steps with a non-finite loss or grad norm tolerated before stopping
+
+
+@dataclass
 class SweepReportSchema:
     metric: str = "eval_rewards/accuracies"  # the job with the best final value is picked
     higher_is_better: bool = True
@@ -64,19 +74,36 @@ REFERENCES = ("auto", "adapter", "copy", "path", "precomputed", "sft_adapter")
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
 
 
+OURS = {
+    "dataset": DatasetSchema,
+    "hardware": HardwareSchema,
+    "reference": ReferenceSchema,
+    "run": RunSchema,
+    "sweep_report": SweepReportSchema,
+}
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 @dataclass
 class Schema:
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    dataset: DatasetSchema = field(default_factory=DatasetSchema)
-    hardware: HardwareSchema = field(default_factory=HardwareSchema)
-    reference: ReferenceSchema = field(default_factory=ReferenceSchema)
-    sweep_report: SweepReportSchema = field(default_factory=SweepReportSchema)
+    dataset: dict[str, Any] = field(default_factory=lambda: _defaults(DatasetSchema))
+    hardware: dict[str, Any] = field(default_factory=lambda: _defaults(HardwareSchema))
+    reference: dict[str, Any] = field(default_factory=lambda: _defaults(ReferenceSchema))
+    run: dict[str, Any] = field(default_factory=lambda: _defaults(RunSchema))
+    sweep_report: dict[str, Any] = field(default_factory=lambda: _defaults(SweepReportSchema))
 
 
 ConfigStore.instance().store(name="schema", node=Schema)
 OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), replace=True)
 OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
+OmegaConf.register_new_resolver(
+    "dpo_first", lambda *values: next((v for v in values if v), None), replace=True
+)
 
 
 class ConfigError(ValueError):
@@ -124,7 +151,34 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
         elif key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            problems.append(f"{node}.{key}: not a {cls.__name__} field{hint}")
+            what = f"not a {cls.__name__} field" if cls in (DPOConfig, ModelConfig) else f"unknown {node} key"
+            problems.append(f"{node}.{key}: {what}{hint}")
+    return problems
+
+
+def _dataset_problems(dataset: DictConfig) -> list[str]:
+    from data_prep.convert import FORMATS
+
+    problems = []
+    if OmegaConf.is_missing(dataset, "path"):
+        problems.append("dataset.path: missing; name a file, a saved dataset folder or a hub id")
+    if dataset.format not in FORMATS:
+        problems.append(f"dataset.format: unknown {dataset.format!r}; choose one of {', '.join(FORMATS)}")
+    if dataset.eval_path and dataset.eval_split:
+        problems.append("dataset: set eval_path (a separate file) or eval_split (a split of path), not both")
+    if isinstance(dataset.eval_size, int | float) and dataset.eval_size < 0:
+        problems.append("dataset.eval_size: must be a fraction (< 1) or a row count (>= 1)")
+    return problems
+
+
+def _run_problems(cfg: DictConfig) -> list[str]:
+    problems, run = [], cfg.run
+    if run.resume not in ("auto", "never") and not (Path(str(run.resume)) / "trainer_state.json").is_file():
+        problems.append(
+            f"run.resume: {run.resume!r} is not auto, never or a checkpoint dir with trainer_state.json"
+        )
+    if cfg.hardware.device not in ("cpu", "cuda"):
+        problems.append(f"hardware.device: unknown {cfg.hardware.device!r}; choose cpu or cuda")
     return problems
 
 
@@ -196,6 +250,10 @@ def check(cfg: DictConfig, *, need_device: bool = True) -> None:
     model = OmegaConf.to_container(cfg.model, resolve=False)
     problems = _unknown_keys("train", train, DPOConfig) + _unknown_keys("model", model, ModelConfig)
     problems += _wrong_types("train", train, DPOConfig) + _wrong_types("model", model, ModelConfig)
+    for node, cls in OURS.items():
+        values = OmegaConf.to_container(cfg[node], resolve=True, throw_on_missing=False)
+        problems += _unknown_keys(node, values, cls) + _wrong_types(node, values, cls)
+    problems += _dataset_problems(cfg.dataset) + _run_problems(cfg)
     losses = train.get("loss_type", ["sigmoid"])
     known_losses = loss_types()
     for loss in [losses] if isinstance(losses, str) else losses:
@@ -229,6 +287,7 @@ def build(cfg: DictConfig, output_dir: Path, *, need_device: bool = True) -> Bui
     if not torch.cuda.is_available() and not need_device:
         train.update(use_cpu=True, bf16=False, fp16=False)  # validating a GPU recipe here: skip device checks
     train["model_init_kwargs"] = {
+        "use_safetensors": True,  # pickled weights can run code on load; opt in with model_init_kwargs
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,

@@ -1,13 +1,15 @@
 """Load the dataset a `dataset:` option names, convert it with data_prep's converters, split off eval."""
 
 from datasets import Dataset
+from datasets.exceptions import DatasetGenerationError
 from omegaconf import DictConfig
+from pyarrow import ArrowException
 
 from data_prep.pipeline import Options, convert, read, summary_line
 
 
 class DataError(ValueError):
-    """No usable rows: the message carries the conversion report's summary."""
+    """Unreadable data or no usable rows: the message says which file and why."""
 
 
 def _head(dataset: Dataset, n: int | None) -> Dataset:
@@ -15,9 +17,10 @@ def _head(dataset: Dataset, n: int | None) -> Dataset:
 
 
 def _convert(path: str, split: str, limit: int | None, cfg: DictConfig, name: str, num_proc) -> tuple:
-    rows, report = convert(
-        _head(read(path, split), limit), Options(format=cfg.format, num_proc=num_proc), name
-    )
+    try:
+        rows, report = convert(_head(read(path, split), limit), Options(cfg.format, num_proc=num_proc), name)
+    except (OSError, ValueError, KeyError, ArrowException, DatasetGenerationError) as err:
+        raise DataError(f"{path}: cannot read the {name} data: {err}") from err
     if not report["rows_out"]:
         examples = "; ".join(
             f"row {e['row']}: {rule}: {e['detail']}"

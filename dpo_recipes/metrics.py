@@ -119,20 +119,26 @@ class MetricsCallback(TrainerCallback):
             self._plot(state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self._tables(state)
-        self._plot(state)
+        if state.is_world_process_zero:
+            self._tables(state)
+            self._plot(state)
+
+    def write_summary(self, state, status: str, **extra) -> dict:
+        """summary.json, once the run has ended: `status` is finished, interrupted or stopped."""
         summary = summarize(state.log_history)
         totals = summary.pop("totals")
         summary = {
             "recipe": self.context.get("recipe"),
+            "status": status,
             "steps": state.global_step,
             "epochs": state.epoch,
             "runtime_s": totals.get("train_runtime"),
             "samples_per_second": totals.get("train_samples_per_second"),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **summary,
+            **extra,
             **{k: v for k, v in self.context.items() if k != "recipe"},
         }
-        write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        if state.is_world_process_zero:
+            write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        return summary

@@ -5,6 +5,7 @@ python -m dpo_recipes.train recipes=tiny_lora_dpo train.beta=0.05
 
 import gc
 import json
+import signal
 import subprocess
 import sys
 from importlib.metadata import version
@@ -17,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, sweep
+from dpo_recipes import ROOT, config, data, health, runs, sweep
 from dpo_recipes.config import ConfigError
 from dpo_recipes.data import DataError
 
@@ -63,9 +64,8 @@ def note_length_drops(trainer, train_set, eval_set, data_report: dict, context: 
 def run(cfg: DictConfig, run_dir: Path, recipe: str):
     """Train one recipe into `run_dir`; returns the finished trainer."""
     built = config.build(cfg, run_dir)
+    runs.guard(run_dir, cfg.run)
     metrics_dir = run_dir / "dpo_metrics"
-    if (metrics_dir / "summary.json").exists():
-        raise ConfigError([f"{run_dir} already holds a finished run; pick another run dir"])
 
     from transformers import AutoTokenizer
 
@@ -93,6 +93,8 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     policy, reference, peft = models.load(built, cfg)
+    metrics = MetricsCallback(metrics_dir, context)
+    on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(cfg.run.nan_patience)
     trainer = models.Trainer(
         model=policy,
         ref_model=reference,
@@ -102,7 +104,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         processing_class=tokenizer,
         peft_config=peft,
         quantization_config=built.quantization if isinstance(policy, str) else None,
-        callbacks=[MetricsCallback(metrics_dir, context)],
+        callbacks=[metrics, on_signal, on_non_finite],
     )
     context["tokenize"] = trainer.tokenize_log
     context["reference"] = {"strategy": config.reference_strategy(cfg), "path": cfg.reference.path}
@@ -111,8 +113,23 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
     note_length_drops(trainer, train_set, eval_set, data_report, context)
     write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=runs.resume_point(run_dir, cfg.run))
+    flags = health.check(trainer.state.log_history)
+    for flag in flags:
+        print(f"health: {flag['flag']}: {flag['problem']}; try: {flag['fix']}", file=sys.stderr)
+    if on_signal.received is not None or on_non_finite.error:
+        status = "interrupted" if on_signal.received is not None else "stopped: non-finite"
+        metrics.write_summary(trainer.state, status, health=flags)
+        if on_non_finite.error:
+            raise runs.Stopped(on_non_finite.error)
+        name = signal.Signals(on_signal.received).name
+        hint = runs.resume_hint(run_dir, recipe)
+        raise runs.Stopped(
+            f"{name} at step {trainer.state.global_step}: checkpoint saved; resume with {hint}",
+            128 + on_signal.received,
+        )
     trainer.save_model(str(run_dir))
+    metrics.write_summary(trainer.state, "finished", health=flags)
     return trainer
 
 
@@ -127,10 +144,10 @@ def main(cfg: DictConfig) -> None:
             write_text(run_dir / sweep.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
             print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return
-        if not isinstance(err, ConfigError | DataError):
+        if not isinstance(err, ConfigError | DataError | runs.Stopped):
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code if isinstance(err, runs.Stopped) else 2)
     finally:  # jobs of one sweep share the process: free this job's model before the next one loads
         gc.collect()
         if torch.cuda.is_available():

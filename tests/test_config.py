@@ -89,11 +89,32 @@ def test_missing_recipe_lists_the_available_ones():
         assert recipe in str(err.value)
 
 
-def test_typo_in_our_own_dataset_schema_fails_at_compose():
-    with pytest.raises(HydraException, match="dataset.pth"):
-        config.compose(["dataset.pth=data.jsonl"])
-    with pytest.raises(HydraException, match="max_samples"):
-        config.compose(["dataset.max_samples=many"])
+def test_our_own_nodes_are_checked_all_at_once():
+    cfg, _ = config.compose(
+        [
+            "+dataset.pth=data.jsonl",
+            "dataset.max_samples=many",
+            "+run.nme=x",
+            "dataset.format=csv",
+            "run.resume=nowhere",
+        ]
+    )
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    text = str(err.value)
+    assert len(err.value.problems) == 5
+    assert "dataset.pth: unknown dataset key (did you mean 'path'?)" in text
+    assert "dataset.max_samples: expected int or null, got 'many'" in text
+    assert "run.nme: unknown run key (did you mean 'name'?)" in text
+    assert "dataset.format: unknown 'csv'" in text and "run.resume: 'nowhere'" in text
+
+
+def test_wrong_types_in_trl_nodes_are_caught_before_trl_sees_them():
+    cfg, _ = config.compose(["train.learning_rate=oops", "train.bf16=maybe", "model.lora_r=1.5"])
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    assert len(err.value.problems) == 3
+    assert "train.learning_rate: expected float, got 'oops'" in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

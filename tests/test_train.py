@@ -73,7 +73,8 @@ def test_metrics_files_exist_and_agree_with_the_log(default_run):
 def test_summary_describes_the_run(default_run):
     trainer, metrics = default_run
     summary = json.loads((metrics / "summary.json").read_text())
-    assert summary["recipe"] == "tiny_lora_dpo"
+    assert summary["recipe"] == "tiny_lora_dpo" and summary["status"] == "finished"
+    assert summary["health"] == []  # the default run is healthy
     assert summary["steps"] == trainer.state.global_step == 150
     assert summary["dataset"] == {"train": 1000, "eval": 128}
     assert summary["final"]["eval_rewards/accuracies"] >= 0.8

@@ -1,0 +1,98 @@
+"""Health checks that explain a bad DPO run from its logged metrics: each flag says what is wrong and
+what to try. Written into summary.json and printed at the end of a run."""
+
+import math
+import statistics
+
+LN2 = math.log(2)
+
+
+def _series(history: list[dict], key: str) -> list[float]:
+    return [e[key] for e in history if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
+
+
+def _thirds(values: list[float]) -> tuple[float, float]:
+    """Mean of the first and of the last third: a trend that one noisy step cannot fake."""
+    n = max(1, len(values) // 3)
+    return statistics.fmean(values[:n]), statistics.fmean(values[-n:])
+
+
+def _stuck(h):
+    loss, margins = _series(h, "loss"), _series(h, "rewards/margins")
+    if len(loss) >= 3 and all(abs(x - LN2) < 0.01 for x in loss) and all(abs(m) < 1e-3 for m in margins):
+        return (
+            "loss stuck at ln 2 and margins at 0: the policy never moved away from the reference",
+            "check that beta > 0, raise train.learning_rate, and that the reference is not updated with the policy",
+        )
+
+
+def _binary_accuracy(h):
+    accuracy = _series(h, "rewards/accuracies")
+    if len(accuracy) >= 3 and all(a in (0.0, 1.0) for a in accuracy):
+        return (
+            "rewards/accuracies is only ever 0 or 1: each logged value covers too few pairs to read",
+            "log over more steps (train.logging_steps), use a larger batch, or read eval_rewards/accuracies on a larger eval set",
+        )
+
+
+def _displacement(h):
+    chosen, margins = _series(h, "logps/chosen"), _series(h, "rewards/margins")
+    if len(chosen) < 6 or len(margins) < 6:
+        return None
+    (c0, c1), (m0, m1) = _thirds(chosen), _thirds(margins)
+    falling = sum(b < a for a, b in zip(chosen, chosen[1:], strict=False)) >= 0.6 * (len(chosen) - 1)
+    if c1 < c0 - 1.0 and falling and m1 > m0:
+        return (
+            f"chosen log-probs fall steadily ({c0:.1f} -> {c1:.1f}) while margins grow: likelihood displacement, "
+            "the model pushes both answers down",
+            "add an NLL term on the chosen answers (loss=rpo) or lower train.learning_rate",
+        )
+
+
+def _overfitting(h):
+    train, evaluation = _series(h, "rewards/accuracies"), _series(h, "eval_rewards/accuracies")
+    if len(train) < 3 or len(evaluation) < 3:
+        return None
+    (t0, t1), peak, last = _thirds(train), max(evaluation), evaluation[-1]
+    if t1 > t0 and last < peak - 0.05 and evaluation.index(peak) < len(evaluation) - 1:
+        return (
+            f"eval accuracy fell from {peak:.2f} to {last:.2f} while train accuracy rose: over-fitting",
+            "train fewer epochs or steps, lower train.learning_rate, raise beta, or add data",
+        )
+
+
+def _grad_spikes(h):
+    norms = _series(h, "grad_norm")
+    if len(norms) < 5:
+        return None
+    typical = statistics.median(norms)
+    spikes = [
+        (e["step"], e["grad_norm"])
+        for e in h
+        if isinstance(e.get("grad_norm"), float) and e["grad_norm"] > 10 * typical
+    ]
+    if typical > 0 and spikes:
+        step, value = spikes[0]
+        return (
+            f"grad-norm spikes: {len(spikes)} logged steps above 10x the median {typical:.3g} (first: {value:.3g} at step {step})",
+            "lower train.learning_rate, add warmup (train.warmup_steps), or lower train.max_grad_norm",
+        )
+
+
+CHECKS = {
+    "stuck_at_ln2": _stuck,
+    "binary_accuracy": _binary_accuracy,
+    "likelihood_displacement": _displacement,
+    "overfitting": _overfitting,
+    "grad_norm_spikes": _grad_spikes,
+}
+
+
+def check(log_history: list[dict]) -> list[dict]:
+    """Flags raised by a run's log history: [{flag, problem, fix}], empty for a healthy run."""
+    flags = []
+    for name, rule in CHECKS.items():
+        found = rule(log_history)
+        if found:
+            flags.append({"flag": name, "problem": found[0], "fix": found[1]})
+    return flags

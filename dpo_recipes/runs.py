@@ -1,0 +1,142 @@
+"""Run dirs that survive crashes: resume from the newest complete checkpoint, never overwrite a finished
+run, stop cleanly on SIGTERM / Ctrl-C, and stop on a non-finite loss instead of training on garbage."""
+
+import json
+import math
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from dpo_recipes.config import ConfigError
+
+CHECKPOINT = "checkpoint-"
+
+
+class Stopped(RuntimeError):
+    """Training stopped early (a signal, a non-finite loss); the message says what to do next."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def finished(run_dir: Path) -> bool:
+    summary = run_dir / "dpo_metrics" / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint is complete once the Trainer wrote trainer_state.json, its last file."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob(f"{CHECKPOINT}*") if p.is_dir() and p.name[len(CHECKPOINT) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT) :]))
+
+
+def guard(run_dir: Path, run: DictConfig) -> None:
+    """Refuse to touch a dir that holds a finished run (unless overwrite) or any run (resume=never)."""
+    if finished(run_dir):
+        if not run.overwrite:
+            raise ConfigError(
+                [
+                    f"{run_dir} already holds a finished run; pick another name (RUN=...) or pass run.overwrite=true"
+                ]
+            )
+        for old in [*checkpoints(run_dir), run_dir / "dpo_metrics"]:
+            shutil.rmtree(old, ignore_errors=True)
+    elif run.resume == "never" and (checkpoints(run_dir) or (run_dir / "dpo_metrics").exists()):
+        raise ConfigError(
+            [f"{run_dir} holds an earlier run and run.resume=never; pick another name (RUN=...)"]
+        )
+
+
+def resume_point(run_dir: Path, run: DictConfig) -> str | None:
+    """The checkpoint to resume from: `run.resume` itself, or the newest complete one in the run dir."""
+    if run.resume == "never":
+        return None
+    if run.resume != "auto":
+        return str(run.resume)
+    for checkpoint in reversed(checkpoints(run_dir)):
+        if _complete(checkpoint):
+            print(f"resuming from {checkpoint}")
+            return str(checkpoint)
+        print(f"skipping {checkpoint}: incomplete (the run stopped while writing it)", file=sys.stderr)
+    return None
+
+
+def resume_hint(run_dir: Path, recipe: str) -> str:
+    return f'make train RECIPE={recipe} RUN={run_dir.name}  (or ARGS="hydra.run.dir={run_dir}")'
+
+
+class RunGuard(Callback):
+    """Hydra callback: check the run dir before Hydra writes its .hydra/ files into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)
+        try:
+            guard(Path(config.hydra.run.dir), config.run)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or Ctrl-C: finish the current step, save a checkpoint, then stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
+            file=sys.stderr,
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class StopOnNonFinite(TrainerCallback):
+    """A loss or grad norm that is NaN or infinite stops the run after `patience` such logged steps."""
+
+    def __init__(self, patience: int = 0):
+        self.patience, self.bad, self.error = patience, 0, None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {k: (logs or {}).get(k) for k in ("loss", "grad_norm")}
+        broken = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+        if not broken:
+            return
+        self.bad += 1
+        if self.bad > self.patience:
+            what = ", ".join(f"{k} = {v}" for k, v in broken.items())
+            self.error = (
+                f"{what} at step {state.global_step}: training stopped, metrics written. Lower "
+                "train.learning_rate, keep train.max_grad_norm set, or check the data; run.nan_patience "
+                "tolerates a few such steps"
+            )
+            control.should_training_stop = True

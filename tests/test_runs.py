@@ -1,0 +1,177 @@
+"""Runs survive crashes: resume after SIGKILL, SIGTERM saves and stops, finished runs are never
+overwritten, a non-finite loss stops the run, and written files are atomic."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_overrides
+
+from data_prep.io import atomic_path
+from dpo_recipes import ROOT, config, runs, train
+
+RESUMABLE = [
+    "recipes=tiny_lora_dpo",
+    "dataset.max_samples=256",
+    "dataset.eval_path=null",
+    "train.max_steps=40",
+    "train.save_steps=10",
+    "train.logging_steps=2",
+    "train.eval_strategy=no",
+    "train.disable_tqdm=true",
+]
+
+
+def launch(run_dir, *overrides):
+    cmd = [sys.executable, "-m", "dpo_recipes.train", *RESUMABLE, f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def losses(history):
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    cfg, recipe = config.compose(RESUMABLE)
+    reference = losses(train.run(cfg, tmp_path / "whole", recipe).state.log_history)
+
+    run_dir = tmp_path / "killed"
+    process = launch(run_dir)
+    wait_for(run_dir / "checkpoint-10" / "trainer_state.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not runs.finished(run_dir)
+    partial = run_dir / "checkpoint-990"  # a checkpoint the process died while writing
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"\0" * 10)
+
+    resumed = launch(run_dir)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "skipping" in err and "checkpoint-990: incomplete" in err
+    start = int(out.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
+    assert start >= 10
+
+    history = json.loads((run_dir / "dpo_metrics" / "log_history.json").read_text())
+    got = losses(history)
+    assert max(got) == max(reference) == 40
+    for step in (s for s in reference if s > start):
+        assert got[step] == pytest.approx(reference[step], abs=1e-4)
+    with open(run_dir / "dpo_metrics" / "training_metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == sorted(set(steps)) and set(steps) == {
+        e["step"] for e in history if "train_runtime" not in e
+    }
+    assert json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "term"
+    process = launch(run_dir, "train.save_steps=1000")
+    wait_for(run_dir / "dpo_metrics" / "training_metrics.csv", process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM at step" in err and f"make train RECIPE=tiny_lora_dpo RUN={run_dir.name}" in err
+    saved = runs.checkpoints(run_dir)
+    assert saved and (saved[-1] / "trainer_state.json").exists()
+    summary = json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == int(saved[-1].name.split("-")[1])
+
+    resumed = launch(run_dir, "train.save_steps=1000")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())["steps"] == 40
+
+
+@pytest.mark.slow
+def test_finished_run_is_never_overwritten_and_resume_never_refuses(tmp_path):
+    run_dir = tmp_path / "done"
+    first = launch(run_dir, "train.max_steps=2")
+    assert first.wait(timeout=300) == 0
+    hydra_config = (run_dir / ".hydra" / "config.yaml").read_text()
+    again = launch(run_dir, "train.max_steps=2", "train.beta=0.3")
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 2
+    assert f"{run_dir} already holds a finished run" in err and "RUN=" in err and "run.overwrite=true" in err
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == hydra_config  # Hydra did not rewrite it
+
+    (run_dir / "dpo_metrics" / "summary.json").unlink()  # an unfinished run
+    never = launch(run_dir, "train.max_steps=2", "run.resume=never")
+    _, err = never.communicate(timeout=300)
+    assert never.returncode == 2 and "run.resume=never" in err
+
+
+def test_overwrite_clears_the_old_run(tmp_path):
+    run_dir = tmp_path / "old"
+    (run_dir / "dpo_metrics").mkdir(parents=True)
+    (run_dir / "dpo_metrics" / "summary.json").write_text(json.dumps({"status": "finished"}))
+    (run_dir / "checkpoint-5").mkdir()
+    cfg, _ = config.compose(["run.overwrite=true"])
+    runs.guard(run_dir, cfg.run)
+    assert not (run_dir / "dpo_metrics").exists() and not runs.checkpoints(run_dir)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_after_writing_metrics(tmp_path):
+    cfg, recipe = config.compose(
+        tiny_overrides("tiny_lora_dpo", "train.learning_rate=1e6", "++train.max_steps=30")
+    )
+    with pytest.raises(runs.Stopped, match="nan at step"):
+        train.run(cfg, tmp_path / "run", recipe)
+    metrics = tmp_path / "run" / "dpo_metrics"
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert summary["status"] == "stopped: non-finite" and summary["steps"] < 30
+    assert (metrics / "training_metrics.csv").exists()
+
+
+def test_atomic_writes_keep_the_previous_version(tmp_path):
+    target = tmp_path / "summary.json"
+    target.write_text("previous")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "previous" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_recipes_load_safetensors_only_and_no_remote_code(tmp_path):
+    for recipe in config.recipes():
+        cfg, _ = config.compose([f"recipes={recipe}", "hardware=cpu"])
+        built = config.build(cfg, tmp_path)
+        assert built.args.trust_remote_code is False
+        assert built.args.model_init_kwargs["use_safetensors"] is True
+
+
+@pytest.mark.slow
+def test_pickle_weights_are_refused_by_default(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_recipes import tiny
+
+    pickled = tmp_path / "pickled"
+    AutoModelForCausalLM.from_pretrained(tiny.path()).save_pretrained(pickled)
+    AutoTokenizer.from_pretrained(tiny.path()).save_pretrained(pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    cfg, recipe = config.compose(
+        tiny_overrides("tiny_lora_dpo", f"model.model_name_or_path={tmp_path / 'pickled'}")
+    )
+    with pytest.raises(OSError, match="safetensors"):
+        train.run(cfg, tmp_path / "run", recipe)
