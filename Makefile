@@ -10,6 +10,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
+HARDWARE ?=
+NPROC ?=
+NNODES ?= 1
+NODE_RANK ?= 0
+MAIN_ADDR ?= 127.0.0.1
+MAIN_PORT ?= 29500
 RUN ?=
 RESUME ?=
 SWEEP ?=
@@ -33,18 +39,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,sweep]"
 	@touch $@
 
-train: setup ## Train RECIPE (default tiny_lora_dpo); RUN=name for a resumable dir, RESUME=auto|never|<checkpoint>; overrides in ARGS
-	$(PY) -m dpo_recipes.train recipes=$(RECIPE) $(if $(RUN),run.name=$(RUN)) $(if $(RESUME),run.resume=$(RESUME)) $(ARGS)
+# NPROC processes per node through accelerate, with the HARDWARE option's accelerate config.
+ACCELERATE_CONFIG = accelerate/$(or $(HARDWARE),ddp).yaml
+LAUNCH = $(if $(NPROC),$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) \
+	--num_processes $(shell echo $$(( $(NPROC) * $(NNODES) ))) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
+	--main_process_ip $(MAIN_ADDR) --main_process_port $(MAIN_PORT),$(PY))
+TRAIN_ARGS = recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(RUN),run.name=$(RUN)) \
+	$(if $(RESUME),run.resume=$(RESUME))
+
+train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT) via accelerate; RUN=name, RESUME=auto|never|<checkpoint>; ARGS
+	@$(if $(NPROC),test -f $(ACCELERATE_CONFIG) || { echo "HARDWARE=$(HARDWARE) runs in one process; with NPROC use one of: cpu ddp zero2 zero3 zero3_offload fsdp"; exit 2; })
+	$(LAUNCH) -m dpo_recipes.train $(TRAIN_ARGS) $(ARGS)
 
 sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm
-	$(PY) -m dpo_recipes.train -m recipes=$(RECIPE) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
+	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
 
 sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster)
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
 	$(PY) -m dpo_recipes.sweep $(DIR)
 
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
-	$(PY) -m dpo_recipes.validate recipes=$(RECIPE) $(ARGS)
+	$(PY) -m dpo_recipes.validate $(TRAIN_ARGS) $(ARGS)
 
 prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's form in OUT; options in ARGS
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo 'usage: make prep FORMAT=alpaca IN=data.json OUT=prefs.jsonl [ARGS="--strict"]'; exit 2; }

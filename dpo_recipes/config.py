@@ -9,6 +9,8 @@ unknown key, wrong type and impossible combination is reported together.
 
 import dataclasses
 import difflib
+import importlib.util
+import os
 import re
 import types
 import typing
@@ -20,6 +22,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from peft import PeftConfig
 from transformers import BitsAndBytesConfig
@@ -47,6 +50,18 @@ class DatasetSchema:
 @dataclass
 class HardwareSchema:
     device: str = "cpu"  # what the option needs to train: cpu | cuda
+    engine: str = (
+        "single"  # single (one process) | ddp | deepspeed | fsdp: the last three via accelerate launch
+    )
+    accelerate_config: str | None = None  # the accelerate config file `make train NPROC=...` launches with
+
+
+@dataclass
+class LoggerSchema:
+    name: str = "none"  # none | wandb | tensorboard (train.report_to is set by the same option)
+    project: str | None = None  # wandb project
+    entity: str | None = None  # wandb entity (team or user)
+    mode: str = "online"  # wandb: online | offline | disabled
 
 
 @dataclass
@@ -70,6 +85,7 @@ class SweepReportSchema:
     tie_break: str = "eval_loss"  # lowest final value wins a tie
 
 
+ENGINES = ("single", "ddp", "deepspeed", "fsdp")
 REFERENCES = ("auto", "adapter", "copy", "path", "precomputed", "sft_adapter")
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
 
@@ -80,6 +96,7 @@ OURS = {
     "reference": ReferenceSchema,
     "run": RunSchema,
     "sweep_report": SweepReportSchema,
+    "logger": LoggerSchema,
 }
 
 
@@ -95,6 +112,7 @@ class Schema:
     hardware: dict[str, Any] = field(default_factory=lambda: _defaults(HardwareSchema))
     reference: dict[str, Any] = field(default_factory=lambda: _defaults(ReferenceSchema))
     run: dict[str, Any] = field(default_factory=lambda: _defaults(RunSchema))
+    logger: dict[str, Any] = field(default_factory=lambda: _defaults(LoggerSchema))
     sweep_report: dict[str, Any] = field(default_factory=lambda: _defaults(SweepReportSchema))
 
 
@@ -131,6 +149,9 @@ def compose(overrides: list[str] = ()) -> tuple[DictConfig, str]:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
     recipe = cfg.hydra.runtime.choices.recipes
+    HydraConfig.instance().set_config(
+        cfg
+    )  # option names for messages, as under `python -m dpo_recipes.train`
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, recipe
@@ -180,6 +201,61 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     if cfg.hardware.device not in ("cpu", "cuda"):
         problems.append(f"hardware.device: unknown {cfg.hardware.device!r}; choose cpu or cuda")
     return problems
+
+
+SECRET = re.compile(r"token|secret|password|api_key", re.I)
+
+
+def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: bool) -> list[str]:
+    """Distributed engines, loggers and secrets: what would otherwise fail minutes into a launch."""
+    engine, problems = cfg.hardware.engine, []
+    option = (
+        HydraConfig.get().runtime.choices.get("hardware", engine) if HydraConfig.initialized() else engine
+    )
+    if engine not in ENGINES:
+        problems.append(f"hardware.engine: unknown {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
+    zero3 = "zero3" in str(cfg.hardware.accelerate_config or "")
+    reentrant = (train.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
+    if zero3 and model.get("use_peft") and train.get("activation_checkpointing") and reentrant is False:
+        problems.append(
+            "ZeRO-3 with LoRA and gradient checkpointing needs use_reentrant=true (TRL issue 2514)"
+        )
+    for key, value in train.items():
+        if SECRET.search(key) and value:
+            problems.append(
+                f"train.{key}: secrets go in the environment (e.g. HF_TOKEN), not in a config saved with the run"
+            )
+    logger = cfg.logger
+    if logger.name == "wandb" and logger.mode not in ("online", "offline", "disabled"):
+        problems.append(f"logger.mode: unknown {logger.mode!r}; choose online, offline or disabled")
+    if not for_training:
+        return problems
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if engine != "single" and world == 1:
+        problems.append(
+            f"hardware={option} runs through accelerate: make train HARDWARE={option} NPROC=<processes>"
+        )
+    if engine == "single" and world == 1 and torch.cuda.device_count() > 1 and not train.get("use_cpu"):
+        problems.append(
+            f"{torch.cuda.device_count()} GPUs are visible to one process: launch with HARDWARE=ddp NPROC=<gpus>, "
+            "or make one visible with CUDA_VISIBLE_DEVICES=0"
+        )
+    if world > 1 and not cfg.run.name and not os.environ.get("DPO_RUN_STAMP"):
+        problems.append(
+            "several processes need one run dir: set RUN=<name> (or DPO_RUN_STAMP, as make train does)"
+        )
+    if logger.name == "wandb" and logger.mode == "online" and not _wandb_logged_in():
+        problems.append(
+            "logger=wandb: not logged in; run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+        )
+    return problems
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
 
 
 def reference_strategy(cfg: DictConfig) -> str:
@@ -244,7 +320,7 @@ def _wrong_types(node: str, values: dict, cls) -> list[str]:
     return problems
 
 
-def check(cfg: DictConfig, *, need_device: bool = True) -> None:
+def check(cfg: DictConfig, *, for_training: bool = True) -> None:
     """Raise ConfigError listing every problem that can be seen without loading weights."""
     train = OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=False)
     model = OmegaConf.to_container(cfg.model, resolve=False)
@@ -253,7 +329,9 @@ def check(cfg: DictConfig, *, need_device: bool = True) -> None:
     for node, cls in OURS.items():
         values = OmegaConf.to_container(cfg[node], resolve=True, throw_on_missing=False)
         problems += _unknown_keys(node, values, cls) + _wrong_types(node, values, cls)
-    problems += _dataset_problems(cfg.dataset) + _run_problems(cfg)
+    problems += (
+        _dataset_problems(cfg.dataset) + _run_problems(cfg) + _scale_problems(cfg, train, model, for_training)
+    )
     losses = train.get("loss_type", ["sigmoid"])
     known_losses = loss_types()
     for loss in [losses] if isinstance(losses, str) else losses:
@@ -270,7 +348,7 @@ def check(cfg: DictConfig, *, need_device: bool = True) -> None:
             "the label-smoothed sigmoid of cDPO is gone); use loss=robust for noisy labels, or remove it"
         )
     wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
-    if need_device and wants_gpu and not train.get("use_cpu") and not torch.cuda.is_available():
+    if for_training and wants_gpu and not train.get("use_cpu") and not torch.cuda.is_available():
         problems.append(
             "hardware: this recipe trains on a CUDA GPU (bf16) and none is visible here; "
             "to run it on this machine add the override hardware=cpu"
@@ -279,12 +357,12 @@ def check(cfg: DictConfig, *, need_device: bool = True) -> None:
         raise ConfigError(problems)
 
 
-def build(cfg: DictConfig, output_dir: Path, *, need_device: bool = True) -> Built:
+def build(cfg: DictConfig, output_dir: Path, *, for_training: bool = True) -> Built:
     """Check `cfg`, then build DPOConfig, ModelConfig and the PEFT and quantization configs (no weights)."""
-    check(cfg, need_device=need_device)
+    check(cfg, for_training=for_training)
     train = OmegaConf.to_container(cfg.train, resolve=True)
     model_args = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-    if not torch.cuda.is_available() and not need_device:
+    if not torch.cuda.is_available() and not for_training:
         train.update(use_cpu=True, bf16=False, fp16=False)  # validating a GPU recipe here: skip device checks
     train["model_init_kwargs"] = {
         "use_safetensors": True,  # pickled weights can run code on load; opt in with model_init_kwargs

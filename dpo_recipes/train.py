@@ -5,6 +5,7 @@ python -m dpo_recipes.train recipes=tiny_lora_dpo train.beta=0.05
 
 import gc
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -61,10 +62,24 @@ def note_length_drops(trainer, train_set, eval_set, data_report: dict, context: 
             )
 
 
+def use_logger(cfg: DictConfig, built: config.Built, run_dir: Path, recipe: str) -> None:
+    """Name the run after the recipe and its dir; point wandb at the project and into the run dir."""
+    built.args.run_name = f"{recipe}/{run_dir.name}"
+    if cfg.logger.name == "wandb":
+        settings = {
+            "WANDB_PROJECT": cfg.logger.project,
+            "WANDB_ENTITY": cfg.logger.entity,
+            "WANDB_MODE": cfg.logger.mode,
+        }
+        os.environ.update({k: str(v) for k, v in settings.items() if v})
+        os.environ["WANDB_DIR"] = str(run_dir)
+
+
 def run(cfg: DictConfig, run_dir: Path, recipe: str):
     """Train one recipe into `run_dir`; returns the finished trainer."""
     built = config.build(cfg, run_dir)
     runs.guard(run_dir, cfg.run)
+    use_logger(cfg, built, run_dir, recipe)
     metrics_dir = run_dir / "dpo_metrics"
 
     from transformers import AutoTokenizer
@@ -112,7 +127,8 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         context["reference"]["precomputed"] = trainer.ref_logps_cache
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
     note_length_drops(trainer, train_set, eval_set, data_report, context)
-    write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
+    if trainer.is_world_process_zero():
+        write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
     trainer.train(resume_from_checkpoint=runs.resume_point(run_dir, cfg.run))
     flags = health.check(trainer.state.log_history)
     for flag in flags:

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg, recipe = config.compose(argv)
         with tempfile.TemporaryDirectory() as scratch:
-            built = config.build(cfg, scratch, need_device=False)
+            built = config.build(cfg, scratch, for_training=False)
     except (config.ConfigError, HydraException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,17 +10,18 @@ from dpo_recipes import config
 def tiny_cache(tmp_path_factory):
     """Build the tiny model once per session, away from the user's cache; subprocesses inherit it."""
     os.environ.setdefault("DPO_RECIPES_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
 
 
 def pytest_collection_modifyitems(items):
     if not torch.cuda.is_available():
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu"):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def tiny_overrides(recipe: str, *extra: str) -> list[str]:
-    """The real recipe with model, dataset and hardware swapped for the tiny offline ones, 2 steps."""
+    """The real recipe with model, dataset, hardware and logger swapped for the tiny offline ones, 2 steps."""
     cfg, _ = config.compose([f"recipes={recipe}"])
     model = "tiny_llama_lora" if cfg.model.get("use_peft") else "tiny_llama_full"
     return [
@@ -28,6 +29,7 @@ def tiny_overrides(recipe: str, *extra: str) -> list[str]:
         f"model={model}",
         "dataset=toy",
         "hardware=cpu",
+        "logger=none",
         "dataset.max_samples=32",
         "dataset.max_eval_samples=16",
         "++train.max_steps=2",

@@ -154,12 +154,13 @@ def _train_keys(path) -> set[str]:
 
 
 def test_one_key_one_home():
-    """Loss keys live in loss/, precision and batch keys in hardware/, reference keys in reference/;
-    recipes and the other groups set none of them."""
+    """Loss keys live in loss/, precision and batch keys in hardware/, reference keys in reference/,
+    report_to in logger/; recipes and the other groups set none of them."""
     conf = config.CONF_DIR
     loss_keys = set().union(*(_train_keys(p) for p in (conf / "loss").glob("*.yaml")))
     hardware_keys = set().union(*(_train_keys(p) for p in (conf / "hardware").glob("*.yaml")))
     reference_keys = set().union(*(_train_keys(p) for p in (conf / "reference").glob("*.yaml")))
+    reference_keys |= set().union(*(_train_keys(p) for p in (conf / "logger").glob("*.yaml")))
     assert "beta" in loss_keys and "per_device_train_batch_size" in hardware_keys
     assert "precompute_ref_log_probs" in reference_keys
     assert not loss_keys & hardware_keys and not reference_keys & (loss_keys | hardware_keys)

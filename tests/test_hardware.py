@@ -1,0 +1,173 @@
+"""Hardware options and scale-out through accelerate; wandb and TensorBoard logging."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.commands.launch import launch_command_parser
+
+from dpo_recipes import ROOT, config
+
+HARDWARE = sorted(p.stem for p in (config.CONF_DIR / "hardware").glob("*.yaml"))
+ACCELERATE = ROOT / "accelerate"
+
+
+def test_the_options_the_project_promises():
+    assert {"cpu", "gpu", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"} <= set(HARDWARE)
+
+
+@pytest.mark.parametrize("option", HARDWARE)
+def test_every_option_composes_and_validates(option, tmp_path):
+    cfg, _ = config.compose([f"hardware={option}"])
+    problems = []
+    try:
+        config.build(cfg, tmp_path, for_training=False)
+    except config.ConfigError as err:
+        problems = err.problems
+    if cfg.hardware.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        assert problems == [f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"']
+    else:
+        assert problems == []
+    if cfg.hardware.accelerate_config:
+        assert Path(cfg.hardware.accelerate_config).is_file()
+
+
+@pytest.mark.parametrize("path", sorted(ACCELERATE.glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_name_settings_accelerate_knows(path):
+    cluster = ClusterConfig.from_yaml_file(str(path))  # rejects unknown top-level keys
+    launch_options = {action.dest for action in launch_command_parser()._actions}
+    raw = yaml.safe_load(path.read_text())
+    for key in [*raw.get("deepspeed_config", {}), *raw.get("fsdp_config", {})]:
+        assert key in launch_options, f"{path.name}: accelerate launch has no --{key}"
+    if cluster.deepspeed_config:
+        ds = json.loads((ROOT / cluster.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == (2 if "zero2" in path.stem else 3)
+        assert ds["gradient_accumulation_steps"] == ds["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def make_dry_run(*args) -> str:
+    return subprocess.run(["make", "-n", "train", *args], capture_output=True, text=True, cwd=ROOT).stdout
+
+
+def test_make_launches_through_accelerate_with_the_options_file():
+    line = make_dry_run("HARDWARE=zero3", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MAIN_ADDR=10.1.2.3")
+    assert "accelerate.commands.launch --config_file accelerate/zero3.yaml --num_processes 16" in line
+    assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3" in line
+    assert "-m dpo_recipes.train recipes=tiny_lora_dpo hardware=zero3" in line
+    plain = make_dry_run("HARDWARE=gpu").strip().splitlines()[-1]
+    assert "accelerate" not in plain and "dpo_recipes.train recipes=tiny_lora_dpo hardware=gpu" in plain
+
+
+def problems(overrides, **env):
+    cfg, _ = config.compose(overrides)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value) if value is not None else mp.delenv(key, raising=False)
+        try:
+            config.check(cfg)
+        except config.ConfigError as err:
+            return "\n".join(err.problems)
+    return ""
+
+
+def test_distributed_options_need_a_launcher():
+    assert "make train HARDWARE=fsdp NPROC=<processes>" in problems(["hardware=fsdp"], WORLD_SIZE=None)
+
+
+def test_ranks_need_one_run_dir():
+    found = problems(["hardware=cpu"], WORLD_SIZE="2", DPO_RUN_STAMP=None)
+    assert "several processes need one run dir" in found
+    assert problems(["hardware=cpu", "run.name=x"], WORLD_SIZE="2", DPO_RUN_STAMP=None) == ""
+
+
+def test_several_gpus_visible_to_one_process_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert "4 GPUs are visible to one process" in problems(["hardware=gpu"], WORLD_SIZE=None)
+
+
+def test_zero3_lora_with_non_reentrant_checkpointing_is_refused():
+    overrides = ["hardware=zero3", "train.activation_checkpointing_kwargs.use_reentrant=false"]
+    assert "needs use_reentrant=true" in problems(overrides, WORLD_SIZE="2", DPO_RUN_STAMP="x")
+
+
+def test_secrets_stay_out_of_the_config():
+    assert "secrets go in the environment" in problems(["+train.hub_token=hf_abc"])
+
+
+def test_wandb_online_without_login_gives_a_hint(tmp_path):
+    found = problems(["logger=wandb"], WANDB_API_KEY=None, WANDB_MODE=None, HOME=str(tmp_path))
+    assert "logger=wandb: not logged in; run `wandb login`" in found and "WANDB_MODE=offline" in found
+    assert problems(["logger=wandb"], WANDB_API_KEY=None, WANDB_MODE="offline", HOME=str(tmp_path)) == ""
+
+
+def test_recipes_pick_their_loggers():
+    assert config.compose(["recipes=tiny_lora_dpo"])[0].logger.name == "none"
+    assert config.compose(["recipes=qwen7b_lora_dpo"])[0].logger.name == "wandb"
+
+
+def train_cli(run_dir, *overrides, launcher=(), env=None):
+    common = [
+        "dataset.max_samples=256",
+        "dataset.eval_path=null",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+    ]
+    common += ["train.eval_strategy=no", "train.disable_tqdm=true", "train.save_strategy=no", "hardware=cpu"]
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "dpo_recipes.train",
+        *common,
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((run_dir / "dpo_metrics" / "log_history.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
+    launcher = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE / "cpu.yaml"),
+        "--num_processes",
+        "2",
+    ]
+    ddp = train_cli(tmp_path / "ddp", launcher=launcher, env={"DPO_RUN_STAMP": "ddp"})
+    single = train_cli(tmp_path / "single", "train.per_device_train_batch_size=16")
+    losses = [[e["loss"] for e in h if "loss" in e] for h in (ddp, single)]
+    assert len(losses[0]) == len(losses[1]) == 8
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    summary = json.loads((tmp_path / "ddp" / "dpo_metrics" / "summary.json").read_text())
+    assert summary["epochs"] == pytest.approx(8 * 2 * 8 / 256)  # global batch = 2 processes x 8
+    assert list(tmp_path.glob("ddp/**/summary.json")) == [tmp_path / "ddp" / "dpo_metrics" / "summary.json"]
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_the_dpo_metrics_and_no_secret(tmp_path):
+    secret = "sekrit-key-0123456789"
+    train_cli(tmp_path / "run", "logger=wandb", env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret})
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"rewards/margins" in runs[0].read_bytes()
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".json", ".log", ".csv", ".txt"):
+            assert secret not in path.read_text(errors="ignore"), path
+
+
+@pytest.mark.slow
+def test_tensorboard_run_writes_event_files_with_the_dpo_metrics(tmp_path):
+    train_cli(tmp_path / "run", "logger=tensorboard")
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and any(b"rewards/margins" in e.read_bytes() for e in events)
