@@ -9,11 +9,13 @@ import platform
 import time
 from importlib.metadata import version
 
-from benchmarks import data_prep, memory, sweep
+from benchmarks import data_prep, memory, overhead, sweep, tokenization
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
 BENCHMARKS = {
+    "overhead": ("Overhead: `make train` vs a plain TRL script, default tiny recipe", overhead),
+    "tokenization": ("Tokenization: our path vs TRL's `_prepare_dataset`", tokenization),
     "data_prep": (
         "Conversion throughput: 100,000 synthetic rows per format, read -> convert -> write .jsonl",
         data_prep,

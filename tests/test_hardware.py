@@ -53,7 +53,10 @@ def test_accelerate_configs_name_settings_accelerate_knows(path):
 
 
 def make_dry_run(*args) -> str:
-    return subprocess.run(["make", "-n", "train", *args], capture_output=True, text=True, cwd=ROOT).stdout
+    """The command `make train` would run (run from inside `make test` too, hence --no-print-directory)."""
+    cmd = ["make", "--no-print-directory", "-n", "train", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout
+    return next(line for line in out.splitlines() if "dpo_recipes.train" in line)
 
 
 def test_make_launches_through_accelerate_with_the_options_file():
@@ -61,7 +64,7 @@ def test_make_launches_through_accelerate_with_the_options_file():
     assert "accelerate.commands.launch --config_file accelerate/zero3.yaml --num_processes 16" in line
     assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3" in line
     assert "-m dpo_recipes.train recipes=tiny_lora_dpo hardware=zero3" in line
-    plain = make_dry_run("HARDWARE=gpu").strip().splitlines()[-1]
+    plain = make_dry_run("HARDWARE=gpu")
     assert "accelerate" not in plain and "dpo_recipes.train recipes=tiny_lora_dpo hardware=gpu" in plain
 
 

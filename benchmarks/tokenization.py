@@ -1,0 +1,94 @@
+"""Tokenization: rows/s of our data path vs TRL's `_prepare_dataset` on 20,000 synthetic UltraFeedback-
+sized conversational rows (about 1,000 tokens per pair) with the tiny tokenizer and its chat template,
+with 1 and 2 processes; the token ids must be identical."""
+
+import random
+import statistics
+import time
+
+import datasets
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from benchmarks.data_prep import text
+from dpo_recipes import tiny, tokenize
+
+ROWS = 20_000
+REPEATS = 3
+COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def rows(n: int) -> Dataset:
+    rng = random.Random(0)
+    turn = lambda role, words: [{"role": role, "content": text(rng, words)}]  # noqa: E731
+    return Dataset.from_list(
+        [
+            {"prompt": turn("user", 40), "chosen": turn("assistant", 160), "rejected": turn("assistant", 160)}
+            for _ in range(n)
+        ]
+    )
+
+
+def trl(dataset, tokenizer, procs):
+    args = DPOConfig(
+        "unused", use_cpu=True, bf16=False, max_length=2048, dataset_num_proc=procs, report_to="none"
+    )
+    return DPOTrainer._prepare_dataset(
+        type("Host", (), {"_tokenizer": tokenizer})(), dataset, tokenizer, args, "train"
+    )
+
+
+def ours(dataset, tokenizer, procs):
+    return tokenize.prepare(dataset, tokenizer, 2048, "keep_start", procs, "train")
+
+
+def run(n: int = ROWS, repeats: int = REPEATS) -> dict:
+    datasets.disable_caching()
+    datasets.logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(tiny.path())
+    dataset = rows(n)
+    sample = trl(dataset.select(range(200)), tokenizer, None)
+    tokens = statistics.mean(sum(len(r[c]) for c in COLUMNS) for r in sample)
+    results, outputs = [], {}
+    for procs in (1, 2):
+        for name, path in (("TRL _prepare_dataset", trl), ("dpo_recipes", ours)):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                outputs[name] = path(dataset, tokenizer, procs if procs > 1 else None)
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            results.append(
+                {
+                    "path": name,
+                    "num_proc": procs,
+                    "rows_per_s": round(n / median),
+                    "seconds_median": round(median, 2),
+                    "seconds_min_max": [round(min(times), 2), round(max(times), 2)],
+                }
+            )
+        results[-1]["speedup"] = round(results[-1]["rows_per_s"] / results[-2]["rows_per_s"], 2)
+    identical = all(outputs["dpo_recipes"][c] == outputs["TRL _prepare_dataset"][c] for c in COLUMNS)
+    return {"rows": n, "tokens_per_pair": round(tokens), "identical_ids": identical, "results": results}
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"{result['rows']:,} rows, about {result['tokens_per_pair']} tokens per pair; token ids identical: "
+        f"{result['identical_ids']}.",
+        "",
+        "| path | processes | rows/s | median s (min-max) | speedup |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result["results"]:
+        low, high = r["seconds_min_max"]
+        speedup = f"{r['speedup']}x" if "speedup" in r else ""
+        lines.append(
+            f"| {r['path']} | {r['num_proc']} | {r['rows_per_s']:,} | {r['seconds_median']} ({low}-{high}) | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(run()))
