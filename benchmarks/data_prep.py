@@ -60,7 +60,7 @@ def synthetic(fmt: str, rng: random.Random) -> dict:
 
 
 CHILD = """
-import resource, sys, time, datasets
+import sys, time, datasets
 datasets.disable_caching()
 datasets.logging.disable_progress_bar()
 from data_prep import io
@@ -70,8 +70,8 @@ start = time.perf_counter()
 kept, report = convert(read(src), Options(format=fmt, num_proc=procs if procs > 1 else None))
 io.write(kept, out)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(seconds, report["rows_out"], peak // 1024)
+from dpo_recipes.metrics import peak_rss_mb
+print(seconds, report["rows_out"], round(peak_rss_mb()))  # with 2 processes: the main process only
 """
 
 

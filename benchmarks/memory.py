@@ -47,8 +47,9 @@ def build_model(target: Path) -> int:
 
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from dpo_recipes import config, train
+from dpo_recipes.metrics import peak_rss_mb
 cfg, recipe = config.compose(sys.argv[2:])
 trainer = train.run(cfg, __import__("pathlib").Path(sys.argv[1]), recipe)
 storages = {}
@@ -57,7 +58,7 @@ for model in (trainer.model, trainer.ref_model):
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
 print(json.dumps({"weights_held_mb": sum(storages.values()) / 2**20,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 

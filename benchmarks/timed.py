@@ -9,11 +9,12 @@ import time
 START = time.perf_counter()
 
 import json  # noqa: E402
-import resource  # noqa: E402
 import runpy  # noqa: E402
 import sys  # noqa: E402
 
 import transformers  # noqa: E402
+
+from dpo_recipes.metrics import peak_rss_mb  # noqa: E402
 
 ends: list[float] = []
 original = transformers.Trainer.training_step
@@ -45,7 +46,7 @@ def timed():
         "total_s": time.perf_counter() - START,
         "loss": [e["loss"] for e in history if "loss" in e],
         "grad_norm": [e["grad_norm"] for e in history if "grad_norm" in e],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     with open(out, "w") as f:
         json.dump(result, f)

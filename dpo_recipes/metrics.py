@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import re
 import resource
 from pathlib import Path
 
@@ -32,6 +33,16 @@ BEST = {  # metric -> True when higher is better
     "eval_rewards/accuracies": True,
     "eval_rewards/margins": True,
 }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike ru_maxrss, which
+    keeps the peak of the process that forked this one."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:
@@ -134,7 +145,7 @@ class MetricsCallback(TrainerCallback):
             "epochs": state.epoch,
             "runtime_s": totals.get("train_runtime"),
             "samples_per_second": totals.get("train_samples_per_second"),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": round(peak_rss_mb()),
             **summary,
             **extra,
             **{k: v for k, v in self.context.items() if k != "recipe"},

@@ -62,6 +62,21 @@ def test_every_loss_trains_with_finite_loss(option, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option,expected", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
+@pytest.mark.parametrize(
+    "option,expected", [("sigmoid", math.log(2)), ("cdpo", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)]
+)
 def test_first_loss_matches_the_closed_form_at_policy_equals_reference(option, expected, tmp_path):
     assert first_loss(run(tmp_path, f"loss={option}")) == pytest.approx(expected, rel=1e-3)
+
+
+def test_cdpo_combination_is_exactly_the_label_smoothed_sigmoid():
+    import torch
+    import torch.nn.functional as F
+
+    cdpo = loss_keys("cdpo")
+    eps, (w_robust, w_sigmoid) = cdpo["label_smoothing"], cdpo["loss_weights"]
+    x = torch.linspace(-6, 6, 101)
+    robust = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)  # TRL's robust loss
+    combined = w_robust * robust + w_sigmoid * -F.logsigmoid(x)
+    assert torch.allclose(combined, -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x), atol=1e-6)
+    assert cdpo["loss_type"] == ["robust", "sigmoid"]
