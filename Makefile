@@ -21,6 +21,7 @@ RESUME ?=
 SWEEP ?=
 LAUNCHER ?=
 DIR ?=
+ONLY ?=
 # One launch time for every process of a launch, so all ranks and jobs agree on the run dir.
 export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
@@ -68,8 +69,8 @@ prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's fo
 test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup ## Run every benchmark; writes benchmarks/results.json and BENCHMARKS.md
-	$(PY) -m benchmarks
+bench: setup ## Run every benchmark (or ONLY="data_prep memory"); writes benchmarks/results.json and BENCHMARKS.md
+	$(PY) -m benchmarks $(ONLY)
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

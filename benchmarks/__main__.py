@@ -6,6 +6,7 @@ Benchmarks measure; they never fail a test run. Each reports the median of its r
 import json
 import os
 import platform
+import sys
 import time
 from importlib.metadata import version
 
@@ -36,16 +37,20 @@ def machine() -> dict:
     }
 
 
-def main() -> None:
-    results = {"machine": machine()}
+def main(only: list[str]) -> None:
+    """Run every benchmark, or those named (`make bench ONLY=data_prep`), keeping the others' last results."""
+    path = ROOT / "benchmarks" / "results.json"
+    results = json.loads(path.read_text()) if only and path.exists() else {}
+    results["machine"] = machine()
     sections = []
     for name, (title, module) in BENCHMARKS.items():
-        print(f"== {title}", flush=True)
-        results[name] = module.run()
-        text = module.table(results[name])
-        print(text + "\n", flush=True)
-        sections.append(f"## {title}\n\n{text}\n")
-    write_text(ROOT / "benchmarks" / "results.json", json.dumps(results, indent=2))
+        if not only or name in only:
+            print(f"== {title}", flush=True)
+            results[name] = module.run()
+            print(module.table(results[name]) + "\n", flush=True)
+        if name in results:
+            sections.append(f"## {title}\n\n{module.table(results[name])}\n")
+    write_text(path, json.dumps(results, indent=2))
     info = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
     write_text(
         ROOT / "BENCHMARKS.md",
@@ -54,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -70,7 +70,7 @@ start = time.perf_counter()
 kept, report = convert(read(src), Options(format=fmt, num_proc=procs if procs > 1 else None))
 io.write(kept, out)
 seconds = time.perf_counter() - start
-from dpo_recipes.metrics import peak_rss_mb
+from data_prep.io import peak_rss_mb
 print(seconds, report["rows_out"], round(peak_rss_mb()))  # with 2 processes: the main process only
 """
 

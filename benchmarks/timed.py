@@ -14,7 +14,7 @@ import sys  # noqa: E402
 
 import transformers  # noqa: E402
 
-from dpo_recipes.metrics import peak_rss_mb  # noqa: E402
+from data_prep.io import peak_rss_mb  # noqa: E402
 
 ends: list[float] = []
 original = transformers.Trainer.training_step

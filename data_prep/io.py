@@ -1,6 +1,8 @@
 """Read preference data from wherever users keep it; write outputs atomically."""
 
 import os
+import re
+import resource
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -65,3 +67,13 @@ def write(dataset: Dataset, target: Path) -> None:
             dataset.save_to_disk(str(tmp))
         else:
             raise ValueError(f"output must end in .jsonl or .parquet, or be a folder: {target}")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike ru_maxrss, which
+    keeps the peak of the process that forked this one."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -8,13 +8,11 @@ import csv
 import io
 import json
 import math
-import re
-import resource
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from data_prep.io import atomic_path, write_text
+from data_prep.io import atomic_path, peak_rss_mb, write_text
 
 # (panel title, metrics drawn in it). Train and eval (`eval_` prefix) are overlaid in each panel.
 PANELS = [
@@ -33,16 +31,6 @@ BEST = {  # metric -> True when higher is better
     "eval_rewards/accuracies": True,
     "eval_rewards/margins": True,
 }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike ru_maxrss, which
-    keeps the peak of the process that forked this one."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:
