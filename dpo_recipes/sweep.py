@@ -30,11 +30,11 @@ METRICS = [
 
 
 def _overrides(job_dir: Path) -> dict:
-    """The job's own overrides (`train.beta=0.1` -> beta: 0.1), the recipe and Hydra's own left out."""
+    """The job's own overrides (`train.beta=0.1` -> beta: 0.1), Hydra's own left out."""
     path = job_dir / ".hydra" / "overrides.yaml"
     items = yaml.safe_load(path.read_text()) if path.exists() else []
     pairs = [item.lstrip("+~").split("=", 1) for item in items if "=" in item]
-    pairs = [(k, v) for k, v in pairs if k not in ("recipes", "sweep") and not k.startswith("hydra")]
+    pairs = [(k, v) for k, v in pairs if k != "sweep" and not k.startswith("hydra")]
     short = [k.rsplit(".", 1)[-1] for k, _ in pairs]
     return {
         (s if short.count(s) == 1 else k): yaml.safe_load(v) for (k, v), s in zip(pairs, short, strict=True)

@@ -131,3 +131,20 @@ def test_launchers_compose(launcher):
     if launcher == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 720
         assert cfg.hydra.launcher.partition
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_jobs(grid):
+    peaks = [
+        json.loads(p.read_text())["peak_rss_mb"] for p in sorted(grid.glob("*/dpo_metrics/summary.json"))
+    ]
+    assert len(peaks) == 4 and peaks[-1] <= peaks[0] * 1.1  # one process ran all four jobs
+
+
+def test_sweeps_over_losses_and_recipes(tmp_path):
+    out = multirun(tmp_path / "s", "recipes=tiny_lora_dpo,tiny_full_dpo", "loss=sigmoid,ipo")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_csv(tmp_path / "s" / "sweep_summary.csv")
+    assert {(r["recipes"], r["loss"]) for r in rows} == {
+        (recipe, loss) for recipe in ("tiny_lora_dpo", "tiny_full_dpo") for loss in ("sigmoid", "ipo")
+    }
+    assert {r["status"] for r in rows} == {"ok"}
