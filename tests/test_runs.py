@@ -4,6 +4,7 @@ overwritten, a non-finite loss stops the run, and written files are atomic."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +176,22 @@ def test_pickle_weights_are_refused_by_default(tmp_path):
     )
     with pytest.raises(OSError, match="safetensors"):
         train.run(cfg, tmp_path / "run", recipe)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
+    overrides = [o.replace("recipes=tiny_lora_dpo", "recipes=tiny_full_dpo") for o in RESUMABLE]
+    cfg, recipe = config.compose([*overrides, "train.max_steps=20"])
+    run_dir = tmp_path / "full"
+    reference = losses(train.run(cfg, run_dir, recipe).state.log_history)
+    # Back to the state of a run that died after checkpoint-10: no summary, no later checkpoint.
+    (run_dir / "dpo_metrics" / "summary.json").unlink()
+    for checkpoint in runs.checkpoints(run_dir)[1:]:
+        shutil.rmtree(checkpoint)
+    assert [c.name for c in runs.checkpoints(run_dir)] == ["checkpoint-10"]
+    capsys.readouterr()
+    resumed = losses(train.run(cfg, run_dir, recipe).state.log_history)
+    assert f"resuming from {run_dir / 'checkpoint-10'}" in capsys.readouterr().out
+    assert max(resumed) == 20  # and Adam's moments and the schedule came back, or later losses would differ
+    for step in (s for s in reference if s > 10):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-4)
