@@ -1,5 +1,6 @@
 """Read preference data from wherever users keep it; write outputs atomically."""
 
+import hashlib
 import os
 import re
 import resource
@@ -77,3 +78,9 @@ def peak_rss_mb() -> float:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
     except (OSError, AttributeError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def source_hash(*paths: Path) -> str:
+    """A cache key for code: `datasets` keys a map on a module-level function's name, not its code, so
+    without this a result cached by an older version of the files would be served again."""
+    return hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths)).hexdigest()[:16]

@@ -14,6 +14,7 @@ from data_prep.convert import CONVERTERS, RULES, Invalid, to_standard
 
 EXAMPLES_PER_RULE = 5
 BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
+CODE = io.source_hash(Path(__file__), Path(__file__).with_name("convert.py"))
 
 
 @dataclass
@@ -141,7 +142,8 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
     return (to_standard(pair) if options.style == "standard" else pair), source
 
 
-def _convert_batch(batch: dict, indices: list[int], options: Options, scores: list[str]) -> dict:
+def _convert_batch(batch: dict, indices: list[int], options: Options, scores: list[str], code: str) -> dict:
+    """`code` (CODE) only keys the cache."""
     names = [
         "prompt",
         "chosen",
@@ -198,7 +200,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
         _convert_batch,
         batched=True,
         with_indices=True,
-        fn_kwargs={"options": options, "scores": scores},
+        fn_kwargs={"options": options, "scores": scores, "code": CODE},
         remove_columns=dataset.column_names,
         features=_features(dataset, options, scores),
         num_proc=options.num_proc,

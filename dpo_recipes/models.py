@@ -82,7 +82,9 @@ class Trainer(DPOTrainer):
         # the same tokens a new fingerprint. Key them on what they depend on instead.
         # ld_alpha and precision shape the reference log-probs cached under this fingerprint too.
         inputs = (dataset._fingerprint, Hasher.hash(processing_class), args.max_length, args.truncation_mode)
-        prepared._fingerprint = Hasher.hash((*inputs, args.ld_alpha, args.bf16, args.fp16, trl.__version__))
+        prepared._fingerprint = Hasher.hash(
+            (*inputs, args.ld_alpha, args.bf16, args.fp16, trl.__version__, tokenize.CODE)
+        )
         return prepared
 
     def _precompute_ref_logps(self, dataset, name, batch_size):

@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from data_prep import __main__ as cli
 from data_prep import convert as rows
+from data_prep import pipeline
 from data_prep.convert import RULES, Invalid
 from data_prep.pipeline import Options, convert, read
 
@@ -227,3 +228,13 @@ def test_real_data_in_three_layouts_converts_to_the_same_pairs():
     assert contents[0] == contents[1] == contents[2]
     assert all(report["rows_in"] == 300 for _, report in results.values())
     assert len(contents[0]) + sum(results["alpaca"][1]["dropped"].values()) == 300
+
+
+def test_conversions_cached_by_other_code_are_not_reused(tmp_path, monkeypatch):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"instruction": "Hi", "chosen": "Hello", "rejected": "No"}) + "\n")
+    first, _ = convert(read(str(path)), Options("alpaca"))
+    again, _ = convert(read(str(path)), Options("alpaca"))
+    monkeypatch.setattr(pipeline, "CODE", "another version")
+    changed, _ = convert(read(str(path)), Options("alpaca"))
+    assert first.cache_files == again.cache_files != changed.cache_files

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from tokenizers import AddedToken, pre_tokenizers
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
@@ -29,14 +30,77 @@ def assert_same_ids(dataset, tokenizer, max_length=256):
     theirs = trl_path(dataset, tokenizer, max_length)
     ours = tokenize.prepare(dataset, tokenizer, max_length, "keep_start", None, "train")
     assert len(ours) == len(theirs) > 0
+    assert ours.features == theirs.features
     for column in COLUMNS:
         assert ours[column] == theirs[column], column
 
 
-def test_same_ids_as_trl_on_the_toy_data(tokenizer):
+def toy(rows=None):
     dataset, _ = convert(read(str(ROOT / "data" / "toy" / "train.jsonl")), Options("trl"))
+    return dataset if rows is None else dataset.select(range(rows))
+
+
+def fresh():
+    return AutoTokenizer.from_pretrained(tiny.path())
+
+
+def test_same_ids_as_trl_on_the_toy_data(tokenizer):
+    dataset = toy()
     assert tokenize.eligible(dataset, tokenizer)
     assert_same_ids(dataset, tokenizer)
+
+
+def test_same_ids_with_two_processes(tokenizer):
+    dataset = toy(300)
+    ours = tokenize.prepare(dataset, tokenizer, 256, "keep_start", 2, "train")
+    theirs = trl_path(dataset, tokenizer)
+    for column in COLUMNS:
+        assert ours[column] == theirs[column], column
+
+
+def test_prompts_are_cut_after_the_added_tokens_the_template_writes(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids
+    assert tokenize.anchors(tokenizer) == {
+        "<|im_start|>": ids("<|im_start|>"),
+        "<|im_end|>": ids("<|im_end|>"),
+    }
+
+
+def test_tokens_that_take_whitespace_or_sit_inside_longer_ones_are_no_anchors():
+    t = fresh()
+    t.add_special_tokens(
+        {"additional_special_tokens": [AddedToken("<|sep|>", rstrip=True, normalized=False)]}
+    )
+    t.add_tokens([AddedToken("<|im_end|>\n", normalized=False)])
+    t.chat_template = (  # <|sep|> takes the newline after it; cut there, the newline would be a token
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}<|sep|>\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant<|sep|>\n{% endif %}"
+    )
+    assert set(tokenize.anchors(t)) == {"<|im_start|>", "<|im_end|>\n"}
+    assert_same_ids(toy(200), t)
+
+
+def test_a_pre_tokenizer_that_marks_the_start_of_the_text_gets_no_cut():
+    t = fresh()
+    t.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    t.backend_tokenizer.model.unk_token = "<|pad|>"  # the mark at the start becomes a token
+    assert tokenize.anchors(t) == {}
+    assert_same_ids(toy(200), t)
+
+
+def test_a_cut_whose_head_does_not_end_on_its_anchor_is_not_used(tokenizer, monkeypatch):
+    # Cutting "assistant" after "assist" would tokenize "ant" apart; the per-row check catches it.
+    assert tokenizer.tokenize("assistant") != tokenizer.tokenize("assist") + tokenizer.tokenize("ant")
+    monkeypatch.setattr(
+        tokenize, "anchors", lambda tokenizer: {"assist": tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    )
+    assert_same_ids(toy(50), tokenizer)
+
+
+def test_a_tokenizer_with_preset_truncation_takes_trls_path():
+    t = fresh()
+    t.backend_tokenizer.enable_truncation(16)
+    assert not tokenize.eligible(toy(10), t)
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is absent")
@@ -84,3 +148,11 @@ def test_training_reports_which_path_tokenized(tmp_path):
     cfg, recipe = config.compose(tiny_overrides("tiny_lora_dpo"))
     trainer = train.run(cfg, tmp_path / "run", recipe)
     assert trainer.tokenize_log["train"]["path"] == "fast"
+
+
+def test_tokens_cached_by_other_code_are_not_reused(tokenizer, monkeypatch):
+    dataset = toy(20)
+    first, again = (tokenize.prepare(dataset, tokenizer, 256, "keep_start", None, "train") for _ in "12")
+    monkeypatch.setattr(tokenize, "CODE", "another version")
+    changed = tokenize.prepare(dataset, tokenizer, 256, "keep_start", None, "train")
+    assert first.cache_files == again.cache_files != changed.cache_files
