@@ -19,6 +19,7 @@ def main(output_dir: str) -> None:
         output_dir=output_dir,
         model_init_kwargs={"dtype": "float32"},
         use_cpu=True,
+        dataset_num_proc=2,
         bf16=False,
         activation_checkpointing=False,
         per_device_train_batch_size=8,

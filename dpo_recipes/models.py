@@ -16,7 +16,7 @@ import trl
 from datasets.fingerprint import Hasher
 from omegaconf import DictConfig
 from trl import DPOTrainer
-from trl.trainer.utils import create_model_from_path
+from trl.trainer.utils import create_model_from_path, global_then_local_main_first
 
 from dpo_recipes import config, tokenize
 
@@ -58,18 +58,24 @@ class Trainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         start, prepared, path = time.perf_counter(), None, "trl"
         if tokenize.eligible(dataset, processing_class):
-            try:
-                prepared = tokenize.prepare(
-                    dataset,
-                    processing_class,
-                    args.max_length,
-                    args.truncation_mode,
-                    args.dataset_num_proc,
-                    dataset_name,
-                )
-                path = "fast"
-            except tokenize.NotPrefixStable as err:
-                print(f"note: {err}; the {dataset_name} data is tokenized by TRL's own path", file=sys.stderr)
+            # As in TRL: the main process tokenizes first, the others then read its cache. The error
+            # is caught inside, so that every process leaves the block and reaches its barrier.
+            with global_then_local_main_first():
+                try:
+                    prepared = tokenize.prepare(
+                        dataset,
+                        processing_class,
+                        args.max_length,
+                        args.truncation_mode,
+                        args.dataset_num_proc,
+                        dataset_name,
+                    )
+                    path = "fast"
+                except tokenize.NotPrefixStable as err:
+                    print(
+                        f"note: {err}; the {dataset_name} data is tokenized by TRL's own path",
+                        file=sys.stderr,
+                    )
         if prepared is None:
             prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         # Seconds spent and the tokenized table's file: a later run that reuses the tokens names the same file.
