@@ -27,7 +27,6 @@ from data_prep.io import source_hash
 
 logger = logging.get_logger(__name__)
 CODE = source_hash(Path(__file__))
-IDS = pa.list_(pa.int64())  # what `datasets` infers from TRL's lists of ints
 # Pre-tokenizers that treat every piece of a text alike; Metaspace only without prepend_scheme "first".
 PIECEWISE = {
     "BertPreTokenizer",
@@ -101,6 +100,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _column(ids: list[list[int]]) -> pa.ListArray:
+    """int64 lists, as `datasets` infers from TRL's lists of ints, without its per-row inference."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return pa.ListArray.from_arrays(
