@@ -118,6 +118,14 @@ def test_wrong_types_in_trl_nodes_are_caught_before_trl_sees_them():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+@pytest.mark.parametrize("hardware", sorted(p.stem for p in (ROOT / "conf" / "hardware").glob("*.yaml")))
+def test_every_hardware_option_sets_the_data_processes(hardware, tmp_path):
+    # engine=single: DeepSpeed and launcher checks are not what this test is about
+    cfg, _ = config.compose(["recipes=tiny_lora_dpo", f"hardware={hardware}", "hardware.engine=single"])
+    built = config.build(cfg, tmp_path, for_training=False)
+    assert built.args.dataset_num_proc == cfg.train.dataset_num_proc >= 2
+
+
 def test_gpu_recipe_on_cpu_names_the_override():
     cfg, _ = config.compose(["recipes=qwen7b_lora_dpo"])
     with pytest.raises(ConfigError, match="hardware=cpu"):
