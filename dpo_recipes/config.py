@@ -28,7 +28,7 @@ from peft import PeftConfig
 from transformers import BitsAndBytesConfig
 from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
-from dpo_recipes import ROOT, tiny
+from dpo_recipes import ROOT, assets, tiny
 
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
@@ -119,9 +119,22 @@ class Schema:
 ConfigStore.instance().store(name="schema", node=Schema)
 OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), replace=True)
 OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
+OmegaConf.register_new_resolver("tiny_qwen", lambda: str(tiny.qwen_path()), replace=True)
+OmegaConf.register_new_resolver("asset", lambda relative: str(assets.unpacked(relative)), replace=True)
 OmegaConf.register_new_resolver(
     "dpo_first", lambda *values: next((v for v in values if v), None), replace=True
 )
+# Job dir names without the `++` that plain_keys() adds.
+OmegaConf.register_new_resolver("dpo_dirname", lambda name: re.sub(r"(^|,)\+\+", r"\1", name), replace=True)
+
+# `train.max_steps=4` must work whether or not the recipe happens to set that key. Hydra refuses a plain
+# override of a key the config lacks, naming only the first; as `++` (add or replace) every such key
+# reaches check(), which reports all unknown ones at once, with suggestions.
+PLAIN_KEY = re.compile(rf"^(?:{'|'.join(f.name for f in dataclasses.fields(Schema))})\.[\w.]+=")
+
+
+def plain_keys(overrides: list[str]) -> list[str]:
+    return [f"++{o}" if PLAIN_KEY.match(o) else o for o in overrides]
 
 
 class ConfigError(ValueError):
@@ -147,7 +160,7 @@ def recipes() -> list[str]:
 def compose(overrides: list[str] = ()) -> tuple[DictConfig, str]:
     """Compose like `python -m dpo_recipes.train` would; returns the config and the recipe name."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose("train", overrides=plain_keys(overrides), return_hydra_config=True)
     recipe = cfg.hydra.runtime.choices.recipes
     HydraConfig.instance().set_config(
         cfg

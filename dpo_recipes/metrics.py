@@ -8,8 +8,10 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from data_prep.io import atomic_path, peak_rss_mb, write_text
@@ -66,6 +68,23 @@ def summarize(log_history: list[dict]) -> dict:
     return {"final": final, "best": best, "totals": totals}
 
 
+def tokens_per_second(log_history: list[dict], steps: int, runtime: float | None) -> float | None:
+    """Training tokens a second: TRL's `num_tokens` (non-padding tokens of prompts and both answers,
+    counted since this process started training) at its last log, scaled to the steps run after it."""
+    logged = [e for e in log_history if "num_tokens" in e and "step" in e]
+    if not logged or not runtime or not logged[-1]["step"]:
+        return None
+    last = logged[-1]
+    return round(last["num_tokens"] * steps / last["step"] / runtime, 1)
+
+
+def describe(device: torch.device) -> str:
+    """The device in a few words, for the summary and the plot's title."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type.upper()} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
 def plot(rows: list[dict], target: Path, title: str) -> None:
     import matplotlib
 
@@ -98,6 +117,10 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, out_dir: Path, context: dict):
         self.out_dir = Path(out_dir)
         self.context = context  # recipe, resolved config, dataset sizes, versions, commit
+        self.device = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.device = args.device
 
     def _tables(self, state) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,9 +128,8 @@ class MetricsCallback(TrainerCallback):
         write_text(self.out_dir / "training_metrics.csv", to_csv(step_rows(state.log_history)))
 
     def _plot(self, state) -> None:
-        plot(
-            step_rows(state.log_history), self.out_dir / "training_curves.png", self.context.get("recipe", "")
-        )
+        title = f"{self.context.get('recipe', '')} on {describe(self.device)}" if self.device else ""
+        plot(step_rows(state.log_history), self.out_dir / "training_curves.png", title)
 
     def on_log(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -133,11 +155,17 @@ class MetricsCallback(TrainerCallback):
             "epochs": state.epoch,
             "runtime_s": totals.get("train_runtime"),
             "samples_per_second": totals.get("train_samples_per_second"),
+            "tokens_per_second": tokens_per_second(
+                state.log_history, state.global_step, totals.get("train_runtime")
+            ),
+            "device": describe(self.device) if self.device else None,
             "peak_rss_mb": round(peak_rss_mb()),
             **summary,
             **extra,
             **{k: v for k, v in self.context.items() if k != "recipe"},
         }
+        if self.device is not None and self.device.type == "cuda":
+            summary["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         if state.is_world_process_zero:
             write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return summary

@@ -1,20 +1,25 @@
-"""A tiny Llama-architecture model and tokenizer, built offline and deterministically.
+"""Tiny models, built offline and deterministically, that load through `from_pretrained` like hub models.
 
-CPU smoke runs and tests need a real causal LM that loads through `from_pretrained` like any hub model.
-The builder trains a byte-level BPE tokenizer on the bundled toy data, wraps it with a chat template,
-initialises a small Llama with a fixed seed and saves both once to a cache folder.
+- The tiny Llama: a byte-level BPE tokenizer trained on the bundled toy data with a minimal chat
+  template, and a small random-init Llama. The toy recipes and most tests train it.
+- The tiny Qwen: Qwen2.5's real tokenizer and chat template (assets/qwen2_5_tokenizer) on a
+  Qwen2ForCausalLM with Qwen2.5-7B's layout (real 152,064-row vocabulary, q/k/v with bias, grouped
+  query attention, untied embeddings, bf16) shrunk to two narrow layers. `+smoke=tiny_qwen` runs the
+  Qwen recipes on it.
+
+Each is saved once to a cache folder whose name carries its version, so old builds are never reused.
 """
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from dpo_recipes import ROOT
+from dpo_recipes import ROOT, assets
 
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
 VERSION = 2
+QWEN_VERSION = 1
 SEED = 0
 VOCAB_SIZE = 1024
 MODEL = dict(
@@ -34,17 +39,39 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CORPUS = ROOT / "data" / "toy"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DPO_RECIPES_CACHE") or Path.home() / ".cache" / "dpo_recipes")
+# Qwen2.5-7B's config.json with the widths and depth cut down; the rest as published.
+QWEN = dict(
+    vocab_size=152064,
+    hidden_size=64,
+    intermediate_size=320,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    use_sliding_window=False,
+    bos_token_id=151643,
+    eos_token_id=151645,  # <|im_end|>, as in the Instruct model whose tokenizer and template these are
+)
+QWEN_TOKENIZER = "assets/qwen2_5_tokenizer"
 
 
 def path() -> Path:
-    """Where the tiny model lives; built on first use."""
-    target = cache_dir() / f"tiny-llama-v{VERSION}"
+    """Where the tiny Llama lives; built on first use."""
+    return _cached(f"tiny-llama-v{VERSION}", build)
+
+
+def qwen_path() -> Path:
+    """Where the tiny Qwen lives; built on first use."""
+    return _cached(f"tiny-qwen2-v{QWEN_VERSION}", build_qwen)
+
+
+def _cached(name: str, builder) -> Path:
+    target = assets.cache_dir() / name
     if not (target / "config.json").exists():
-        build(target)
+        builder(target)
     return target
 
 
@@ -89,12 +116,33 @@ def build(target: Path, seed: int = SEED) -> None:
         bos_token_id=None,
         **MODEL,
     )
-    model = LlamaForCausalLM(config)
+    _save(target, LlamaForCausalLM(config), tokenizer.save_pretrained)
+
+
+def build_qwen(target: Path, seed: int = SEED) -> None:
+    """A Qwen2 model with the real Qwen2.5 tokenizer files, copied as they are."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN)).to(torch.bfloat16)
+    tokenizer = assets.unpacked(QWEN_TOKENIZER)
+
+    def copy_tokenizer(folder: Path) -> None:
+        for file in tokenizer.iterdir():
+            if file.name != "README.md":
+                shutil.copy(file, folder / file.name)
+
+    _save(target, model, copy_tokenizer)
+
+
+def _save(target: Path, model, save_tokenizer) -> None:
+    """Save model and tokenizer; atomic, so that parallel builders cannot clash."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(staging)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").exists():

@@ -225,3 +225,18 @@ def prepare(
         if len(keep) < len(tokenized):
             tokenized = tokenized.select(keep)
     return tokenized
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system message the chat template writes into a conversation that has none (Qwen2.5's "You
+    are Qwen, created by Alibaba Cloud. ..."), or None. Rows without a system turn are trained with it."""
+    probe, user = "SYSTEM-PROBE-2e9c", [{"role": "user", "content": "Hi"}]
+    try:
+        bare = tokenizer.apply_chat_template(user, tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": probe}, *user], tokenize=False)
+    except Exception:  # no template, or one that refuses a system turn
+        return None
+    head, _, tail = marked.partition(probe)
+    if bare.startswith(head) and bare.endswith(tail) and len(bare) > len(head) + len(tail):
+        return bare[len(head) : len(bare) - len(tail)]
+    return None

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, health, runs, sweep
+from dpo_recipes import ROOT, config, data, health, runs, sweep, tokenize
 from dpo_recipes.config import ConfigError
 from dpo_recipes.data import DataError
 
@@ -127,6 +127,10 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         context["reference"]["precomputed"] = trainer.ref_logps_cache
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
     note_length_drops(trainer, train_set, eval_set, data_report, context)
+    injected = tokenize.template_system_prompt(tokenizer)
+    data_report["train"]["template_system_prompt"] = injected
+    if injected:
+        print(f"note: the chat template gives rows without a system message this one: {injected!r}")
     if trainer.is_world_process_zero():
         write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
     trainer.train(resume_from_checkpoint=runs.resume_point(run_dir, cfg.run))
@@ -172,4 +176,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = config.plain_keys(sys.argv[1:])
     main()

@@ -55,15 +55,26 @@ def test_qwen_lora_recipe_matches_the_reference_setup(tmp_path):
 
 
 def test_unknown_keys_are_reported_together_with_suggestions():
-    cfg, _ = config.compose(["+train.bta=0.2", "+train.learnig_rate=1e-5", "+model.lora_rr=8"])
+    cfg, _ = config.compose(["train.bta=0.2", "train.lerning_rate=1e-5", "model.lora_rr=8"])
     with pytest.raises(ConfigError) as err:
         config.check(cfg)
     problems = err.value.problems
     assert len(problems) == 3
     text = str(err.value)
     assert "train.bta" in text and "did you mean 'beta'" in text
-    assert "train.learnig_rate" in text and "'learning_rate'" in text
+    assert "train.lerning_rate" in text and "'learning_rate'" in text
     assert "model.lora_rr" in text and "'lora_r'" in text
+
+
+def test_any_trl_field_is_set_without_a_plus_whether_or_not_the_recipe_sets_it():
+    cfg, _ = config.compose(["recipes=qwen7b_lora_dpo", "train.max_steps=2", "model.lora_dropout=0.1"])
+    assert cfg.train.max_steps == 2 and cfg.model.lora_dropout == 0.1
+    assert config.plain_keys(["train.beta=0.1,0.2", "+train.x=1", "hardware=cpu", "hydra.run.dir=d"]) == [
+        "++train.beta=0.1,0.2",
+        "+train.x=1",
+        "hardware=cpu",
+        "hydra.run.dir=d",
+    ]
 
 
 def test_unknown_loss_type_is_rejected_before_training():
@@ -144,9 +155,12 @@ def test_validate_builds_a_gpu_recipe_without_weights():
 
 
 def test_cli_reports_config_errors_and_exits_nonzero():
-    out = run_cli("dpo_recipes.validate", "+train.bta=1")
+    out = run_cli("dpo_recipes.validate", "train.bta=1", "dataset.pth=x")
     assert out.returncode == 2
-    assert "did you mean 'beta'" in out.stderr
+    assert "did you mean 'beta'" in out.stderr and "did you mean 'path'" in out.stderr
+    out = run_cli("dpo_recipes.train", "train.bta=1", "train.lerning_rate=1e-5")
+    assert out.returncode == 2 and "not in struct" not in out.stderr
+    assert "did you mean 'beta'" in out.stderr and "did you mean 'learning_rate'" in out.stderr
     out = run_cli("dpo_recipes.train", "recipes=nope")
     assert out.returncode != 0
     assert "tiny_lora_dpo" in out.stderr

@@ -11,9 +11,9 @@ from data_prep import convert as rows
 from data_prep import pipeline
 from data_prep.convert import RULES, Invalid
 from data_prep.pipeline import Options, convert, read
+from dpo_recipes import assets
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def user(text):
@@ -216,14 +216,16 @@ def test_report_location_and_token_statistics(tmp_path):
     assert 1 <= stats["trl_would_drop"] <= 4
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is absent")
 def test_real_data_in_three_layouts_converts_to_the_same_pairs():
     files = {
         "alpaca": "dpo_en_demo.alpaca.json",
         "sharegpt": "dpo_en_demo.sharegpt.json",
         "ultrafeedback": "dpo_en_demo.ultrafeedback.jsonl",
     }
-    results = {fmt: convert(read(str(REAL / name)), Options(format=fmt)) for fmt, name in files.items()}
+    results = {
+        fmt: convert(read(str(assets.unpacked(f"data/real/{name}"))), Options(format=fmt))
+        for fmt, name in files.items()
+    }
     contents = [pairs(kept) for kept, _ in results.values()]
     assert contents[0] == contents[1] == contents[2]
     assert all(report["rows_in"] == 300 for _, report in results.values())

@@ -1,6 +1,5 @@
 """The fast tokenization path gives exactly TRL's token ids, and falls back where it cannot."""
 
-from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -9,9 +8,8 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from data_prep.pipeline import Options, convert, read
-from dpo_recipes import ROOT, tiny, tokenize
+from dpo_recipes import ROOT, assets, tiny, tokenize
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -103,11 +101,37 @@ def test_a_tokenizer_with_preset_truncation_takes_trls_path():
     assert not tokenize.eligible(toy(10), t)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is absent")
+@pytest.fixture(scope="module")
+def qwen():
+    return AutoTokenizer.from_pretrained(tiny.qwen_path())
+
+
+def real(layout="sharegpt"):
+    name = {"sharegpt": "dpo_en_demo.sharegpt.json", "ultrafeedback": "dpo_en_demo.ultrafeedback.jsonl"}
+    dataset, _ = convert(read(str(assets.unpacked(f"data/real/{name[layout]}"))), Options(layout))
+    return dataset
+
+
 @pytest.mark.parametrize("max_length", [256, 4096])
 def test_same_ids_as_trl_on_the_real_data(tokenizer, max_length):
-    dataset, _ = convert(read(str(REAL / "dpo_en_demo.sharegpt.json")), Options("sharegpt"))
-    assert_same_ids(dataset, tokenizer, max_length)  # 256 also drops the same too-long prompts
+    assert_same_ids(real(), tokenizer, max_length)  # 256 also drops the same too-long prompts
+
+
+@pytest.mark.parametrize("max_length", [256, 2048])
+def test_same_ids_as_trl_on_the_real_data_with_qwens_tokenizer(qwen, max_length):
+    dataset = real("ultrafeedback")
+    assert tokenize.eligible(dataset, qwen) and "<|im_start|>" in tokenize.anchors(qwen)
+    assert_same_ids(dataset, qwen, max_length)
+
+
+def test_qwens_template_gives_rows_without_a_system_turn_its_default_one(qwen):
+    default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert tokenize.template_system_prompt(qwen) == default
+    assert tokenize.template_system_prompt(fresh()) is None  # the tiny Llama's template adds none
+    dataset = real("ultrafeedback")
+    bare = next(i for i, row in enumerate(dataset) if row["prompt"][0]["role"] != "system")
+    ids = tokenize.prepare(dataset.select([bare]), qwen, 2048, "keep_start", None, "train")["prompt_ids"]
+    assert qwen.decode(ids[0]).startswith(f"<|im_start|>system\n{default}<|im_end|>\n<|im_start|>user\n")
 
 
 def test_completion_whitespace_at_the_boundary_is_split_like_trl(tokenizer):

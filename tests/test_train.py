@@ -12,7 +12,6 @@ from dpo_recipes import config, train
 from dpo_recipes.data import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +180,6 @@ def test_a_dataset_with_no_valid_row_stops_with_the_report(tmp_path):
         run(tmp_path, tiny_overrides("tiny_lora_dpo", f"dataset.path={bad}"))
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is absent")
 @pytest.mark.parametrize("option", ["real_alpaca", "real_sharegpt", "real_ultrafeedback"])
 def test_real_data_options_train(option, tmp_path):
     trainer, metrics = run(
