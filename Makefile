@@ -40,17 +40,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,sweep]"
 	@touch $@
 
-# NPROC processes per node through accelerate, with the HARDWARE option's accelerate config.
-ACCELERATE_CONFIG = accelerate/$(or $(HARDWARE),ddp).yaml
-LAUNCH = $(if $(NPROC),$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) \
-	--num_processes $(shell echo $$(( $(NPROC) * $(NNODES) ))) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
-	--main_process_ip $(MAIN_ADDR) --main_process_port $(MAIN_PORT),$(PY))
+# NPROC processes per node through accelerate, with the accelerate config the composed hardware option names.
+LAUNCH = $(if $(NPROC),$(PY) -m dpo_recipes.launch --nproc $(NPROC) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
+	--main-addr $(MAIN_ADDR) --main-port $(MAIN_PORT),$(PY) -m dpo_recipes.train)
 TRAIN_ARGS = recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(RUN),run.name=$(RUN)) \
 	$(if $(RESUME),run.resume=$(RESUME))
 
 train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT) via accelerate; RUN=name, RESUME=auto|never|<checkpoint>; ARGS
-	@$(if $(NPROC),test -f $(ACCELERATE_CONFIG) || { echo "HARDWARE=$(HARDWARE) runs in one process; with NPROC use one of: cpu ddp zero2 zero3 zero3_offload fsdp"; exit 2; })
-	$(LAUNCH) -m dpo_recipes.train $(TRAIN_ARGS) $(ARGS)
+	$(LAUNCH) $(TRAIN_ARGS) $(ARGS)
 
 sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm
 	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)

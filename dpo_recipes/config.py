@@ -229,6 +229,11 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: boo
         problems.append(f"hardware.engine: unknown {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
+    if engine in ("deepspeed", "fsdp") and train.get("use_cpu"):
+        problems.append(
+            f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
+            "parallel instead; on CPU use hardware=cpu NPROC=<processes>"
+        )
     zero3 = "zero3" in str(cfg.hardware.accelerate_config or "")
     reentrant = (train.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
     if zero3 and model.get("use_peft") and train.get("activation_checkpointing") and reentrant is False:

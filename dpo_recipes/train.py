@@ -129,7 +129,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
     note_length_drops(trainer, train_set, eval_set, data_report, context)
     injected = tokenize.template_system_prompt(tokenizer)
     data_report["train"]["template_system_prompt"] = injected
-    if injected:
+    if injected and trainer.is_world_process_zero():
         print(f"note: the chat template gives rows without a system message this one: {injected!r}")
     if trainer.is_world_process_zero():
         write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))

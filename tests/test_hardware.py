@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 
-from dpo_recipes import ROOT, config
+from dpo_recipes import ROOT, config, launch, tiny
 
 HARDWARE = sorted(p.stem for p in (config.CONF_DIR / "hardware").glob("*.yaml"))
 ACCELERATE = ROOT / "accelerate"
@@ -56,16 +57,85 @@ def make_dry_run(*args) -> str:
     """The command `make train` would run (run from inside `make test` too, hence --no-print-directory)."""
     cmd = ["make", "--no-print-directory", "-n", "train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout
-    return next(line for line in out.splitlines() if "dpo_recipes.train" in line)
+    return next(line for line in out.splitlines() if "dpo_recipes." in line)
 
 
-def test_make_launches_through_accelerate_with_the_options_file():
+def test_make_launches_through_the_launcher_with_its_settings():
     line = make_dry_run("HARDWARE=zero3", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MAIN_ADDR=10.1.2.3")
-    assert "accelerate.commands.launch --config_file accelerate/zero3.yaml --num_processes 16" in line
-    assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3" in line
-    assert "-m dpo_recipes.train recipes=tiny_lora_dpo hardware=zero3" in line
+    assert "-m dpo_recipes.launch --nproc 8 --nnodes 2 --node-rank 1 --main-addr 10.1.2.3" in line
+    assert line.rstrip().endswith("recipes=tiny_lora_dpo hardware=zero3")
     plain = make_dry_run("HARDWARE=gpu")
-    assert "accelerate" not in plain and "dpo_recipes.train recipes=tiny_lora_dpo hardware=gpu" in plain
+    assert "launch" not in plain and "dpo_recipes.train recipes=tiny_lora_dpo hardware=gpu" in plain
+
+
+def test_the_launch_uses_the_accelerate_config_the_composed_option_names():
+    cmd = launch.command(
+        ["recipes=qwen7b_full_dpo", "+smoke=tiny_qwen", "hardware=fsdp"], 2, 2, 1, "10.0.0.1"
+    )
+    config_file = cmd[cmd.index("--config_file") + 1]
+    assert config_file == str(ACCELERATE / "fsdp.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--machine_rank") + 1] == "1"
+    assert cmd[-4:] == ["dpo_recipes.train", "recipes=qwen7b_full_dpo", "+smoke=tiny_qwen", "hardware=fsdp"]
+    zero3 = launch.command(["hardware=zero3", "train.max_steps=3"], 8)
+    assert zero3[zero3.index("--config_file") + 1] == str(ACCELERATE / "zero3.yaml")
+    assert zero3[-1] == "++train.max_steps=3"
+
+
+def test_launching_a_one_process_option_is_refused_with_the_options_that_scale_out():
+    with pytest.raises(config.ConfigError) as err:
+        launch.command(["recipes=qwen7b_lora_dpo"], 8)  # the recipe's hardware is gpu: one process
+    assert "hardware=gpu runs in one process; to launch 8 use one of: cpu, ddp, fsdp, zero2" in str(err.value)
+    assert launch.main(["--nproc", "2", "recipes=qwen7b_lora_dpo"]) == 2
+
+
+def test_sharding_options_refuse_the_cpu():
+    """accelerate applies FSDP and DeepSpeed only on GPUs; with use_cpu it silently runs plain data parallel."""
+    found = problems(["hardware=fsdp", "train.use_cpu=true"], WORLD_SIZE="2", DPO_RUN_STAMP="x")
+    assert "hardware=fsdp shards on GPUs only" in found and "hardware=cpu" in found
+
+
+def fsdp_wrapped(monkeypatch) -> list[str]:
+    """The classes of the tiny Qwen's modules that accelerate's FSDP2 wrapping policy picks, with the
+    `fsdp` option's accelerate config turned into the environment accelerate launch gives each rank."""
+    from accelerate.commands.launch import _validate_launch_command
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from transformers import AutoModelForCausalLM
+
+    argv = ["--config_file", str(ACCELERATE / "fsdp.yaml"), "--num_processes", "2", "-m", "dpo_recipes.train"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    model = AutoModelForCausalLM.from_pretrained(tiny.qwen_path())
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    return [type(m).__name__ for m in model.modules() if policy(m)]
+
+
+def test_fsdp_wraps_each_qwen2_decoder_layer(monkeypatch):
+    assert fsdp_wrapped(monkeypatch) == ["Qwen2DecoderLayer"] * tiny.QWEN["num_hidden_layers"]
+
+
+@pytest.mark.slow
+def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process(monkeypatch, tmp_path):
+    classes = ",".join(sorted(set(fsdp_wrapped(monkeypatch))))
+    results = {}
+    for world in (1, 2):
+        out = tmp_path / f"{world}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
+        cmd += ["--master_port", str(29610 + world), str(ROOT / "tests" / "fsdp_cpu.py"), str(out), classes]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[world] = json.loads(out.read_text())
+    one, two = results[1], results[2]
+    assert two["root"] == "FSDPQwen2ForCausalLM"
+    assert two["embedding_rows_per_rank"] == tiny.QWEN["vocab_size"] // 2  # each rank holds half
+    assert one["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    assert one["losses"][-1] < one["losses"][0]
 
 
 def problems(overrides, **env):

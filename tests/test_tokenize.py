@@ -1,6 +1,5 @@
 """The fast tokenization path gives exactly TRL's token ids, and falls back where it cannot."""
 
-
 import pytest
 from datasets import Dataset
 from tokenizers import AddedToken, pre_tokenizers
