@@ -27,7 +27,7 @@ export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
 IN ?=
 OUT ?=
-.PHONY: help setup train sweep sweep-report validate prep test bench lint format clean
+.PHONY: help setup train sweep sweep-report validate prep test bench bench-gpu lint format clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part
 
 bench: setup ## Run every benchmark (or ONLY="data_prep memory"); writes benchmarks/results.json and BENCHMARKS.md
 	$(PY) -m benchmarks $(ONLY)
+
+bench-gpu: setup ## On a CUDA GPU: qwen7b_lora_dpo at Qwen2.5-7B's shape (random weights) vs plain TRL; writes the GPU section of BENCHMARKS.md
+	$(PY) -m benchmarks gpu
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -10,7 +10,7 @@ import sys
 import time
 from importlib.metadata import version
 
-from benchmarks import data_prep, memory, overhead, sweep, tokenization
+from benchmarks import data_prep, gpu, memory, overhead, sweep, tokenization
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
@@ -23,39 +23,47 @@ BENCHMARKS = {
     ),
     "memory": ("Reference strategies: weights held and peak memory", memory),
     "sweep": ("Sweep jobs reuse the first job's tokenization", sweep),
+    "gpu": ("GPU: `qwen7b_lora_dpo` at Qwen2.5-7B's shape vs a plain TRL script (`make bench-gpu`)", gpu),
 }
+ON_REQUEST = {"gpu"}  # run only when named: `make bench-gpu` is `python -m benchmarks gpu`
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 
 def machine() -> dict:
+    import torch
+
     return {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
         "python": platform.python_version(),
         **{name: version(name) for name in LIBRARIES},
     }
 
 
 def main(only: list[str]) -> None:
-    """Run every benchmark, or those named (`make bench ONLY=data_prep`), keeping the others' last results."""
+    """Run every benchmark but the GPU one, or those named (`make bench ONLY=data_prep`), keeping the
+    others' last results; each section names the machine and date it was measured on."""
     path = ROOT / "benchmarks" / "results.json"
-    results = json.loads(path.read_text()) if only and path.exists() else {}
-    results["machine"] = machine()
+    results = json.loads(path.read_text()) if path.exists() else {}
+    earlier = results.pop("machine", {})  # from before each section kept its own
+    for result in results.values():
+        result.setdefault("machine", earlier)
     sections = []
     for name, (title, module) in BENCHMARKS.items():
-        if not only or name in only:
+        if name in only or (not only and name not in ON_REQUEST):
             print(f"== {title}", flush=True)
-            results[name] = module.run()
+            results[name] = {**module.run(), "machine": machine()}
             print(module.table(results[name]) + "\n", flush=True)
         if name in results:
-            sections.append(f"## {title}\n\n{module.table(results[name])}\n")
+            info = ", ".join(f"{k} {v}" for k, v in results[name]["machine"].items())
+            sections.append(f"## {title}\n\nMeasured on: {info}.\n\n{module.table(results[name])}\n")
+        else:
+            sections.append(f"## {title}\n\nNot measured yet: run `python -m benchmarks {name}` where it applies.\n")
     write_text(path, json.dumps(results, indent=2))
-    info = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
-    write_text(
-        ROOT / "BENCHMARKS.md",
-        f"# Benchmarks\n\n`make bench` wrote this file ({info}).\n\n" + "\n".join(sections),
-    )
+    header = "# Benchmarks\n\n`make bench` (and `make bench-gpu` for the GPU section) wrote this file.\n\n"
+    write_text(ROOT / "BENCHMARKS.md", header + "\n".join(sections))
 
 
 if __name__ == "__main__":

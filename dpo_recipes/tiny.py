@@ -119,13 +119,15 @@ def build(target: Path, seed: int = SEED) -> None:
     _save(target, LlamaForCausalLM(config), tokenizer.save_pretrained)
 
 
-def build_qwen(target: Path, seed: int = SEED) -> None:
-    """A Qwen2 model with the real Qwen2.5 tokenizer files, copied as they are."""
+def build_qwen(target: Path, seed: int = SEED, device: str = "cpu", **shape) -> None:
+    """A bf16 Qwen2 model with the real Qwen2.5 tokenizer files, copied as they are. `shape` overrides
+    the tiny dimensions (`make bench-gpu` builds Qwen2.5-7B's, initialised on the GPU)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**QWEN)).to(torch.bfloat16)
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(Qwen2Config(**{**QWEN, **shape}), dtype=torch.bfloat16)
     tokenizer = assets.unpacked(QWEN_TOKENIZER)
 
     def copy_tokenizer(folder: Path) -> None:

@@ -1,0 +1,31 @@
+"""The GPU benchmark's script runs at the tiny Qwen's shape on CPU, so it cannot rot unnoticed."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks import gpu
+from dpo_recipes import tiny
+
+
+def test_flop_count_takes_every_weight_that_multiplies_activations():
+    model = AutoModelForCausalLM.from_pretrained(tiny.qwen_path())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert gpu.flops_per_token(tiny.QWEN, seq=0) == 2 * linear
+    # Qwen2.5-7B: 6.53B non-embedding parameters (its model card) plus the untied 545M-parameter LM head
+    assert gpu.flops_per_token({**tiny.QWEN, **gpu.QWEN2_5_7B}, seq=0) / 2 == pytest.approx(7.07e9, rel=0.01)
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_at_the_tiny_shape_on_cpu():
+    result = gpu.run(tiny_shape=True, steps=2, accumulation=2)
+    rows = {r["what"]: r for r in result["results"]}
+    assert {"make train, as shipped", "plain TRL script", "reference=precomputed"} <= set(rows)
+    for row in rows.values():
+        assert row["first_loss"] == pytest.approx(math.log(2), abs=0.01)
+        assert row["tokens_per_s"] > 0 and row["step_s"] > 0
+    # the same settings, the same first step
+    assert rows["make train, as shipped"]["first_loss"] == rows["plain TRL script"]["first_loss"]
+    assert "| make train, as shipped | 1 |" in gpu.table(result)
