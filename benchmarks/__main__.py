@@ -60,7 +60,9 @@ def main(only: list[str]) -> None:
             info = ", ".join(f"{k} {v}" for k, v in results[name]["machine"].items())
             sections.append(f"## {title}\n\nMeasured on: {info}.\n\n{module.table(results[name])}\n")
         else:
-            sections.append(f"## {title}\n\nNot measured yet: run `python -m benchmarks {name}` where it applies.\n")
+            sections.append(
+                f"## {title}\n\nNot measured yet: run `python -m benchmarks {name}` where it applies.\n"
+            )
     write_text(path, json.dumps(results, indent=2))
     header = "# Benchmarks\n\n`make bench` (and `make bench-gpu` for the GPU section) wrote this file.\n\n"
     write_text(ROOT / "BENCHMARKS.md", header + "\n".join(sections))

@@ -32,7 +32,20 @@ from dpo_recipes import ROOT, assets, tiny
 
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
+TEMPLATES_DIR = ROOT / "assets" / "chat_templates"
 SET_BY_US = {"output_dir"}  # DPOConfig fields the run sets itself
+
+
+@dataclass
+class ModelArgs(ModelConfig):
+    """trl.ModelConfig and the one model key TRL lacks."""
+
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "for a tokenizer without one: a template in assets/chat_templates/ or a .jinja file"
+        },
+    )
 
 
 @dataclass
@@ -148,7 +161,7 @@ class ConfigError(ValueError):
 @dataclass
 class Built:
     args: DPOConfig
-    model: ModelConfig
+    model: ModelArgs
     peft: PeftConfig | None
     quantization: BitsAndBytesConfig | None
 
@@ -170,6 +183,17 @@ def compose(overrides: list[str] = ()) -> tuple[DictConfig, str]:
     return cfg, recipe
 
 
+def chat_template(name_or_path: str) -> str:
+    """The text of a template shipped in assets/chat_templates/ (by name) or of a .jinja file."""
+    shipped = {p.stem: p for p in TEMPLATES_DIR.glob("*.jinja")}
+    path = shipped.get(name_or_path) or Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a template shipped here ({', '.join(sorted(shipped))}) nor a .jinja file"
+        )
+    return path.read_text()
+
+
 def loss_types() -> set[str]:
     """The loss names TRL accepts, read from DPOConfig's own field help (TRL checks only at the first step)."""
     help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
@@ -185,7 +209,8 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
         elif key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            what = f"not a {cls.__name__} field" if cls in (DPOConfig, ModelConfig) else f"unknown {node} key"
+            trl_class = {"train": "DPOConfig", "model": "ModelConfig"}.get(node)
+            what = f"not a {trl_class} field" if trl_class else f"unknown {node} key"
             problems.append(f"{node}.{key}: {what}{hint}")
     return problems
 
@@ -338,12 +363,25 @@ def _wrong_types(node: str, values: dict, cls) -> list[str]:
     return problems
 
 
+def _train(cfg: DictConfig) -> dict:
+    """The `train:` node as DPOConfig will get it; `loss_type: robust` is TRL's `[robust]`."""
+    train = OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=False)
+    if isinstance(train.get("loss_type"), str):
+        train["loss_type"] = [train["loss_type"]]
+    return train
+
+
 def check(cfg: DictConfig, *, for_training: bool = True) -> None:
     """Raise ConfigError listing every problem that can be seen without loading weights."""
-    train = OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=False)
+    train = _train(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=False)
-    problems = _unknown_keys("train", train, DPOConfig) + _unknown_keys("model", model, ModelConfig)
-    problems += _wrong_types("train", train, DPOConfig) + _wrong_types("model", model, ModelConfig)
+    problems = _unknown_keys("train", train, DPOConfig) + _unknown_keys("model", model, ModelArgs)
+    problems += _wrong_types("train", train, DPOConfig) + _wrong_types("model", model, ModelArgs)
+    if model.get("chat_template"):
+        try:
+            chat_template(model["chat_template"])
+        except FileNotFoundError as err:
+            problems.append(f"model.chat_template: {err}")
     for node, cls in OURS.items():
         values = OmegaConf.to_container(cfg[node], resolve=True, throw_on_missing=False)
         problems += _unknown_keys(node, values, cls) + _wrong_types(node, values, cls)
@@ -352,7 +390,7 @@ def check(cfg: DictConfig, *, for_training: bool = True) -> None:
     )
     losses = train.get("loss_type", ["sigmoid"])
     known_losses = loss_types()
-    for loss in [losses] if isinstance(losses, str) else losses:
+    for loss in losses:
         if loss not in known_losses:
             close = difflib.get_close_matches(str(loss), known_losses, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -378,8 +416,8 @@ def check(cfg: DictConfig, *, for_training: bool = True) -> None:
 def build(cfg: DictConfig, output_dir: Path, *, for_training: bool = True) -> Built:
     """Check `cfg`, then build DPOConfig, ModelConfig and the PEFT and quantization configs (no weights)."""
     check(cfg, for_training=for_training)
-    train = OmegaConf.to_container(cfg.train, resolve=True)
-    model_args = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    train = _train(cfg)
+    model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
     if not torch.cuda.is_available() and not for_training:
         train.update(use_cpu=True, bf16=False, fp16=False)  # validating a GPU recipe here: skip device checks
     train["model_init_kwargs"] = {

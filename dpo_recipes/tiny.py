@@ -32,12 +32,7 @@ MODEL = dict(
     tie_word_embeddings=False,
 )
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = (ROOT / "assets" / "chat_templates" / "tiny.jinja").read_text()
 CORPUS = ROOT / "data" / "toy"
 # Qwen2.5-7B's config.json with the widths and depth cut down; the rest as published.
 QWEN = dict(

@@ -6,8 +6,9 @@ once and each completion against it (see `anchors`), every text of the batch goe
 tokenizer in one parallel call, and the prompt/completion split follows TRL's rule (the completion
 starts where the tokenized prompt and prompt+completion diverge).
 
-The template must be prefix-stable: the rendered prompt (with the generation prompt) must be the start
-of the rendered prompt+answer. Where it is not for some row, the dataset goes through TRL's own path.
+A row whose rendered prompt (with the generation prompt) is not the start of its rendered prompt+answer
+(a template that is not prefix-stable for it) is tokenized whole, prompt and prompt+answer apart, as
+TRL does it; the other rows of its batch keep the fast path, and every row keeps its place.
 """
 
 import contextlib
@@ -40,10 +41,6 @@ PIECEWISE = {
     "Whitespace",
     "WhitespaceSplit",
 }
-
-
-class NotPrefixStable(ValueError):
-    """The chat template renders the prompt differently once an answer follows."""
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -109,27 +106,23 @@ def _column(ids: list[list[int]]) -> pa.ListArray:
 
 
 def _render(tokenizer, messages: dict) -> tuple[list[str], dict[str, list[str]]]:
-    """The rendered prompts, and what each completion adds to them."""
+    """The rendered prompts (with the generation prompt), and the rendered prompt+chosen and +rejected."""
     render = tokenizer.apply_chat_template
     prompts = render(messages["prompt"], add_generation_prompt=True, tokenize=False)
-    answers = {}
-    for key in ("chosen", "rejected"):
-        full = render([p + c for p, c in zip(messages["prompt"], messages[key], strict=True)], tokenize=False)
-        for row, (prompt, text) in enumerate(zip(prompts, full, strict=True)):
-            if not text.startswith(prompt):
-                raise NotPrefixStable(
-                    f"row {row} of a batch: the rendered prompt is not the start of prompt+{key}"
-                )
-        answers[key] = [text[len(prompt) :] for prompt, text in zip(prompts, full, strict=True)]
-    return prompts, answers
+    full = {
+        key: render([p + c for p, c in zip(messages["prompt"], messages[key], strict=True)], tokenize=False)
+        for key in ("chosen", "rejected")
+    }
+    return prompts, full
 
 
-def _ids(tokenizer, prompts: list[str], answers: dict, cuts: list[int]) -> list[list]:
-    """Per row: the ids of the prompt's head (up to the cut), its rest, rest+chosen and rest+rejected."""
+def _ids(tokenizer, prompts: list[str], full: dict, cuts: list[int]) -> list[list]:
+    """Per row: the ids of the prompt's head (up to the cut), its rest, and prompt+chosen and
+    prompt+rejected from the cut on. A cut is 0 where a row is tokenized whole."""
     rests = [prompt[end:] for prompt, end in zip(prompts, cuts, strict=True)]
     heads = [prompt[:end] for prompt, end in zip(prompts, cuts, strict=True)]
-    chosen = [rest + answer for rest, answer in zip(rests, answers["chosen"], strict=True)]
-    rejected = [rest + answer for rest, answer in zip(rests, answers["rejected"], strict=True)]
+    chosen = [text[end:] for text, end in zip(full["chosen"], cuts, strict=True)]
+    rejected = [text[end:] for text, end in zip(full["rejected"], cuts, strict=True)]
     ids = _encode(tokenizer, heads + rests + chosen + rejected)
     n = len(prompts)
     return [list(row) for row in zip(ids[:n], ids[n : 2 * n], ids[2 * n : 3 * n], ids[3 * n :], strict=True)]
@@ -151,9 +144,12 @@ def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerFast, anchors:
     """`code` (CODE) only keys the cache."""
     with _gc_paused():
         messages = {k: batch.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
-        prompts, answers = _render(tokenizer, messages)
-        cuts = [_cut(prompt, anchors) for prompt in prompts]
-        ids = _ids(tokenizer, prompts, answers, [end for end, _ in cuts])
+        prompts, full = _render(tokenizer, messages)
+        stable = [
+            c.startswith(p) and r.startswith(p) for p, c, r in zip(prompts, *full.values(), strict=True)
+        ]
+        cuts = [_cut(p, anchors) if ok else (0, None) for p, ok in zip(prompts, stable, strict=True)]
+        ids = _ids(tokenizer, prompts, full, [end for end, _ in cuts])
         # A row whose head's tokens do not end with its anchor's token is tokenized again uncut.
         redo = [
             i
@@ -161,7 +157,7 @@ def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerFast, anchors:
             if anchor is not None and row[0][-1:] != [anchor]
         ]
         if redo:
-            again = {k: [v[i] for i in redo] for k, v in answers.items()}
+            again = {k: [v[i] for i in redo] for k, v in full.items()}
             for i, row in zip(
                 redo, _ids(tokenizer, [prompts[i] for i in redo], again, [0] * len(redo)), strict=True
             ):
@@ -183,11 +179,13 @@ def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerFast, anchors:
 
 
 def eligible(dataset, tokenizer) -> bool:
-    """Conversational prompt/chosen/rejected rows, a fast tokenizer without preset truncation or padding,
-    no per-row tools or template options."""
+    """Conversational prompt/chosen/rejected rows not tokenized yet, a fast tokenizer without preset
+    truncation or padding, no per-row tools or template options. Tokenized data takes TRL's path, which
+    passes it through (`trainer.evaluate(dataset)` prepares what it is handed)."""
     columns = set(dataset.column_names or [])
     return (
         isinstance(dataset, Dataset)
+        and "prompt_ids" not in columns
         and isinstance(tokenizer, PreTrainedTokenizerFast)
         and tokenizer.backend_tokenizer.truncation is None
         and tokenizer.backend_tokenizer.padding is None
@@ -202,7 +200,7 @@ def prepare(
     dataset: Dataset, tokenizer, max_length: int | None, truncation_mode: str, num_proc: int | None, name: str
 ):
     """TRL's `_prepare_dataset` for eligible datasets: ids, then the same drop of rows whose prompt alone
-    fills max_length. Raises NotPrefixStable when the template needs TRL's own path."""
+    fills max_length."""
     forks = bool(num_proc and num_proc > 1)
     if forks:  # workers then share the parent's objects instead of copying each page to collect them
         gc.freeze()

@@ -93,7 +93,17 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         revision=model_args.model_revision,
         trust_remote_code=built.args.trust_remote_code,
     )
+    if model_args.chat_template:
+        tokenizer.chat_template = config.chat_template(model_args.chat_template)
     train_set, eval_set, data_report = data.load(cfg.dataset, built.args.seed, built.args.dataset_num_proc)
+    if tokenizer.chat_template is None and isinstance(train_set[0]["prompt"], list):
+        raise ConfigError(
+            [
+                f"the data is conversational and the tokenizer of {model_args.model_name_or_path} has no chat "
+                "template (a base model's, say): name one with model.chat_template=chatml, llama3 or tiny, "
+                "or a .jinja file"
+            ]
+        )
     if eval_set is None:
         built.args.eval_strategy = "no"
     context = {

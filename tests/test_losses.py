@@ -43,6 +43,12 @@ def test_label_smoothing_where_trl_ignores_it_is_refused():
         config.check(cfg)
 
 
+def test_a_loss_type_given_as_one_name_is_a_list_of_one(tmp_path):
+    cfg, _ = config.compose(["train.loss_type=robust", "train.label_smoothing=0.1"])
+    config.check(cfg)  # "robust" is not the letters r, o, b, u, s, t
+    assert config.build(cfg, tmp_path).args.loss_type == ["robust"]
+
+
 def run(tmp_path, *overrides):
     cfg, recipe = config.compose(tiny_overrides("tiny_lora_dpo", *overrides))
     return train.run(cfg, tmp_path / "run", recipe)

@@ -6,6 +6,7 @@ from tokenizers import AddedToken, pre_tokenizers
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
+from benchmarks.tokenization import THINK_TEMPLATE
 from data_prep.pipeline import Options, convert, read
 from dpo_recipes import ROOT, assets, tiny, tokenize
 
@@ -145,21 +146,28 @@ def test_completion_whitespace_at_the_boundary_is_split_like_trl(tokenizer):
     assert_same_ids(Dataset.from_list(rows), tokenizer)
 
 
-def test_a_template_that_is_not_prefix_stable_falls_back(tokenizer):
+def unstable_template(tokenizer):
+    """The generation prompt opens a think block unless the conversation has a system turn."""
     unstable = tokenizer.__class__.from_pretrained(tiny.path())
-    unstable.chat_template = (  # like DeepSeek-R1: the generation prompt opens a think block the answer lacks
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-    )
+    unstable.chat_template = THINK_TEMPLATE
+    return unstable
+
+
+def test_rows_a_template_renders_unstably_are_tokenized_whole_in_place(tokenizer):
+    unstable = unstable_template(tokenizer)
     rows = [
         {
-            "prompt": [{"role": "user", "content": "Hi"}],
-            "chosen": [{"role": "assistant", "content": "Hello"}],
+            "prompt": ([{"role": "system", "content": "Be kind."}] if i % 3 else [])
+            + [{"role": "user", "content": f"Hi {i}"}],
+            "chosen": [{"role": "assistant", "content": f"Hello {i}"}],
             "rejected": [{"role": "assistant", "content": "No"}],
         }
+        for i in range(12)
     ]
-    with pytest.raises(tokenize.NotPrefixStable):
-        tokenize.prepare(Dataset.from_list(rows), unstable, 256, "keep_start", None, "train")
+    dataset = Dataset.from_list(rows)
+    assert_same_ids(dataset, unstable)  # stable and unstable rows mixed, in their order
+    ours = tokenize.prepare(dataset, unstable, 256, "keep_start", None, "train")
+    assert "<think>" not in unstable.decode(ours[0]["prompt_ids"])  # TRL's rule cuts where they diverge
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,13 @@ def test_summary_describes_the_run(default_run):
     assert {"trl", "transformers", "torch"} <= set(summary["versions"])
     assert summary["runtime_s"] > 0 and summary["samples_per_second"] > 0
     assert "git_commit" in summary
+
+
+def test_evaluate_takes_data_the_trainer_already_tokenized(default_run):
+    trainer, _ = default_run
+    assert "prompt_ids" in trainer.eval_dataset.column_names
+    metrics = trainer.evaluate(trainer.eval_dataset)
+    assert metrics["eval_rewards/accuracies"] >= 0.8
 
 
 def test_lora_run_saves_the_adapter_and_keeps_no_second_model(default_run):
@@ -188,3 +196,42 @@ def test_real_data_options_train(option, tmp_path):
     assert trainer.state.global_step == 2
     summary = json.loads((metrics / "summary.json").read_text())
     assert summary["data"]["train"]["rows_in"] == 40
+
+
+def test_a_change_in_trls_private_names_falls_back_to_trls_own_path(tmp_path, monkeypatch, capsys):
+    import trl.trainer.utils
+
+    from dpo_recipes import models
+
+    assert models.changed_in_trl() == []  # the pinned TRL has every name the overrides rely on
+    monkeypatch.delattr(trl.trainer.utils, "global_then_local_main_first")
+    monkeypatch.setattr(trl.DPOTrainer, "_precompute_ref_logps", lambda self, dataset, name: dataset)
+    assert (
+        models.changed_in_trl()
+        == ["trl.trainer.utils.global_then_local_main_first", "DPOTrainer._precompute_ref_logps"][::-1]
+    )
+    trainer, _ = run(tmp_path, tiny_overrides("tiny_lora_dpo"))
+    assert trainer.state.global_step == 2 and trainer.tokenize_log == {}
+    assert capsys.readouterr().err.count("its own data preparation runs instead") == 1
+
+
+def test_a_tokenizer_without_a_chat_template_takes_one_by_name(tmp_path):
+    from dpo_recipes import tiny
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny.path(), base)
+    (base / "chat_template.jinja").unlink()
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    overrides = tiny_overrides("tiny_lora_dpo", f"model.model_name_or_path={base}")
+    with pytest.raises(config.ConfigError, match="model.chat_template=chatml, llama3 or tiny"):
+        run(tmp_path / "a", overrides)
+    assert not (tmp_path / "a" / "run" / "adapter_model.safetensors").exists()
+    trainer, _ = run(tmp_path / "b", [*overrides, "model.chat_template=tiny"])
+    assert trainer.state.global_step == 2
+    saved = (tmp_path / "b" / "run" / "chat_template.jinja").read_text()
+    assert saved == tiny.CHAT_TEMPLATE
+    cfg, _ = config.compose([*overrides, "model.chat_template=chatmll"])
+    with pytest.raises(config.ConfigError, match="neither a template shipped here"):
+        config.check(cfg)
