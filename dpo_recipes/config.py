@@ -28,7 +28,7 @@ from peft import PeftConfig
 from transformers import BitsAndBytesConfig
 from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
-from dpo_recipes import ROOT, assets, tiny
+from dpo_recipes import ROOT, assets, hub, tiny
 
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
@@ -398,6 +398,12 @@ def check(cfg: DictConfig, *, for_training: bool = True) -> None:
                 f"train.loss_type: unknown loss {loss!r}; {hint}TRL has {', '.join(sorted(known_losses))}"
             )
     problems += _reference_problems(cfg, train, model)
+    paths = {
+        "model.model_name_or_path": model.get("model_name_or_path"),
+        "reference.path": cfg.reference.path,
+    }
+    paths.update({f"dataset.{k}": cfg.dataset.get(k) for k in ("path", "eval_path")})
+    problems += [p for key, value in paths.items() if value and (p := hub.missing_local(str(value), key))]
     if train.get("label_smoothing") and not set(losses) & LABEL_SMOOTHING_LOSSES:
         problems.append(
             f"train.label_smoothing: ignored by loss {losses} (TRL 1.16 reads it only in robust and exo_pair; "

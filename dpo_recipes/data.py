@@ -6,6 +6,7 @@ from omegaconf import DictConfig
 from pyarrow import ArrowException
 
 from data_prep.pipeline import Options, convert, read, summary_line
+from dpo_recipes import hub
 
 
 class DataError(ValueError):
@@ -18,7 +19,11 @@ def _head(dataset: Dataset, n: int | None) -> Dataset:
 
 def _convert(path: str, split: str, limit: int | None, cfg: DictConfig, name: str, num_proc) -> tuple:
     try:
-        rows, report = convert(_head(read(path, split), limit), Options(cfg.format, num_proc=num_proc), name)
+        with hub.fetching("dataset", path, "dataset.path" if name == "train" else "dataset.eval_path"):
+            raw = read(path, split)
+        rows, report = convert(_head(raw, limit), Options(cfg.format, num_proc=num_proc), name)
+    except hub.Unreachable:
+        raise
     except (OSError, ValueError, KeyError, ArrowException, DatasetGenerationError) as err:
         raise DataError(f"{path}: cannot read the {name} data: {err}") from err
     if not report["rows_out"]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from trl import DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
-from dpo_recipes import config, tokenize
+from dpo_recipes import config, hub, tokenize
 
 
 def _init_kwargs(built: config.Built) -> dict:
@@ -48,7 +48,8 @@ def load(built: config.Built, cfg: DictConfig):
     if strategy == "copy":
         return path, _frozen(path, built), built.peft
     if strategy == "path":
-        return path, _frozen(cfg.reference.path, built), built.peft
+        with hub.fetching("reference model", cfg.reference.path, "reference.path"):
+            return path, _frozen(cfg.reference.path, built), built.peft
     return path, None, built.peft  # adapter, precomputed: no reference model held
 
 

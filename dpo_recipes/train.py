@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, health, runs, sweep, tokenize
+from dpo_recipes import ROOT, config, data, health, hub, runs, sweep, tokenize
 from dpo_recipes.config import ConfigError
 from dpo_recipes.data import DataError
 
@@ -88,11 +88,12 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
     from dpo_recipes.metrics import MetricsCallback
 
     model_args = built.model
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=built.args.trust_remote_code,
-    )
+    with hub.fetching("tokenizer of the model", model_args.model_name_or_path, "model.model_name_or_path"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=built.args.trust_remote_code,
+        )
     if model_args.chat_template:
         tokenizer.chat_template = config.chat_template(model_args.chat_template)
     train_set, eval_set, data_report = data.load(cfg.dataset, built.args.seed, built.args.dataset_num_proc)
@@ -117,20 +118,21 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    policy, reference, peft = models.load(built, cfg)
     metrics = MetricsCallback(metrics_dir, context)
     on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(cfg.run.nan_patience)
-    trainer = models.Trainer(
-        model=policy,
-        ref_model=reference,
-        args=built.args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        peft_config=peft,
-        quantization_config=built.quantization if isinstance(policy, str) else None,
-        callbacks=[metrics, on_signal, on_non_finite],
-    )
+    with hub.fetching("model", model_args.model_name_or_path, "model.model_name_or_path"):
+        policy, reference, peft = models.load(built, cfg)
+        trainer = models.Trainer(
+            model=policy,
+            ref_model=reference,
+            args=built.args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            peft_config=peft,
+            quantization_config=built.quantization if isinstance(policy, str) else None,
+            callbacks=[metrics, on_signal, on_non_finite],
+        )
     context["tokenize"] = trainer.tokenize_log
     context["reference"] = {"strategy": config.reference_strategy(cfg), "path": cfg.reference.path}
     if hasattr(trainer, "ref_logps_cache"):
@@ -174,7 +176,7 @@ def main(cfg: DictConfig) -> None:
             write_text(run_dir / sweep.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
             print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return
-        if not isinstance(err, ConfigError | DataError | runs.Stopped):
+        if not isinstance(err, ConfigError | DataError | hub.Unreachable | runs.Stopped):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code if isinstance(err, runs.Stopped) else 2)

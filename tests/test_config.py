@@ -209,3 +209,35 @@ def test_runs_go_to_outputs_recipe_stamp_shared_by_all_processes(monkeypatch):
     assert cfg.hydra.sweep.dir == "multirun/tiny_full_dpo/2026-01-02_03-04-05"
     assert "outputs/" in (ROOT / ".gitignore").read_text()
     assert "export DPO_RUN_STAMP" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, fetched, fix",
+    [
+        (
+            ["recipes=qwen7b_lora_dpo", "hardware=cpu", "logger=none"],
+            "tokenizer of the model 'Qwen/Qwen2.5-7B'",
+            "`hf download Qwen/Qwen2.5-7B` (then it is found in the cache, also offline), or set model.model_name_or_path",
+        ),
+        (
+            ["dataset.path=HuggingFaceH4/nope"],
+            "dataset 'HuggingFaceH4/nope'",
+            "`hf download HuggingFaceH4/nope --repo-type dataset` (then it is found in the cache, also offline), or set dataset.path",
+        ),
+    ],
+)
+def test_what_the_hub_cannot_give_is_named_with_its_fixes(overrides, fetched, fix, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline mode answers at once
+    out = run_cli("dpo_recipes.train", *overrides, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: cannot fetch the {fetched} from the Hugging Face Hub" in out.stderr and fix in out.stderr
+
+
+def test_a_local_path_that_does_not_exist_is_named_before_anything_loads():
+    cfg, _ = config.compose(["model.model_name_or_path=/no/such/model", "dataset.eval_path=../nope.jsonl"])
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    assert "model.model_name_or_path: /no/such/model is neither a local folder or file nor a hub id" in str(
+        err.value
+    )
+    assert "dataset.eval_path: ../nope.jsonl is neither" in str(err.value)

@@ -1,0 +1,34 @@
+"""A model, tokenizer or dataset that cannot be fetched from the Hugging Face Hub ends the run with one
+message naming it and the two fixes, never a traceback from deep inside transformers or datasets."""
+
+import contextlib
+from pathlib import Path
+
+
+class Unreachable(ValueError):
+    """Not on this machine, and the Hub did not give it (no network, a typo, a gated or private repo)."""
+
+
+def missing_local(path: str, key: str) -> str | None:
+    """A problem line for a path meant to be local (it starts with . / ~ or has more than one /) that
+    does not exist; a hub id has at most one /."""
+    if Path(path).expanduser().exists() or not (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        return None
+    return f"{key}: {path} is neither a local folder or file nor a hub id"
+
+
+@contextlib.contextmanager
+def fetching(what: str, repo: str, key: str):
+    """Turn a failed download of `repo` into Unreachable; errors reading local files pass through."""
+    try:
+        yield
+    except (OSError, ConnectionError) as err:
+        if Path(repo).expanduser().exists():
+            raise
+        dataset = what == "dataset"
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Unreachable(
+            f"cannot fetch the {what} {repo!r} from the Hugging Face Hub ({cause}). Either download it "
+            f"first: `hf download {repo}{' --repo-type dataset' if dataset else ''}` (then it is found in "
+            f"the cache, also offline), or set {key} to a local {'file or folder' if dataset else 'folder'}"
+        ) from None
