@@ -10,7 +10,7 @@ import sys
 import time
 from importlib.metadata import version
 
-from benchmarks import data_prep, gpu, memory, overhead, sweep, tokenization
+from benchmarks import data_prep, gpu, jobs, memory, overhead, sweep, tokenization
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
@@ -23,6 +23,7 @@ BENCHMARKS = {
     ),
     "memory": ("Reference strategies: weights held and peak memory", memory),
     "sweep": ("Sweep jobs reuse the first job's tokenization", sweep),
+    "jobs": ("Sweep jobs side by side (joblib) vs one after the other", jobs),
     "gpu": ("GPU: `qwen7b_lora_dpo` at Qwen2.5-7B's shape vs a plain TRL script (`make bench-gpu`)", gpu),
 }
 ON_REQUEST = {"gpu"}  # run only when named: `make bench-gpu` is `python -m benchmarks gpu`

@@ -1,7 +1,9 @@
 """Export every run's metrics to `<run dir>/dpo_metrics/`: CSV, curves, summary and the raw log history.
 
-The CSV and JSON files are rewritten atomically on every log, so a crash keeps everything logged so far;
-the PNG is drawn at every evaluation and at the end. Only the main process writes.
+The CSV and JSON files are rewritten atomically on every log, so a crash keeps everything logged so far.
+The PNG takes a second or two to draw, so during training it is redrawn at an evaluation only once
+PLOT_EVERY_S seconds have passed since the last drawing, and always at the end. Only the main process
+writes.
 """
 
 import csv
@@ -9,6 +11,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ PANELS = [
     ("log-probs: chosen vs rejected", ["logps/chosen", "logps/rejected"]),
     ("learning rate", ["learning_rate"]),
 ]
+PLOT_EVERY_S = 120.0
 BEST = {  # metric -> True when higher is better
     "loss": False,
     "rewards/accuracies": True,
@@ -118,6 +122,7 @@ class MetricsCallback(TrainerCallback):
         self.out_dir = Path(out_dir)
         self.context = context  # recipe, resolved config, dataset sizes, versions, commit
         self.device = None
+        self.drawn_at = time.monotonic()  # the first drawing waits PLOT_EVERY_S too
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.device = args.device
@@ -130,13 +135,14 @@ class MetricsCallback(TrainerCallback):
     def _plot(self, state) -> None:
         title = f"{self.context.get('recipe', '')} on {describe(self.device)}" if self.device else ""
         plot(step_rows(state.log_history), self.out_dir / "training_curves.png", title)
+        self.drawn_at = time.monotonic()
 
     def on_log(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self._tables(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and time.monotonic() - self.drawn_at >= PLOT_EVERY_S:
             self._plot(state)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -75,8 +75,23 @@ def use_logger(cfg: DictConfig, built: config.Built, run_dir: Path, recipe: str)
         os.environ["WANDB_DIR"] = str(run_dir)
 
 
+def share_cores() -> int:
+    """Give this process its share of the cores: processes side by side on one machine (the ranks of
+    a launch, a joblib sweep's jobs) each with torch's default of every core slow each other down many
+    times over. Returns the threads set for torch and OpenMP (the data workers inherit it)."""
+    parallel = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        jobs = HydraConfig.get().launcher.get("n_jobs") or 1  # joblib's; other launchers have none
+        parallel *= os.cpu_count() if jobs < 0 else jobs
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def run(cfg: DictConfig, run_dir: Path, recipe: str):
     """Train one recipe into `run_dir`; returns the finished trainer."""
+    threads = share_cores()
     built = config.build(cfg, run_dir)
     runs.guard(run_dir, cfg.run)
     use_logger(cfg, built, run_dir, recipe)
@@ -116,6 +131,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
         },
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
+        "torch_threads": threads,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     metrics = MetricsCallback(metrics_dir, context)

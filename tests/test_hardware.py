@@ -244,3 +244,29 @@ def test_tensorboard_run_writes_event_files_with_the_dpo_metrics(tmp_path):
     train_cli(tmp_path / "run", "logger=tensorboard")
     events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert events and any(b"rewards/margins" in e.read_bytes() for e in events)
+
+
+@pytest.mark.parametrize(
+    "ranks, jobs, cores, threads", [(None, None, 2, 2), ("2", None, 2, 1), (None, 2, 2, 1), ("2", 2, 16, 4)]
+)
+def test_each_rank_or_job_takes_its_share_of_the_cores(ranks, jobs, cores, threads, monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from dpo_recipes import train
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    if ranks:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    hydra = SimpleNamespace(mode=RunMode.MULTIRUN if jobs else RunMode.RUN, launcher={"n_jobs": jobs})
+    monkeypatch.setattr(train.HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(train.HydraConfig, "get", staticmethod(lambda: hydra))
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))  # restored after the test
+    try:
+        assert train.share_cores() == threads
+        assert torch.get_num_threads() == threads and os.environ["OMP_NUM_THREADS"] == str(threads)
+    finally:
+        torch.set_num_threads(before)

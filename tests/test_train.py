@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_summary_describes_the_run(default_run):
     assert summary["config"]["train"]["beta"] == 0.1
     assert {"trl", "transformers", "torch"} <= set(summary["versions"])
     assert summary["runtime_s"] > 0 and summary["samples_per_second"] > 0
-    assert "git_commit" in summary
+    assert "git_commit" in summary and summary["torch_threads"] == os.cpu_count()
 
 
 def test_evaluate_takes_data_the_trainer_already_tokenized(default_run):
