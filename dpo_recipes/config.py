@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hydra import compose as hydra_compose
@@ -28,6 +28,7 @@ from peft import PeftConfig
 from transformers import BitsAndBytesConfig
 from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
+from data_prep.convert import FORMATS
 from dpo_recipes import ROOT, assets, hub, tiny
 
 CONF_DIR = ROOT / "conf"
@@ -48,10 +49,11 @@ class ModelArgs(ModelConfig):
     )
 
 
+# Our own nodes. A Literal type lists a key's choices once: check() refuses any other value with them.
 @dataclass
 class DatasetSchema:
     path: str = MISSING  # a .json/.jsonl/.parquet file, a folder saved by `datasets`, or a hub id
-    format: str = "trl"  # trl | alpaca | ultrafeedback | sharegpt
+    format: Literal[FORMATS] = "trl"  # the data_prep converter
     train_split: str = "train"  # split to read from a hub id or a saved DatasetDict
     eval_path: str | None = None  # a separate eval file, if any
     eval_split: str | None = None  # an eval split of the same dataset, if any
@@ -62,24 +64,23 @@ class DatasetSchema:
 
 @dataclass
 class HardwareSchema:
-    device: str = "cpu"  # what the option needs to train: cpu | cuda
-    engine: str = (
-        "single"  # single (one process) | ddp | deepspeed | fsdp: the last three via accelerate launch
-    )
+    device: Literal["cpu", "cuda"] = "cpu"  # what the option needs to train
+    engine: Literal["single", "ddp", "deepspeed", "fsdp"] = "single"  # all but single: accelerate launch
     accelerate_config: str | None = None  # the accelerate config file `make train NPROC=...` launches with
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage, on the options that use it
 
 
 @dataclass
 class LoggerSchema:
-    name: str = "none"  # none | wandb | tensorboard (train.report_to is set by the same option)
+    name: Literal["none", "wandb", "tensorboard"] = "none"  # train.report_to is set by the same option
     project: str | None = None  # wandb project
     entity: str | None = None  # wandb entity (team or user)
-    mode: str = "online"  # wandb: online | offline | disabled
+    mode: Literal["online", "offline", "disabled"] = "online"  # wandb's
 
 
 @dataclass
 class ReferenceSchema:
-    strategy: str = "auto"  # auto | adapter | copy | path | precomputed | sft_adapter
+    strategy: Literal["auto", "adapter", "copy", "path", "precomputed", "sft_adapter"] = "auto"
     path: str | None = None  # `path`: the reference model; `sft_adapter`: the SFT LoRA adapter
 
 
@@ -98,8 +99,6 @@ class SweepReportSchema:
     tie_break: str = "eval_loss"  # lowest final value wins a tie
 
 
-ENGINES = ("single", "ddp", "deepspeed", "fsdp")
-REFERENCES = ("auto", "adapter", "copy", "path", "precomputed", "sft_adapter")
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
 
 
@@ -158,12 +157,19 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Built:
+    """Everything a run needs, read from the composed config once; nothing after build() reads that."""
+
     args: DPOConfig
     model: ModelArgs
     peft: PeftConfig | None
     quantization: BitsAndBytesConfig | None
+    dataset: DatasetSchema
+    hardware: HardwareSchema
+    reference: ReferenceSchema  # its strategy resolved: never auto
+    run: RunSchema
+    logger: LoggerSchema
 
 
 def recipes() -> list[str]:
@@ -216,13 +222,9 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
 
 
 def _dataset_problems(dataset: DictConfig) -> list[str]:
-    from data_prep.convert import FORMATS
-
     problems = []
     if OmegaConf.is_missing(dataset, "path"):
         problems.append("dataset.path: missing; name a file, a saved dataset folder or a hub id")
-    if dataset.format not in FORMATS:
-        problems.append(f"dataset.format: unknown {dataset.format!r}; choose one of {', '.join(FORMATS)}")
     if dataset.eval_path and dataset.eval_split:
         problems.append("dataset: set eval_path (a separate file) or eval_split (a split of path), not both")
     if isinstance(dataset.eval_size, int | float) and dataset.eval_size < 0:
@@ -236,8 +238,6 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"run.resume: {run.resume!r} is not auto, never or a checkpoint dir with trainer_state.json"
         )
-    if cfg.hardware.device not in ("cpu", "cuda"):
-        problems.append(f"hardware.device: unknown {cfg.hardware.device!r}; choose cpu or cuda")
     return problems
 
 
@@ -250,8 +250,6 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: boo
     option = (
         HydraConfig.get().runtime.choices.get("hardware", engine) if HydraConfig.initialized() else engine
     )
-    if engine not in ENGINES:
-        problems.append(f"hardware.engine: unknown {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
     if engine in ("deepspeed", "fsdp") and train.get("use_cpu"):
@@ -259,7 +257,7 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: boo
             f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
             "parallel instead; on CPU use hardware=cpu NPROC=<processes>"
         )
-    zero3 = "zero3" in str(cfg.hardware.accelerate_config or "")
+    zero3 = cfg.hardware.zero_stage == 3
     reentrant = (train.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
     if zero3 and model.get("use_peft") and train.get("activation_checkpointing") and reentrant is False:
         problems.append(
@@ -271,8 +269,6 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: boo
                 f"train.{key}: secrets go in the environment (e.g. HF_TOKEN), not in a config saved with the run"
             )
     logger = cfg.logger
-    if logger.name == "wandb" and logger.mode not in ("online", "offline", "disabled"):
-        problems.append(f"logger.mode: unknown {logger.mode!r}; choose online, offline or disabled")
     if not for_training:
         return problems
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -309,10 +305,7 @@ def reference_strategy(cfg: DictConfig) -> str:
 
 
 def _reference_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
-    strategy, problems = cfg.reference.strategy, []
-    if strategy not in REFERENCES:
-        return [f"reference.strategy: unknown {strategy!r}; choose one of {', '.join(REFERENCES)}"]
-    strategy = reference_strategy(cfg)
+    strategy, problems = reference_strategy(cfg), []
     if strategy in ("path", "sft_adapter") and (
         OmegaConf.is_missing(cfg.reference, "path") or not cfg.reference.path
     ):
@@ -343,10 +336,16 @@ SIMPLE = (bool, int, float, str, type(None))
 
 
 def _wrong_types(node: str, values: dict, cls) -> list[str]:
-    """Values whose type a plain field (bool, int, float, str, or a union of them) cannot take."""
+    """Values whose type a plain field (bool, int, float, str, or a union of them) cannot take, and
+    values a Literal field does not list."""
     hints, problems = typing.get_type_hints(cls), []
     for key, value in values.items():
         hint = hints.get(key)
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                choices = ", ".join(map(str, typing.get_args(hint)))
+                problems.append(f"{node}.{key}: unknown {value!r}; choose one of {choices}")
+            continue
         allowed = (
             typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         )
@@ -419,13 +418,23 @@ def check(cfg: DictConfig, *, for_training: bool = True) -> None:
         raise ConfigError(problems)
 
 
-def build(cfg: DictConfig, output_dir: Path, *, for_training: bool = True) -> Built:
-    """Check `cfg`, then build DPOConfig, ModelConfig and the PEFT and quantization configs (no weights)."""
+def build(
+    cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, for_training: bool = True
+) -> Built:
+    """Check `cfg`, then build DPOConfig, ModelConfig, the PEFT and quantization configs and our own nodes
+    (no weights). The run is named `<recipe>/<run dir>`; a dataset without eval data turns eval off."""
     check(cfg, for_training=for_training)
     train = _train(cfg)
+    nodes = {name: cls(**OmegaConf.to_container(cfg[name], resolve=True)) for name, cls in OURS.items()}
+    nodes["reference"] = dataclasses.replace(nodes["reference"], strategy=reference_strategy(cfg))
     model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
     if not torch.cuda.is_available() and not for_training:
         train.update(use_cpu=True, bf16=False, fp16=False)  # validating a GPU recipe here: skip device checks
+    dataset = nodes["dataset"]
+    if not (dataset.eval_path or dataset.eval_split or dataset.eval_size):
+        train["eval_strategy"] = "no"
+    if recipe:
+        train["run_name"] = f"{recipe}/{Path(output_dir).name}"
     train["model_init_kwargs"] = {
         "use_safetensors": True,  # pickled weights can run code on load; opt in with model_init_kwargs
         "revision": model_args.model_revision,
@@ -437,4 +446,5 @@ def build(cfg: DictConfig, output_dir: Path, *, for_training: bool = True) -> Bu
         args = DPOConfig(output_dir=str(output_dir), **train)
     except (ValueError, TypeError) as err:
         raise ConfigError([f"train: {err}"]) from err
-    return Built(args, model_args, get_peft_config(model_args), get_quantization_config(model_args))
+    nodes.pop("sweep_report")
+    return Built(args, model_args, get_peft_config(model_args), get_quantization_config(model_args), **nodes)

@@ -19,23 +19,23 @@ from transformers import TrainerCallback
 
 from data_prep.io import atomic_path, peak_rss_mb, write_text
 
-# (panel title, metrics drawn in it). Train and eval (`eval_` prefix) are overlaid in each panel.
-PANELS = [
-    ("loss", ["loss"]),
-    ("rewards/accuracies", ["rewards/accuracies"]),
-    ("rewards/margins", ["rewards/margins"]),
-    ("rewards: chosen vs rejected", ["rewards/chosen", "rewards/rejected"]),
-    ("log-probs: chosen vs rejected", ["logps/chosen", "logps/rejected"]),
-    ("learning rate", ["learning_rate"]),
-]
 PLOT_EVERY_S = 120.0
-BEST = {  # metric -> True when higher is better
-    "loss": False,
-    "rewards/accuracies": True,
-    "rewards/margins": True,
-    "eval_loss": False,
-    "eval_rewards/accuracies": True,
-    "eval_rewards/margins": True,
+# Every metric the CSV, the plot, the summary and the sweep report name: (TRL's name, True when higher
+# is better or None when no value is best, the plot panel it is drawn in). Train and eval (`eval_`
+# prefix) share a row; a new row with a new panel title adds a panel to the plot.
+METRICS = [
+    ("loss", False, "loss"),
+    ("rewards/accuracies", True, "rewards/accuracies"),
+    ("rewards/margins", True, "rewards/margins"),
+    ("rewards/chosen", None, "rewards: chosen vs rejected"),
+    ("rewards/rejected", None, "rewards: chosen vs rejected"),
+    ("logps/chosen", None, "log-probs: chosen vs rejected"),
+    ("logps/rejected", None, "log-probs: chosen vs rejected"),
+    ("learning_rate", None, "learning rate"),
+]
+PANELS = {panel: [name for name, _, p in METRICS if p == panel] for _, _, panel in METRICS}
+BEST = {
+    prefix + name: higher for prefix in ("", "eval_") for name, higher, _ in METRICS if higher is not None
 }
 
 
@@ -95,8 +95,11 @@ def plot(rows: list[dict], target: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (panel, metrics) in zip(axes.flat, PANELS, strict=True):
+    rows_of_panels = -(-len(PANELS) // 3)
+    fig, axes = plt.subplots(rows_of_panels, 3, figsize=(15, 4 * rows_of_panels), constrained_layout=True)
+    for ax in axes.flat[len(PANELS) :]:
+        ax.set_visible(False)
+    for ax, (panel, metrics) in zip(axes.flat, PANELS.items(), strict=False):
         for metric in metrics:
             for prefix, style in (("", "-"), ("eval_", "o--")):
                 points = [(r["step"], r[prefix + metric]) for r in rows if prefix + metric in r]

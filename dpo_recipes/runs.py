@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
+from dpo_recipes import health
 from dpo_recipes.config import ConfigError
 
 CHECKPOINT = "checkpoint-"
@@ -89,6 +90,40 @@ class RunGuard(Callback):
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def finish(
+    trainer, metrics, on_signal: "StopOnSignal", on_non_finite: "StopOnNonFinite", recipe: str
+) -> None:
+    """After training: print the health flags, then save the model and a finished summary, or write the
+    summary of a stopped run and raise Stopped with what to do next."""
+    flags = health.check(trainer.state.log_history)
+    for flag in flags:
+        print(f"health: {flag['flag']}: {flag['problem']}; try: {flag['fix']}", file=sys.stderr)
+    if on_signal.received is None and not on_non_finite.error:
+        trainer.save_model(trainer.args.output_dir)
+        metrics.write_summary(trainer.state, "finished", health=flags)
+        return
+    status = "interrupted" if on_signal.received is not None else "stopped: non-finite"
+    metrics.write_summary(trainer.state, status, health=flags)
+    if on_non_finite.error:
+        raise Stopped(on_non_finite.error)
+    hint = resume_hint(Path(trainer.args.output_dir), recipe)
+    raise Stopped(
+        f"{signal.Signals(on_signal.received).name} at step {trainer.state.global_step}: checkpoint saved; "
+        f"resume with {hint}",
+        128 + on_signal.received,
+    )
+
+
+def exit_code(err: Exception) -> int | None:
+    """The exit code for an error whose message tells the user what to do, or None for a bug."""
+    from dpo_recipes.data import DataError
+    from dpo_recipes.hub import Unreachable
+
+    if isinstance(err, Stopped):
+        return err.exit_code
+    return 2 if isinstance(err, ConfigError | DataError | Unreachable) else None
 
 
 class StopOnSignal(TrainerCallback):

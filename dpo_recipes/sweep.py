@@ -16,17 +16,9 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from data_prep.io import atomic_path, write_text
-from dpo_recipes.metrics import to_csv
+from dpo_recipes.metrics import BEST, to_csv
 
 FAILED = "job_status.json"  # written into a job's dir when it fails; a finished job has a summary.json
-METRICS = [
-    "loss",
-    "rewards/accuracies",
-    "rewards/margins",
-    "eval_loss",
-    "eval_rewards/accuracies",
-    "eval_rewards/margins",
-]
 
 
 def _overrides(job_dir: Path) -> dict:
@@ -52,7 +44,7 @@ def job(job_dir: Path) -> dict:
             status="ok", error="", runtime_s=summary.get("runtime_s"), tokenize_s=tokenize.get("seconds")
         )
         row["peak_rss_mb"] = summary.get("peak_rss_mb")
-        for metric in METRICS:
+        for metric in BEST:
             row[f"final_{metric}"] = summary["final"].get(metric)
             row[f"best_{metric}"] = summary["best"].get(metric, {}).get("value")
     elif (job_dir / FAILED).exists():

@@ -6,7 +6,6 @@ python -m dpo_recipes.train recipes=tiny_lora_dpo train.beta=0.05
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 from importlib.metadata import version
@@ -19,8 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, health, hub, runs, sweep, tokenize
-from dpo_recipes.config import ConfigError
+from dpo_recipes import ROOT, config, data, hub, runs, sweep, tokenize
 from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
@@ -36,8 +34,14 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def note_length_drops(trainer, train_set, eval_set, data_report: dict, context: dict) -> None:
-    """TRL silently drops rows whose prompt alone reaches max_length: count them, and stop if none is left."""
+def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, context: dict, metrics_dir: Path):
+    """What happened to the data on its way to TRL: the tokenization path, a precomputed reference's
+    cache, the rows TRL dropped for length (stop if none is left), the template's default system
+    message; then the data report."""
+    context["tokenize"] = trainer.tokenize_log
+    if hasattr(trainer, "ref_logps_cache"):
+        context["reference"]["precomputed"] = trainer.ref_logps_cache
+        print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
     max_length = trainer.args.max_length
     for split, before, after in (
         ("train", train_set, trainer.train_dataset),
@@ -60,17 +64,18 @@ def note_length_drops(trainer, train_set, eval_set, data_report: dict, context: 
                 f"train.max_length={max_length}; raise it to keep them",
                 file=sys.stderr,
             )
+    injected = tokenize.template_system_prompt(tokenizer)
+    data_report["train"]["template_system_prompt"] = injected
+    if trainer.is_world_process_zero():
+        if injected:
+            print(f"note: the chat template gives rows without a system message this one: {injected!r}")
+        write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
 
 
-def use_logger(cfg: DictConfig, built: config.Built, run_dir: Path, recipe: str) -> None:
-    """Name the run after the recipe and its dir; point wandb at the project and into the run dir."""
-    built.args.run_name = f"{recipe}/{run_dir.name}"
-    if cfg.logger.name == "wandb":
-        settings = {
-            "WANDB_PROJECT": cfg.logger.project,
-            "WANDB_ENTITY": cfg.logger.entity,
-            "WANDB_MODE": cfg.logger.mode,
-        }
+def use_logger(logger: config.LoggerSchema, run_dir: Path) -> None:
+    """Point wandb at the project and into the run dir."""
+    if logger.name == "wandb":
+        settings = {"WANDB_PROJECT": logger.project, "WANDB_ENTITY": logger.entity, "WANDB_MODE": logger.mode}
         os.environ.update({k: str(v) for k, v in settings.items() if v})
         os.environ["WANDB_DIR"] = str(run_dir)
 
@@ -89,56 +94,46 @@ def share_cores() -> int:
     return threads
 
 
-def run(cfg: DictConfig, run_dir: Path, recipe: str):
-    """Train one recipe into `run_dir`; returns the finished trainer."""
-    threads = share_cores()
-    built = config.build(cfg, run_dir)
-    runs.guard(run_dir, cfg.run)
-    use_logger(cfg, built, run_dir, recipe)
-    metrics_dir = run_dir / "dpo_metrics"
-
-    from transformers import AutoTokenizer
-
-    from dpo_recipes import models
-    from dpo_recipes.metrics import MetricsCallback
-
-    model_args = built.model
-    with hub.fetching("tokenizer of the model", model_args.model_name_or_path, "model.model_name_or_path"):
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.model_revision,
-            trust_remote_code=built.args.trust_remote_code,
-        )
-    if model_args.chat_template:
-        tokenizer.chat_template = config.chat_template(model_args.chat_template)
-    train_set, eval_set, data_report = data.load(cfg.dataset, built.args.seed, built.args.dataset_num_proc)
-    if tokenizer.chat_template is None and isinstance(train_set[0]["prompt"], list):
-        raise ConfigError(
-            [
-                f"the data is conversational and the tokenizer of {model_args.model_name_or_path} has no chat "
-                "template (a base model's, say): name one with model.chat_template=chatml, llama3 or tiny, "
-                "or a .jinja file"
-            ]
-        )
-    if eval_set is None:
-        built.args.eval_strategy = "no"
-    context = {
+def describe(
+    cfg: DictConfig, built: config.Built, recipe: str, run_dir: Path, sets: tuple, report: dict
+) -> dict:
+    """What summary.json says of the run besides its metrics; the composed config is saved as it is."""
+    train_set, eval_set = sets
+    return {
         "recipe": recipe,
         "run_dir": str(run_dir),
         "dataset": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0},
-        "data": {
-            split: {k: r[k] for k in ("rows_in", "rows_out", "dropped")} for split, r in data_report.items()
-        },
+        "data": {split: {k: r[k] for k in ("rows_in", "rows_out", "dropped")} for split, r in report.items()},
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
-        "torch_threads": threads,
+        "reference": {"strategy": built.reference.strategy, "path": built.reference.path},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    metrics = MetricsCallback(metrics_dir, context)
-    on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(cfg.run.nan_patience)
-    with hub.fetching("model", model_args.model_name_or_path, "model.model_name_or_path"):
-        policy, reference, peft = models.load(built, cfg)
-        trainer = models.Trainer(
+
+
+def run(cfg: DictConfig, run_dir: Path, recipe: str):
+    """Train one recipe into `run_dir`; returns the finished trainer."""
+    threads = share_cores()
+    built = config.build(cfg, run_dir, recipe)
+    runs.guard(run_dir, built.run)
+    use_logger(built.logger, run_dir)
+
+    from dpo_recipes import models
+    from dpo_recipes.metrics import MetricsCallback
+    from dpo_recipes.trainer import Trainer
+
+    tokenizer = models.tokenizer(built)
+    train_set, eval_set, data_report = data.load(built.dataset, built.args.seed, built.args.dataset_num_proc)
+    models.check_template(tokenizer, train_set, built)
+    context = {
+        **describe(cfg, built, recipe, run_dir, (train_set, eval_set), data_report),
+        "torch_threads": threads,
+    }
+    metrics = MetricsCallback(run_dir / "dpo_metrics", context)
+    on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(built.run.nan_patience)
+    with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
+        policy, reference, peft = models.load(built)
+        trainer = Trainer(
             model=policy,
             ref_model=reference,
             args=built.args,
@@ -149,35 +144,9 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
             quantization_config=built.quantization if isinstance(policy, str) else None,
             callbacks=[metrics, on_signal, on_non_finite],
         )
-    context["tokenize"] = trainer.tokenize_log
-    context["reference"] = {"strategy": config.reference_strategy(cfg), "path": cfg.reference.path}
-    if hasattr(trainer, "ref_logps_cache"):
-        context["reference"]["precomputed"] = trainer.ref_logps_cache
-        print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
-    note_length_drops(trainer, train_set, eval_set, data_report, context)
-    injected = tokenize.template_system_prompt(tokenizer)
-    data_report["train"]["template_system_prompt"] = injected
-    if injected and trainer.is_world_process_zero():
-        print(f"note: the chat template gives rows without a system message this one: {injected!r}")
-    if trainer.is_world_process_zero():
-        write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
-    trainer.train(resume_from_checkpoint=runs.resume_point(run_dir, cfg.run))
-    flags = health.check(trainer.state.log_history)
-    for flag in flags:
-        print(f"health: {flag['flag']}: {flag['problem']}; try: {flag['fix']}", file=sys.stderr)
-    if on_signal.received is not None or on_non_finite.error:
-        status = "interrupted" if on_signal.received is not None else "stopped: non-finite"
-        metrics.write_summary(trainer.state, status, health=flags)
-        if on_non_finite.error:
-            raise runs.Stopped(on_non_finite.error)
-        name = signal.Signals(on_signal.received).name
-        hint = runs.resume_hint(run_dir, recipe)
-        raise runs.Stopped(
-            f"{name} at step {trainer.state.global_step}: checkpoint saved; resume with {hint}",
-            128 + on_signal.received,
-        )
-    trainer.save_model(str(run_dir))
-    metrics.write_summary(trainer.state, "finished", health=flags)
+    note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
+    trainer.train(resume_from_checkpoint=runs.resume_point(run_dir, built.run))
+    runs.finish(trainer, metrics, on_signal, on_non_finite, recipe)
     return trainer
 
 
@@ -192,10 +161,11 @@ def main(cfg: DictConfig) -> None:
             write_text(run_dir / sweep.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
             print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return
-        if not isinstance(err, ConfigError | DataError | hub.Unreachable | runs.Stopped):
+        code = runs.exit_code(err)
+        if code is None:
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code if isinstance(err, runs.Stopped) else 2)
+        sys.exit(code)
     finally:  # jobs of one sweep share the process: free this job's model before the next one loads
         gc.collect()
         if torch.cuda.is_available():

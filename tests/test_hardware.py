@@ -40,16 +40,21 @@ def test_every_option_composes_and_validates(option, tmp_path):
         assert Path(cfg.hardware.accelerate_config).is_file()
 
 
-@pytest.mark.parametrize("path", sorted(ACCELERATE.glob("*.yaml")), ids=lambda p: p.stem)
-def test_accelerate_configs_name_settings_accelerate_knows(path):
+@pytest.mark.parametrize("option", HARDWARE)
+def test_accelerate_configs_name_settings_accelerate_knows(option):
+    hardware = config.compose([f"hardware={option}"])[0].hardware
+    if not hardware.accelerate_config:
+        return
+    path = Path(hardware.accelerate_config)
     cluster = ClusterConfig.from_yaml_file(str(path))  # rejects unknown top-level keys
     launch_options = {action.dest for action in launch_command_parser()._actions}
     raw = yaml.safe_load(path.read_text())
     for key in [*raw.get("deepspeed_config", {}), *raw.get("fsdp_config", {})]:
         assert key in launch_options, f"{path.name}: accelerate launch has no --{key}"
+    assert bool(cluster.deepspeed_config) == (hardware.engine == "deepspeed") == bool(hardware.zero_stage)
     if cluster.deepspeed_config:
         ds = json.loads((ROOT / cluster.deepspeed_config["deepspeed_config_file"]).read_text())
-        assert ds["zero_optimization"]["stage"] == (2 if "zero2" in path.stem else 3)
+        assert ds["zero_optimization"]["stage"] == hardware.zero_stage
         assert ds["gradient_accumulation_steps"] == ds["train_micro_batch_size_per_gpu"] == "auto"
 
 

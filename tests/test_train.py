@@ -202,15 +202,13 @@ def test_real_data_options_train(option, tmp_path):
 def test_a_change_in_trls_private_names_falls_back_to_trls_own_path(tmp_path, monkeypatch, capsys):
     import trl.trainer.utils
 
-    from dpo_recipes import models
+    from dpo_recipes import trainer as overrides
 
-    assert models.changed_in_trl() == []  # the pinned TRL has every name the overrides rely on
+    assert overrides.changed_in_trl() == []  # the pinned TRL has every name the overrides rely on
     monkeypatch.delattr(trl.trainer.utils, "global_then_local_main_first")
     monkeypatch.setattr(trl.DPOTrainer, "_precompute_ref_logps", lambda self, dataset, name: dataset)
-    assert (
-        models.changed_in_trl()
-        == ["trl.trainer.utils.global_then_local_main_first", "DPOTrainer._precompute_ref_logps"][::-1]
-    )
+    changed = ["DPOTrainer._precompute_ref_logps", "trl.trainer.utils.global_then_local_main_first"]
+    assert overrides.changed_in_trl() == changed
     trainer, _ = run(tmp_path, tiny_overrides("tiny_lora_dpo"))
     assert trainer.state.global_step == 2 and trainer.tokenize_log == {}
     assert capsys.readouterr().err.count("its own data preparation runs instead") == 1
