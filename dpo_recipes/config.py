@@ -244,14 +244,15 @@ def _run_problems(cfg: DictConfig) -> list[str]:
 SECRET = re.compile(r"token|secret|password|api_key", re.I)
 
 
-def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: bool) -> list[str]:
-    """Distributed engines, loggers and secrets: what would otherwise fail minutes into a launch."""
-    engine, problems = cfg.hardware.engine, []
-    option = (
-        HydraConfig.get().runtime.choices.get("hardware", engine) if HydraConfig.initialized() else engine
-    )
-    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
+def _option(cfg: DictConfig) -> str:
+    """The hardware option's name, for messages."""
+    engine = cfg.hardware.engine
+    return HydraConfig.get().runtime.choices.get("hardware", engine) if HydraConfig.initialized() else engine
+
+
+def _scale_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
+    """Distributed engines and secrets: what would otherwise fail minutes into a launch."""
+    engine, option, problems = cfg.hardware.engine, _option(cfg), []
     if engine in ("deepspeed", "fsdp") and train.get("use_cpu"):
         problems.append(
             f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
@@ -268,9 +269,20 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict, for_training: boo
             problems.append(
                 f"train.{key}: secrets go in the environment (e.g. HF_TOKEN), not in a config saved with the run"
             )
-    logger = cfg.logger
-    if not for_training:
-        return problems
+    return problems
+
+
+def _machine_problems(cfg: DictConfig, train: dict) -> list[str]:
+    """What this machine and launch lack for the run: extras, GPUs, processes, a wandb login."""
+    engine, option, logger, problems = cfg.hardware.engine, _option(cfg), cfg.logger, []
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
+    wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
+    if wants_gpu and not train.get("use_cpu") and not torch.cuda.is_available():
+        problems.append(
+            "hardware: this recipe trains on a CUDA GPU (bf16) and none is visible here; "
+            "to run it on this machine add the override hardware=cpu"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if engine != "single" and world == 1:
         problems.append(
@@ -370,8 +382,9 @@ def _train(cfg: DictConfig) -> dict:
     return train
 
 
-def check(cfg: DictConfig, *, for_training: bool = True) -> None:
-    """Raise ConfigError listing every problem that can be seen without loading weights."""
+def check(cfg: DictConfig, *, machine: bool = True) -> None:
+    """Raise ConfigError listing every problem that can be seen without loading weights: in the config
+    itself, and (`machine`) on this machine and launch."""
     train = _train(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=False)
     problems = _unknown_keys("train", train, DPOConfig) + _unknown_keys("model", model, ModelArgs)
@@ -384,9 +397,7 @@ def check(cfg: DictConfig, *, for_training: bool = True) -> None:
     for node, cls in OURS.items():
         values = OmegaConf.to_container(cfg[node], resolve=True, throw_on_missing=False)
         problems += _unknown_keys(node, values, cls) + _wrong_types(node, values, cls)
-    problems += (
-        _dataset_problems(cfg.dataset) + _run_problems(cfg) + _scale_problems(cfg, train, model, for_training)
-    )
+    problems += _dataset_problems(cfg.dataset) + _run_problems(cfg) + _scale_problems(cfg, train, model)
     losses = train.get("loss_type", ["sigmoid"])
     known_losses = loss_types()
     for loss in losses:
@@ -408,28 +419,20 @@ def check(cfg: DictConfig, *, for_training: bool = True) -> None:
             f"train.label_smoothing: ignored by loss {losses} (TRL 1.16 reads it only in robust and exo_pair; "
             "the label-smoothed sigmoid of cDPO is gone); use loss=robust for noisy labels, or remove it"
         )
-    wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
-    if for_training and wants_gpu and not train.get("use_cpu") and not torch.cuda.is_available():
-        problems.append(
-            "hardware: this recipe trains on a CUDA GPU (bf16) and none is visible here; "
-            "to run it on this machine add the override hardware=cpu"
-        )
+    if machine:
+        problems += _machine_problems(cfg, train)
     if problems:
         raise ConfigError(problems)
 
 
-def build(
-    cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, for_training: bool = True
-) -> Built:
+def build(cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, machine: bool = True) -> Built:
     """Check `cfg`, then build DPOConfig, ModelConfig, the PEFT and quantization configs and our own nodes
     (no weights). The run is named `<recipe>/<run dir>`; a dataset without eval data turns eval off."""
-    check(cfg, for_training=for_training)
+    check(cfg, machine=machine)
     train = _train(cfg)
     nodes = {name: cls(**OmegaConf.to_container(cfg[name], resolve=True)) for name, cls in OURS.items()}
     nodes["reference"] = dataclasses.replace(nodes["reference"], strategy=reference_strategy(cfg))
     model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
-    if not torch.cuda.is_available() and not for_training:
-        train.update(use_cpu=True, bf16=False, fp16=False)  # validating a GPU recipe here: skip device checks
     dataset = nodes["dataset"]
     if not (dataset.eval_path or dataset.eval_split or dataset.eval_size):
         train["eval_strategy"] = "no"
@@ -443,7 +446,7 @@ def build(
         **(train.get("model_init_kwargs") or {}),
     }
     try:
-        args = DPOConfig(output_dir=str(output_dir), **train)
+        args = DPOConfig(output_dir=str(output_dir), **train)  # raises on bf16 without a GPU
     except (ValueError, TypeError) as err:
         raise ConfigError([f"train: {err}"]) from err
     nodes.pop("sweep_report")

@@ -12,12 +12,24 @@ from omegaconf import OmegaConf
 
 from dpo_recipes import config
 
+# TRL's DPOConfig refuses bf16 where no GPU is visible: a GPU recipe is built here as on a CPU, said so.
+CPU_STAND_IN = ["train.bf16=false", "train.fp16=false"]
+
+
+def overrides_here(cfg) -> list[str]:
+    """CPU_STAND_IN when `cfg` trains on a GPU and this machine has none."""
+    gpu = cfg.hardware.device == "cuda" or cfg.train.get("bf16") or cfg.train.get("fp16")
+    return CPU_STAND_IN if gpu and not torch.cuda.is_available() else []
+
 
 def main(argv: list[str]) -> int:
     try:
         cfg, recipe = config.compose(argv)
+        here = overrides_here(cfg)
+        if here:
+            cfg, recipe = config.compose([*argv, *here])
         with tempfile.TemporaryDirectory() as scratch:
-            built = config.build(cfg, scratch, for_training=False)
+            built = config.build(cfg, scratch, machine=False)
     except (config.ConfigError, HydraException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -26,8 +38,10 @@ def main(argv: list[str]) -> int:
     print(f", {type(built.peft).__name__}" if built.peft else ", no PEFT", end="")
     print(f", {type(built.quantization).__name__}" if built.quantization else ", no quantization", end="")
     print(" built; no weights loaded")
-    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
-        print("note: no CUDA GPU here, so device checks were skipped; to train here add hardware=cpu")
+    if here:
+        print(
+            f"note: no CUDA GPU here, so DPOConfig was built with {' '.join(here)}; to train here add hardware=cpu"
+        )
     return 0
 
 

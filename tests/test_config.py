@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.errors import HydraException
 
-from dpo_recipes import ROOT, config
+from dpo_recipes import ROOT, config, validate
 from dpo_recipes.config import ConfigError
 
 RECIPES = config.recipes()
@@ -132,8 +132,9 @@ def test_wrong_types_in_trl_nodes_are_caught_before_trl_sees_them():
 @pytest.mark.parametrize("hardware", sorted(p.stem for p in (ROOT / "conf" / "hardware").glob("*.yaml")))
 def test_every_hardware_option_sets_the_data_processes(hardware, tmp_path):
     # engine=single: DeepSpeed and launcher checks are not what this test is about
-    cfg, _ = config.compose(["recipes=tiny_lora_dpo", f"hardware={hardware}", "hardware.engine=single"])
-    built = config.build(cfg, tmp_path, for_training=False)
+    overrides = ["recipes=tiny_lora_dpo", f"hardware={hardware}", "hardware.engine=single"]
+    cfg, _ = config.compose([*overrides, *validate.overrides_here(config.compose(overrides)[0])])
+    built = config.build(cfg, tmp_path, machine=False)
     assert built.args.dataset_num_proc == cfg.train.dataset_num_proc >= 2
 
 

@@ -14,7 +14,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 
-from dpo_recipes import ROOT, config, launch, tiny
+from dpo_recipes import ROOT, config, launch, tiny, validate
 
 HARDWARE = sorted(p.stem for p in (config.CONF_DIR / "hardware").glob("*.yaml"))
 ACCELERATE = ROOT / "accelerate"
@@ -26,16 +26,32 @@ def test_the_options_the_project_promises():
 
 @pytest.mark.parametrize("option", HARDWARE)
 def test_every_option_composes_and_validates(option, tmp_path):
-    cfg, _ = config.compose([f"hardware={option}"])
+    composed = config.compose([f"hardware={option}"])[0]
+    cfg, _ = config.compose([f"hardware={option}", *validate.overrides_here(composed)])
+    config.build(cfg, tmp_path, machine=False)  # the config itself is sound
     problems = []
     try:
-        config.build(cfg, tmp_path, for_training=False)
+        config.check(cfg)  # and this machine and launch: one process, maybe no DeepSpeed
     except config.ConfigError as err:
         problems = err.problems
-    if cfg.hardware.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        assert problems == [f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"']
-    else:
-        assert problems == []
+    launcher = f"hardware={option} runs through accelerate: make train HARDWARE={option} NPROC=<processes>"
+    deepspeed = f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"'
+    expected = (
+        [deepspeed]
+        if cfg.hardware.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None
+        else []
+    )
+    no_gpu = cfg.hardware.device == "cuda" and not torch.cuda.is_available()
+    expected += (
+        [
+            "hardware: this recipe trains on a CUDA GPU (bf16) and none is visible here; "
+            "to run it on this machine add the override hardware=cpu"
+        ]
+        if no_gpu
+        else []
+    )
+    expected += [launcher] if cfg.hardware.engine != "single" and "WORLD_SIZE" not in os.environ else []
+    assert problems == expected
     if cfg.hardware.accelerate_config:
         assert Path(cfg.hardware.accelerate_config).is_file()
 
