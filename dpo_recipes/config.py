@@ -225,6 +225,16 @@ def _dataset_problems(dataset: DictConfig) -> list[str]:
     problems = []
     if OmegaConf.is_missing(dataset, "path"):
         problems.append("dataset.path: missing; name a file, a saved dataset folder or a hub id")
+    option = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
+    shipped = OmegaConf.load(CONF_DIR / "dataset" / f"{option}.yaml") if option else {}
+    moved = shipped and not OmegaConf.is_missing(dataset, "path") and dataset.path != shipped.get("path")
+    for key in ("eval_path", "eval_split"):  # an eval source of the option's own data, not of the new path
+        if moved and dataset[key] and dataset[key] == shipped.get(key):
+            problems.append(
+                f"dataset.{key}: {dataset[key]} belongs to dataset={option}, not to dataset.path={dataset.path}; "
+                f"name your eval data (dataset.{key}=...), or hold out part of yours: dataset.{key}=null "
+                "dataset.eval_size=0.1 (a fraction, or a row count)"
+            )
     if dataset.eval_path and dataset.eval_split:
         problems.append("dataset: set eval_path (a separate file) or eval_split (a split of path), not both")
     if isinstance(dataset.eval_size, int | float) and dataset.eval_size < 0:

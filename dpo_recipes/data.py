@@ -49,10 +49,19 @@ def load(
         path = cfg.eval_path or cfg.path
         split = cfg.eval_split or "train"
         evaluation, reports["eval"] = _convert(path, split, cfg.max_eval_samples, cfg, "eval", num_proc)
+        reports["eval"]["source"] = f"{path}, split {split}"
     elif cfg.eval_size:
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
         parts = train.train_test_split(test_size=size, seed=seed)
         train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
         n = len(evaluation)
-        reports["eval"] = {"rows_in": n, "rows_out": n, "dropped": {}, "held_out_from_train": True}
+        source = f"{n} rows held out of {cfg.path}"
+        reports["eval"] = {
+            "rows_in": n,
+            "rows_out": n,
+            "dropped": {},
+            "held_out_from_train": True,
+            "source": source,
+        }
+        print(f"eval data: {source}")
     return train, evaluation, reports

@@ -104,6 +104,7 @@ def describe(
         "run_dir": str(run_dir),
         "dataset": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0},
         "data": {split: {k: r[k] for k in ("rows_in", "rows_out", "dropped")} for split, r in report.items()},
+        "eval_source": report["eval"]["source"] if "eval" in report else None,
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
         "reference": {"strategy": built.reference.strategy, "path": built.reference.path},

@@ -221,7 +221,7 @@ def test_runs_go_to_outputs_recipe_stamp_shared_by_all_processes(monkeypatch):
             "`hf download Qwen/Qwen2.5-7B` (then it is found in the cache, also offline), or set model.model_name_or_path",
         ),
         (
-            ["dataset.path=HuggingFaceH4/nope"],
+            ["dataset.path=HuggingFaceH4/nope", "dataset.eval_path=null"],
             "dataset 'HuggingFaceH4/nope'",
             "`hf download HuggingFaceH4/nope --repo-type dataset` (then it is found in the cache, also offline), or set dataset.path",
         ),
@@ -242,3 +242,18 @@ def test_a_local_path_that_does_not_exist_is_named_before_anything_loads():
         err.value
     )
     assert "dataset.eval_path: ../nope.jsonl is neither" in str(err.value)
+
+
+def test_new_data_never_keeps_another_datasets_eval_file(tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("")
+    cfg, _ = config.compose([f"dataset.path={mine}"])
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    assert "dataset.eval_path: " in str(err.value) and "belongs to dataset=toy, not to dataset.path=" in str(
+        err.value
+    )
+    assert "dataset.eval_path=null dataset.eval_size=0.1" in str(err.value)
+    for fix in ([f"dataset.eval_path={mine}"], ["dataset.eval_path=null", "dataset.eval_size=0.1"]):
+        config.check(config.compose([f"dataset.path={mine}", *fix])[0])
+    config.check(config.compose(["dataset=real_alpaca"])[0])  # an option's own eval source stays

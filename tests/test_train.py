@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-from dpo_recipes import config, train
+from dpo_recipes import ROOT, config, train
 from dpo_recipes.data import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -125,8 +125,6 @@ def test_cli_writes_a_self_describing_run_dir(tmp_path):
     import subprocess
     import sys
 
-    from dpo_recipes import ROOT
-
     run_dir = tmp_path / "cli"
     out = subprocess.run(
         [
@@ -155,6 +153,9 @@ def test_data_report_and_counts_are_part_of_the_run(default_run):
     assert report["train"]["trl_dropped_prompt_too_long"] == 0
     summary = json.loads((metrics / "summary.json").read_text())
     assert summary["data"]["train"]["dropped"] == {} and summary["data"]["eval"]["rows_out"] == 128
+    assert (
+        summary["eval_source"] == report["eval"]["source"] == f"{ROOT / 'data/toy/eval.jsonl'}, split train"
+    )
 
 
 def test_prepared_file_feeds_the_trainer(tmp_path):
@@ -186,7 +187,7 @@ def test_a_dataset_with_no_valid_row_stops_with_the_report(tmp_path):
     with pytest.raises(
         DataError, match=r"kept 0 of 2 rows \(dropped: empty_completion=1, identical_pair=1\)"
     ):
-        run(tmp_path, tiny_overrides("tiny_lora_dpo", f"dataset.path={bad}"))
+        run(tmp_path, tiny_overrides("tiny_lora_dpo", f"dataset.path={bad}", "dataset.eval_path=null"))
 
 
 @pytest.mark.parametrize("option", ["real_alpaca", "real_sharegpt", "real_ultrafeedback"])
@@ -197,6 +198,8 @@ def test_real_data_options_train(option, tmp_path):
     assert trainer.state.global_step == 2
     summary = json.loads((metrics / "summary.json").read_text())
     assert summary["data"]["train"]["rows_in"] == 40
+    held_out = summary["data"]["eval"]["rows_out"]
+    assert summary["eval_source"].startswith(f"{held_out} rows held out of ") and held_out == 4
 
 
 def test_a_change_in_trls_private_names_falls_back_to_trls_own_path(tmp_path, monkeypatch, capsys):
