@@ -52,9 +52,9 @@ train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_AD
 sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm
 	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
 
-sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster)
+sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
-	$(PY) -m dpo_recipes.sweep $(DIR)
+	$(PY) -m dpo_recipes.sweep $(DIR) $(ARGS)
 
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
 	$(PY) -m dpo_recipes.validate $(TRAIN_ARGS) $(ARGS)

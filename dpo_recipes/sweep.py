@@ -7,6 +7,7 @@ its jobs ran on a cluster):
 """
 
 import argparse
+import difflib
 import json
 import math
 import sys
@@ -196,9 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lower", action="store_true", help="lower values of --metric are better")
     parser.add_argument("--tie-break", default="eval_loss", help="lowest value wins a tie")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir} is not a sweep dir", file=sys.stderr)
+    jobs = [d for d in args.sweep_dir.iterdir() if (d / ".hydra").is_dir()] if args.sweep_dir.is_dir() else []
+    if not jobs:
+        print(f"error: {args.sweep_dir} is not a sweep dir (no job dirs with .hydra/ in it)", file=sys.stderr)
         return 2
+    summaries = [d / "dpo_metrics" / "summary.json" for d in jobs]
+    logged = {key for path in summaries if path.exists() for key in json.loads(path.read_text())["final"]}
+    for name in (args.metric, args.tie_break):
+        if logged and name not in logged:
+            close = difflib.get_close_matches(name, sorted(logged), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            print(
+                f"error: no job logged {name!r}; {hint}they logged {', '.join(sorted(logged))}",
+                file=sys.stderr,
+            )
+            return 2
     write_report(args.sweep_dir, args.metric, not args.lower, args.tie_break)
     return 0
 

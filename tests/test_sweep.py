@@ -93,6 +93,16 @@ def test_report_can_be_rebuilt_with_another_metric(grid):
     assert report["best"]["job"] == min(rows, key=lambda r: r["final_eval_loss"])["job"]
 
 
+def test_the_report_command_checks_its_sweep_dir_and_metric(grid, tmp_path, capsys):
+    assert sweep.main([str(tmp_path)]) == 2  # no job dirs: not a sweep
+    assert "is not a sweep dir" in capsys.readouterr().err
+    assert not (tmp_path / "sweep_summary.csv").exists()
+    assert sweep.main([str(grid), "--metric", "eval_rewards/acuracies"]) == 2
+    assert "did you mean 'eval_rewards/accuracies'?" in capsys.readouterr().err
+    assert sweep.main([str(grid), "--metric", "eval_loss", "--lower"]) == 0
+    assert "ARGS" in (ROOT / "Makefile").read_text().split("sweep-report:")[1].split("\n\n")[0]
+
+
 def test_a_failed_job_is_listed_and_the_rest_still_run(tmp_path):
     out = multirun(tmp_path / "s", "train.beta=0.1", "train.max_length=256,5")
     assert out.returncode == 1 and "failed" in out.stderr

@@ -142,6 +142,7 @@ def test_cli_writes_a_self_describing_run_dir(tmp_path):
     assert f"run dir: {run_dir}" in out.stdout
     assert "beta: 0.1" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert (run_dir / "adapter_model.safetensors").exists()
+    assert not (run_dir / "train.log").exists()  # Hydra's log file stayed empty: no longer written
     for name in ("training_metrics.csv", "training_curves.png", "summary.json", "log_history.json"):
         assert (run_dir / "dpo_metrics" / name).exists()
 
