@@ -3,6 +3,7 @@ run, stop cleanly on SIGTERM / Ctrl-C, and stop on a non-finite loss instead of 
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -136,9 +137,17 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:  # a second one: stop now, whatever is being written
+            print(
+                f"\nsecond {name}: stopping now; a checkpoint being written may be incomplete, and resuming "
+                "uses the newest complete one",
+                file=sys.stderr,
+            )
+            os._exit(128 + signum)
         self.received = signum
         print(
-            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
+            f"\n{name}: saving a checkpoint after this step, then stopping ({name} again: stop now)",
             file=sys.stderr,
         )
 

@@ -2,12 +2,28 @@
 
 python -m dpo_recipes.train recipes=tiny_lora_dpo train.beta=0.05
 """
+# ruff: noqa: E402  (the start-up interrupt handler goes in before the heavy imports it covers)
+
+import signal
+import sys
+
+
+def _interrupted(signum, frame):
+    name = signal.Signals(signum).name
+    print(
+        f"\n{name} outside the training loop: stopped; a run resumes from its newest complete checkpoint",
+        file=sys.stderr,
+    )
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load or the data converts: one line, no traceback
+    signal.signal(signal.SIGINT, _interrupted)
 
 import gc
 import json
 import os
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 

@@ -195,3 +195,25 @@ def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
     assert max(resumed) == 20  # and Adam's moments and the schedule came back, or later losses would differ
     for step in (s for s in reference if s > 10):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4)
+
+
+def test_a_second_interrupt_stops_at_once(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(runs.os, "_exit", exits.append)
+    stop = runs.StopOnSignal()
+    stop._handle(signal.SIGINT, None)
+    assert stop.received == signal.SIGINT and exits == []  # the first one saves after this step
+    stop._handle(signal.SIGINT, None)
+    assert exits == [130]
+    assert "a checkpoint being written may be incomplete" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupt_during_start_up_exits_130_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "dpo_recipes.train", f"hydra.run.dir={tmp_path}"]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # the libraries are still loading: training starts seconds later
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert "SIGINT outside the training loop: stopped" in err
