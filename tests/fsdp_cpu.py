@@ -64,6 +64,7 @@ def main(out: str, policy_classes: list[str]) -> None:
         }
         with open(out, "w") as f:
             json.dump(result, f)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

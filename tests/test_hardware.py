@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,12 @@ def test_fsdp_wraps_each_qwen2_decoder_layer(monkeypatch):
     assert fsdp_wrapped(monkeypatch) == ["Qwen2DecoderLayer"] * tiny.QWEN["num_hidden_layers"]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process(monkeypatch, tmp_path):
     classes = ",".join(sorted(set(fsdp_wrapped(monkeypatch))))
@@ -147,7 +154,7 @@ def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process(monkeypatch, tm
     for world in (1, 2):
         out = tmp_path / f"{world}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-        cmd += ["--master_port", str(29610 + world), str(ROOT / "tests" / "fsdp_cpu.py"), str(out), classes]
+        cmd += ["--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_cpu.py"), str(out), classes]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
         results[world] = json.loads(out.read_text())
