@@ -19,6 +19,7 @@ MAIN_PORT ?= 29500
 RUN ?=
 RESUME ?=
 SWEEP ?=
+SWEEP_DIR ?=
 LAUNCHER ?=
 DIR ?=
 ONLY ?=
@@ -49,8 +50,9 @@ TRAIN_ARGS = recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(RUN
 train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT) via accelerate; RUN=name, RESUME=auto|never|<checkpoint>; ARGS
 	$(LAUNCH) $(TRAIN_ARGS) $(ARGS)
 
-sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm
-	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
+sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm; SWEEP_DIR=<an earlier sweep> resumes it
+	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
+		$(if $(SWEEP_DIR),hydra.sweep.dir=$(SWEEP_DIR)) $(ARGS)
 
 sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }

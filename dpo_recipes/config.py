@@ -35,6 +35,8 @@ CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
 TEMPLATES_DIR = ROOT / "assets" / "chat_templates"
 SET_BY_US = {"output_dir"}  # DPOConfig fields the run sets itself
+# DPOConfig fields the Trainer ignores (scripts read them): every run trains, and evaluates with eval data.
+IGNORED_BY_TRAINER = {"do_train", "do_eval", "do_predict"}
 
 
 @dataclass
@@ -89,6 +91,7 @@ class RunSchema:
     name: str | None = None  # a stable run dir, outputs/<recipe>/<name>; default: the launch time
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | a checkpoint dir
     overwrite: bool = False  # replace a finished run in the same dir
+    allow_changes: bool = False  # resume an unfinished run with overrides that change what it trains
     nan_patience: int = 0  # logged steps with a non-finite loss or grad norm tolerated before stopping
 
 
@@ -212,6 +215,11 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
     for key in keys:
         if key in SET_BY_US and node == "train":
             problems.append(f"{node}.{key}: set by the run itself (the run dir); remove it")
+        elif node == "train" and key in IGNORED_BY_TRAINER:
+            problems.append(
+                f"{node}.{key}: the Trainer ignores it: every run trains, and evaluates when the dataset "
+                "has eval data (dataset.eval_path, eval_split or eval_size); remove it"
+            )
         elif key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -7,17 +7,24 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from dpo_recipes import health
+from data_prep.io import write_text
+from dpo_recipes import config, health
 from dpo_recipes.config import ConfigError
 
 CHECKPOINT = "checkpoint-"
+RECORD = ".hydra"  # Hydra's record of the launch that started the run: its config and overrides
+HYDRA_FILES = {f"{RECORD}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
 
 
 class Stopped(RuntimeError):
@@ -55,12 +62,98 @@ def guard(run_dir: Path, run: DictConfig) -> None:
                     f"{run_dir} already holds a finished run; pick another name (RUN=...) or pass run.overwrite=true"
                 ]
             )
-        for old in [*checkpoints(run_dir), run_dir / "dpo_metrics"]:
+        for old in [*checkpoints(run_dir), run_dir / "dpo_metrics", run_dir / RECORD]:
             shutil.rmtree(old, ignore_errors=True)
     elif run.resume == "never" and (checkpoints(run_dir) or (run_dir / "dpo_metrics").exists()):
         raise ConfigError(
             [f"{run_dir} holds an earlier run and run.resume=never; pick another name (RUN=...)"]
         )
+
+
+def record_dir(run_dir: str) -> str | None:
+    """Where Hydra records this launch (`hydra.output_subdir`): `.hydra` for a new run; beside the first
+    record for a relaunch, so the record of how the run started is never replaced; nowhere for a
+    finished run (a re-run sweep skips its finished jobs without writing into them)."""
+    if finished(Path(run_dir)):
+        return None
+    if (Path(run_dir) / RECORD / "config.yaml").exists():
+        return f"{RECORD}/relaunched/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    return RECORD
+
+
+OmegaConf.register_new_resolver("dpo_record", record_dir, replace=True)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def changes(first: dict, now: dict) -> list[str]:
+    """What `now` trains differently from `first` (two composed configs, unresolved): every leaf but
+    `run.*` and the logger, which steer the launch and not what is trained."""
+    old, new = _leaves(first), _leaves(now)
+    keys = [k for k in {**old, **new} if not k.startswith(("run.", "logger."))]
+    missing = "(unset)"
+    return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys if old.get(k) != new.get(k)]
+
+
+def relaunch(overrides: list[str]) -> list[str]:
+    """The overrides that continue the unfinished run a launch points at (run.name or hydra.run.dir):
+    the ones it started with, this launch's on top. An override that changes what it trains is refused
+    with the differences, unless run.allow_changes=true; then they are recorded in the run dir."""
+    if any(o.startswith("-") for o in overrides) or not any(
+        _key(o) in ("run.name", "hydra.run.dir") for o in overrides
+    ):
+        return overrides  # a multirun or a new dir named by the launch time: nothing to continue
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    run_dir, record = Path(cfg.hydra.run.dir), Path(cfg.hydra.run.dir) / RECORD
+    started = checkpoints(run_dir) or (run_dir / "dpo_metrics").exists()
+    if (
+        not started
+        or finished(run_dir)
+        or cfg.run.resume == "never"
+        or not (record / "overrides.yaml").exists()
+    ):
+        return overrides
+    first = list(yaml.safe_load((record / "overrides.yaml").read_text()) or [])
+    now = {_key(o): o for o in overrides}
+    merged = [now.pop(_key(o), o) for o in first] + list(now.values())
+    resumed, _ = config.compose(merged)
+    differences = changes(
+        yaml.safe_load((record / "config.yaml").read_text()), OmegaConf.to_container(resumed)
+    )
+    if differences and not resumed.run.allow_changes:
+        raise ConfigError(
+            [
+                f"{run_dir} holds an unfinished run; resuming it with these overrides would change what it "
+                f"trains: {'; '.join(differences)}. Resume without them (its own overrides are kept: "
+                f"{' '.join(o.removeprefix('++') for o in first)}), pass run.allow_changes=true to resume with the changes recorded, or "
+                "pick another name (RUN=...)"
+            ]
+        )
+    if differences:
+        record_file = run_dir / f"changes_{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml"
+        write_text(
+            record_file, yaml.safe_dump({"overrides": merged, "changes": differences}, sort_keys=False)
+        )
+        print(f"resuming {run_dir} with run.allow_changes=true; the changes are in {record_file}")
+    return merged
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """A launch that failed before training leaves nothing behind: remove a run dir that holds only the
+    record Hydra wrote for it."""
+    files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    if run_dir.is_dir() and files <= HYDRA_FILES:
+        shutil.rmtree(run_dir)
 
 
 def resume_point(run_dir: Path, run: DictConfig) -> str | None:

@@ -41,8 +41,12 @@ def job(job_dir: Path) -> dict:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         tokenize = summary.get("tokenize", {}).get("train", {})
+        finished = summary.get("status") == "finished"
         row.update(
-            status="ok", error="", runtime_s=summary.get("runtime_s"), tokenize_s=tokenize.get("seconds")
+            status="ok" if finished else summary.get("status"),
+            error="" if finished else f"{summary.get('status')} at step {summary.get('steps')}: re-run the sweep",
+            runtime_s=summary.get("runtime_s"),
+            tokenize_s=tokenize.get("seconds"),
         )
         row["peak_rss_mb"] = summary.get("peak_rss_mb")
         for metric in BEST:

@@ -171,8 +171,13 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN and runs.finished(run_dir) and not cfg.run.overwrite:
+        print(f"job {hc.job.num}: finished in an earlier launch, skipped ({run_dir})")
+        return
+    trained = False
     try:
         run(cfg, run_dir, hc.runtime.choices["recipes"])
+        trained = True
     except Exception as err:
         if hc.mode == RunMode.MULTIRUN:  # one failed job must not stop the sweep: the report lists it
             write_text(run_dir / sweep.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
@@ -184,6 +189,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(code)
     finally:  # jobs of one sweep share the process: free this job's model before the next one loads
+        if not trained and hc.mode == RunMode.RUN:
+            runs.discard_unstarted(run_dir)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -191,5 +198,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = config.plain_keys(sys.argv[1:])
+    try:
+        sys.argv[1:] = runs.relaunch(config.plain_keys(sys.argv[1:]))
+    except runs.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 
+from omegaconf import OmegaConf
 import pytest
+import yaml
 from conftest import tiny_overrides
 
 from data_prep.io import atomic_path
 from dpo_recipes import ROOT, config, runs, train
+from dpo_recipes.config import ConfigError
 
 RESUMABLE = [
     "recipes=tiny_lora_dpo",
@@ -28,8 +31,10 @@ RESUMABLE = [
 ]
 
 
-def launch(run_dir, *overrides):
-    cmd = [sys.executable, "-m", "dpo_recipes.train", *RESUMABLE, f"hydra.run.dir={run_dir}", *overrides]
+def launch(run_dir, *overrides, hint=False):
+    """The run's first launch, or (hint) the resume hint's: the recipe and the run dir alone."""
+    first = RESUMABLE[:1] if hint else RESUMABLE
+    cmd = [sys.executable, "-m", "dpo_recipes.train", *first, f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -41,14 +46,14 @@ def wait_for(path, process, timeout=300):
         time.sleep(0.05)
 
 
-def losses(history):
-    return {e["step"]: e["loss"] for e in history if "loss" in e}
+def losses(history, key="loss"):
+    return {e["step"]: e[key] for e in history if key in e}
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_losses(tmp_path):
+def test_killed_run_resumes_with_the_hint_to_the_same_losses_and_schedule(tmp_path):
     cfg, recipe = config.compose(RESUMABLE)
-    reference = losses(train.run(cfg, tmp_path / "whole", recipe).state.log_history)
+    whole = train.run(cfg, tmp_path / "whole", recipe).state.log_history
 
     run_dir = tmp_path / "killed"
     process = launch(run_dir)
@@ -56,22 +61,25 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not runs.finished(run_dir)
+    first_record = (run_dir / ".hydra" / "overrides.yaml").read_text()
     partial = run_dir / "checkpoint-990"  # a checkpoint the process died while writing
     partial.mkdir()
     (partial / "optimizer.pt").write_bytes(b"\0" * 10)
 
-    resumed = launch(run_dir)
+    resumed = launch(run_dir, hint=True)  # the recipe's own max_steps is 150: the run's 40 must win
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert "skipping" in err and "checkpoint-990: incomplete" in err
     start = int(out.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
     assert start >= 10
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == first_record
 
     history = json.loads((run_dir / "dpo_metrics" / "log_history.json").read_text())
-    got = losses(history)
-    assert max(got) == max(reference) == 40
-    for step in (s for s in reference if s > start):
-        assert got[step] == pytest.approx(reference[step], abs=1e-4)
+    for key in ("loss", "learning_rate"):
+        got, reference = losses(history, key), losses(whole, key)
+        assert max(got) == max(reference) == 40
+        for step in (s for s in reference if s > start):
+            assert got[step] == pytest.approx(reference[step], abs=1e-4), (key, step)
     with open(run_dir / "dpo_metrics" / "training_metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == sorted(set(steps)) and set(steps) == {
@@ -195,6 +203,44 @@ def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
     assert max(resumed) == 20  # and Adam's moments and the schedule came back, or later losses would differ
     for step in (s for s in reference if s > 10):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4)
+
+
+def started_run(tmp_path, *overrides):
+    """A run dir as a run that died after its first checkpoint leaves it: Hydra's record, a checkpoint."""
+    run_dir = tmp_path / "run"
+    cfg, _ = config.compose([*RESUMABLE, *overrides])
+    (run_dir / "checkpoint-10").mkdir(parents=True)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(config.plain_keys(RESUMABLE)))
+    return run_dir
+
+
+def test_a_relaunch_keeps_the_runs_overrides_and_refuses_changes_unless_allowed(tmp_path):
+    run_dir = started_run(tmp_path)
+    hint = ["recipes=tiny_lora_dpo", f"hydra.run.dir={run_dir}"]
+    merged = runs.relaunch(hint)
+    assert "++train.max_steps=40" in merged and merged[-1] == f"hydra.run.dir={run_dir}"
+    assert "++train.max_steps=40" in runs.relaunch([*hint, "++train.max_steps=40"])  # repeating is no change
+    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.001 -> 0.0005; train.max_steps: 40 -> 60"):
+        runs.relaunch([*hint, "++train.max_steps=60", "++train.learning_rate=5e-4"])
+    assert not list(run_dir.glob("changes_*"))
+    allowed = runs.relaunch([*hint, "++train.max_steps=60", "++run.allow_changes=true"])
+    assert "++train.max_steps=60" in allowed and "++train.max_steps=40" not in allowed
+    (record,) = run_dir.glob("changes_*.yaml")
+    assert yaml.safe_load(record.read_text())["changes"] == ["train.max_steps: 40 -> 60"]
+    assert runs.relaunch(["recipes=tiny_lora_dpo"]) == ["recipes=tiny_lora_dpo"]  # a new launch-time dir
+
+
+def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "dpo_recipes.train", f"hydra.run.dir={tmp_path / 'typo'}", "train.bta=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2 and "did you mean 'beta'" in out.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_a_second_interrupt_stops_at_once(monkeypatch, capsys):

@@ -3,6 +3,7 @@
 import csv
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import weakref
@@ -110,6 +111,25 @@ def test_a_failed_job_is_listed_and_the_rest_still_run(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "failed"]
     assert "max_length=5" in rows[1]["error"] and rows[1]["final_loss"] == ""
     assert (tmp_path / "s" / "sweep_curves.png").exists()
+
+
+def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
+    grid = ["train.beta=0.1,0.2", "++train.save_strategy=steps", "++train.save_steps=3"]
+    assert multirun(tmp_path / "s", *grid).returncode == 0
+    done, stopped = sorted(p for p in (tmp_path / "s").iterdir() if p.is_dir())
+    summary = stopped / "dpo_metrics" / "summary.json"  # as a job stopped by SIGTERM at step 3 leaves it:
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "interrupted", "steps": 3}))
+    shutil.rmtree(stopped / "checkpoint-6")
+    assert [r["status"] for r in sweep.write_report(tmp_path / "s")["jobs"]] == ["ok", "interrupted"]
+    untouched = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
+
+    out = multirun(tmp_path / "s", *grid)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "job 0: finished in an earlier launch, skipped" in out.stdout
+    assert f"resuming from {stopped / 'checkpoint-3'}" in out.stdout
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == untouched
+    assert [r["status"] for r in read_csv(tmp_path / "s" / "sweep_summary.csv")] == ["ok", "ok"]
+    assert json.loads((stopped / "dpo_metrics" / "summary.json").read_text())["steps"] == 6
 
 
 def test_jobs_in_one_process_free_their_models(tmp_path):
