@@ -59,27 +59,40 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
         context["reference"]["precomputed"] = trainer.ref_logps_cache
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
     max_length = trainer.args.max_length
+    limit = getattr(trainer.model.config, "max_position_embeddings", None)
+    fix = "raise train.max_length" + (f" (the model takes up to {limit} tokens)" if limit else "")
+    if limit and max_length >= limit:
+        fix = f"train.max_length is at the model's position limit ({limit} tokens): shorten those prompts"
     for split, before, after in (
         ("train", train_set, trainer.train_dataset),
         ("eval", eval_set, trainer.eval_dataset),
     ):
         if before is None:
             continue
-        dropped = len(before) - len(after)
-        data_report[split]["trl_dropped_prompt_too_long"] = context["data"][split][
-            "trl_dropped_prompt_too_long"
-        ] = dropped
+        counts = context["dataset"][split]  # from row_counts()
+        counts["rows_kept_by_trl"] = len(after)
+        dropped = data_report[split]["trl_dropped_prompt_too_long"] = len(before) - len(after)
         if dropped == len(before):
             raise DataError(
                 f"all {dropped} {split} rows have a prompt of at least train.max_length={max_length} tokens, "
-                "so TRL would train on nothing; raise train.max_length"
+                f"so TRL would train on nothing; {fix}"
             )
         if dropped:
             print(
                 f"warning: TRL dropped {dropped} of {len(before)} {split} rows whose prompt alone reaches "
-                f"train.max_length={max_length}; raise it to keep them",
+                f"train.max_length={max_length}; {fix}",
                 file=sys.stderr,
             )
+        numbers = {
+            k: v for k, v in counts.items() if isinstance(v, int) and (v or k != "rows_held_out_for_eval")
+        }
+        print(
+            f"{split} data: "
+            + ", ".join(
+                f"{v} {k.removeprefix('rows_').replace('_', ' ').replace('trl', 'TRL')}"
+                for k, v in numbers.items()
+            )
+        )
     injected = tokenize.template_system_prompt(tokenizer)
     data_report["train"]["template_system_prompt"] = injected
     if trainer.is_world_process_zero():
@@ -110,6 +123,18 @@ def share_cores() -> int:
     return threads
 
 
+def row_counts(report: dict, train_rows: int | bool) -> dict:
+    """A split's rows on their way to TRL, in order; note_data() adds rows_kept_by_trl."""
+    found = {
+        "rows_read": report["rows_in"],
+        "rows_kept_by_conversion": report["rows_out"],
+        "dropped_by_conversion": report["dropped"],
+    }
+    if train_rows is not False:
+        found["rows_held_out_for_eval"] = report["rows_out"] - train_rows
+    return found
+
+
 def describe(
     cfg: DictConfig, built: config.Built, recipe: str, run_dir: Path, sets: tuple, report: dict
 ) -> dict:
@@ -118,8 +143,7 @@ def describe(
     return {
         "recipe": recipe,
         "run_dir": str(run_dir),
-        "dataset": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0},
-        "data": {split: {k: r[k] for k in ("rows_in", "rows_out", "dropped")} for split, r in report.items()},
+        "dataset": {split: row_counts(r, split == "train" and len(train_set)) for split, r in report.items()},
         "eval_source": report["eval"]["source"] if "eval" in report else None,
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),

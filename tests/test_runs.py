@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 
-from omegaconf import OmegaConf
 import pytest
 import yaml
 from conftest import tiny_overrides
+from omegaconf import OmegaConf
 
 from data_prep.io import atomic_path
 from dpo_recipes import ROOT, config, runs, train

@@ -77,7 +77,10 @@ def test_summary_describes_the_run(default_run):
     assert summary["recipe"] == "tiny_lora_dpo" and summary["status"] == "finished"
     assert summary["health"] == []  # the default run is healthy
     assert summary["steps"] == trainer.state.global_step == 150
-    assert summary["dataset"] == {"train": 1000, "eval": 128}
+    assert {split: counts["rows_kept_by_trl"] for split, counts in summary["dataset"].items()} == {
+        "train": 1000,
+        "eval": 128,
+    }
     assert summary["final"]["eval_rewards/accuracies"] >= 0.8
     assert summary["best"]["eval_loss"]["value"] <= summary["final"]["eval_loss"]
     assert summary["config"]["train"]["beta"] == 0.1
@@ -153,10 +156,39 @@ def test_data_report_and_counts_are_part_of_the_run(default_run):
     assert report["train"]["rows_in"] == report["train"]["rows_out"] == 1000
     assert report["train"]["trl_dropped_prompt_too_long"] == 0
     summary = json.loads((metrics / "summary.json").read_text())
-    assert summary["data"]["train"]["dropped"] == {} and summary["data"]["eval"]["rows_out"] == 128
+    assert summary["dataset"]["train"]["dropped_by_conversion"] == {}
+    assert summary["dataset"]["eval"]["rows_kept_by_conversion"] == 128
     assert (
         summary["eval_source"] == report["eval"]["source"] == f"{ROOT / 'data/toy/eval.jsonl'}, split train"
     )
+
+
+def test_counts_follow_the_rows_to_trl_and_name_the_position_limit(tmp_path, capsys):
+    rows = [json.loads(line) for line in (ROOT / "data/toy/train.jsonl").read_text().splitlines()[:12]]
+    long = [
+        {**rows[0], "prompt": [{"role": "user", "content": f"{word} " * 1200}]} for word in ("sun", "rain")
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *long, {"prompt": "x"}]))
+    overrides = [f"dataset.path={data}", "dataset.eval_path=null", "++train.max_length=1024"]
+    trainer, metrics = run(tmp_path, tiny_overrides("tiny_lora_dpo", *overrides))
+    counts = json.loads((metrics / "summary.json").read_text())["dataset"]["train"]
+    assert list(counts) == [
+        "rows_read",
+        "rows_kept_by_conversion",
+        "dropped_by_conversion",
+        "rows_held_out_for_eval",
+        "rows_kept_by_trl",
+    ]
+    assert (counts["rows_read"], counts["rows_kept_by_conversion"], counts["rows_kept_by_trl"]) == (
+        15,
+        14,
+        12,
+    )
+    assert len(trainer.train_dataset) == 12
+    out, err = capsys.readouterr()
+    assert "train data: 15 read, 14 kept by conversion, 12 kept by TRL" in out
+    assert "TRL dropped 2 of 14 train rows" in err and "position limit (1024 tokens)" in err
 
 
 def test_prepared_file_feeds_the_trainer(tmp_path):
@@ -198,9 +230,9 @@ def test_real_data_options_train(option, tmp_path):
     )
     assert trainer.state.global_step == 2
     summary = json.loads((metrics / "summary.json").read_text())
-    assert summary["data"]["train"]["rows_in"] == 40
-    held_out = summary["data"]["eval"]["rows_out"]
-    assert summary["eval_source"].startswith(f"{held_out} rows held out of ") and held_out == 4
+    train_rows, held_out = summary["dataset"]["train"], summary["dataset"]["eval"]["rows_kept_by_trl"]
+    assert train_rows["rows_read"] == 40 and train_rows["rows_held_out_for_eval"] == held_out == 4
+    assert summary["eval_source"].startswith(f"{held_out} rows held out of ")
 
 
 def test_a_change_in_trls_private_names_falls_back_to_trls_own_path(tmp_path, monkeypatch, capsys):
