@@ -11,6 +11,16 @@ def _series(history: list[dict], key: str) -> list[float]:
     return [e[key] for e in history if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
 
 
+# A trend (likelihood displacement, over-fitting) means something only over enough of the run: at
+# least TREND_LOGS logged values spanning TREND_STEPS optimizer steps. Short runs get no trend flag.
+TREND_LOGS, TREND_STEPS = 8, 50
+
+
+def _long_enough(history: list[dict], key: str) -> bool:
+    steps = [e["step"] for e in history if isinstance(e.get(key), int | float) and "step" in e]
+    return len(steps) >= TREND_LOGS and steps[-1] - steps[0] >= TREND_STEPS
+
+
 def _thirds(values: list[float]) -> tuple[float, float]:
     """Mean of the first and of the last third: a trend that one noisy step cannot fake."""
     n = max(1, len(values) // 3)
@@ -37,26 +47,28 @@ def _binary_accuracy(h):
 
 def _displacement(h):
     chosen, margins = _series(h, "logps/chosen"), _series(h, "rewards/margins")
-    if len(chosen) < 6 or len(margins) < 6:
+    if not (_long_enough(h, "logps/chosen") and _long_enough(h, "rewards/margins")):
         return None
     (c0, c1), (m0, m1) = _thirds(chosen), _thirds(margins)
     falling = sum(b < a for a, b in zip(chosen, chosen[1:], strict=False)) >= 0.6 * (len(chosen) - 1)
     if c1 < c0 - 1.0 and falling and m1 > m0:
         return (
-            f"chosen log-probs fall steadily ({c0:.1f} -> {c1:.1f}) while margins grow: likelihood displacement, "
-            "the model pushes both answers down",
+            f"chosen log-probs fall steadily ({c0:.1f} -> {c1:.1f}) while margins grow over {len(chosen)} logs: "
+            f"likelihood displacement, the model pushes both answers down (flagged from {TREND_LOGS} logs "
+            f"across {TREND_STEPS} steps)",
             "add an NLL term on the chosen answers (loss=rpo) or lower train.learning_rate",
         )
 
 
 def _overfitting(h):
     train, evaluation = _series(h, "rewards/accuracies"), _series(h, "eval_rewards/accuracies")
-    if len(train) < 3 or len(evaluation) < 3:
+    if len(evaluation) < 3 or not _long_enough(h, "rewards/accuracies"):
         return None
     (t0, t1), peak, last = _thirds(train), max(evaluation), evaluation[-1]
     if t1 > t0 and last < peak - 0.05 and evaluation.index(peak) < len(evaluation) - 1:
         return (
-            f"eval accuracy fell from {peak:.2f} to {last:.2f} while train accuracy rose: over-fitting",
+            f"eval accuracy fell from {peak:.2f} to {last:.2f} while train accuracy rose: over-fitting "
+            f"(flagged from 3 evals and {TREND_LOGS} train logs across {TREND_STEPS} steps)",
             "train fewer epochs or steps, lower train.learning_rate, raise beta, or add data",
         )
 

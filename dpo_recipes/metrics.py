@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -40,8 +41,13 @@ BEST = {
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:
-    """The logging and eval entries; the trainer's closing totals (train_runtime, ...) go to the summary."""
-    return [entry for entry in log_history if "train_runtime" not in entry]
+    """One row per logged step, its train and eval entries merged; the trainer's closing totals
+    (train_runtime, ...) go to the summary."""
+    steps = {}
+    for entry in log_history:
+        if "train_runtime" not in entry:
+            steps.setdefault(entry.get("step"), {}).update(entry)
+    return list(steps.values())
 
 
 def to_csv(rows: list[dict], first: tuple[str, ...] = ("step", "epoch")) -> str:
@@ -89,7 +95,13 @@ def describe(device: torch.device) -> str:
     return f"{device.type.upper()} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
 
 
-def plot(rows: list[dict], target: Path, title: str) -> None:
+def _compared(row: dict, prefix: str, metric: str) -> bool:
+    """False for a train accuracy logged before any pair was told apart: at the first step the policy
+    is the reference, every margin is 0 and the accuracy a meaningless 0."""
+    return not (metric == "rewards/accuracies" and not prefix and row.get("rewards/margins") == 0)
+
+
+def figure(rows: list[dict], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +114,11 @@ def plot(rows: list[dict], target: Path, title: str) -> None:
     for ax, (panel, metrics) in zip(axes.flat, PANELS.items(), strict=False):
         for metric in metrics:
             for prefix, style in (("", "-"), ("eval_", "o--")):
-                points = [(r["step"], r[prefix + metric]) for r in rows if prefix + metric in r]
+                points = [
+                    (r["step"], r[prefix + metric])
+                    for r in rows
+                    if prefix + metric in r and _compared(r, prefix, metric)
+                ]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, style, label=f"{'eval' if prefix else 'train'} {metric}", markersize=4)
@@ -112,10 +128,24 @@ def plot(rows: list[dict], target: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.fill(line, 160) for line in title.splitlines()))
+    return fig
+
+
+def plot(rows: list[dict], target: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, title)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def title(context: dict, device: str) -> str:
+    """The recipe, the run's name and its overrides, and the device: a plot says which run it is."""
+    overrides = " ".join(o.removeprefix("++") for o in context.get("overrides", []))
+    run = Path(context.get("run_dir", "")).name
+    return f"{context.get('recipe', '')} / {run} on {device}" + (f"\n{overrides}" if overrides else "")
 
 
 class MetricsCallback(TrainerCallback):
@@ -136,8 +166,8 @@ class MetricsCallback(TrainerCallback):
         write_text(self.out_dir / "training_metrics.csv", to_csv(step_rows(state.log_history)))
 
     def _plot(self, state) -> None:
-        title = f"{self.context.get('recipe', '')} on {describe(self.device)}" if self.device else ""
-        plot(step_rows(state.log_history), self.out_dir / "training_curves.png", title)
+        device = describe(self.device) if self.device else "?"
+        plot(step_rows(state.log_history), self.out_dir / "training_curves.png", title(self.context, device))
         self.drawn_at = time.monotonic()
 
     def on_log(self, args, state, control, **kwargs):

@@ -44,7 +44,9 @@ def job(job_dir: Path) -> dict:
         finished = summary.get("status") == "finished"
         row.update(
             status="ok" if finished else summary.get("status"),
-            error="" if finished else f"{summary.get('status')} at step {summary.get('steps')}: re-run the sweep",
+            error=""
+            if finished
+            else f"{summary.get('status')} at step {summary.get('steps')}: re-run the sweep",
             runtime_s=summary.get("runtime_s"),
             tokenize_s=tokenize.get("seconds"),
         )
@@ -107,12 +109,25 @@ def _plot(sweep_dir: Path, rows: list[dict], metric: str, target: Path) -> None:
         for i in range(len(ys)):
             for j in range(len(xs)):
                 if not math.isnan(values[i][j]):
-                    axes[1].text(j, i, f"{values[i][j]:.3g}", ha="center", va="center", color="w")
+                    colour = label_colour(image.cmap(image.norm(values[i][j])))
+                    axes[1].text(j, i, f"{values[i][j]:.3g}", ha="center", va="center", color=colour)
         fig.colorbar(image, ax=axes[1])
     fig.suptitle(sweep_dir.name)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def contrast(rgba, text: str) -> float:
+    """WCAG contrast ratio of black or white text on a cell's colour."""
+    red, green, blue = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3])
+    cell = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+    return (cell + 0.05) / 0.05 if text == "black" else 1.05 / (cell + 0.05)
+
+
+def label_colour(rgba) -> str:
+    """Black or white, whichever reads better on the cell."""
+    return max(("black", "white"), key=lambda text: contrast(rgba, text))
 
 
 def _varying(rows: list[dict]) -> list[str]:

@@ -143,6 +143,7 @@ def describe(
     return {
         "recipe": recipe,
         "run_dir": str(run_dir),
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
         "dataset": {split: row_counts(r, split == "train" and len(train_set)) for split, r in report.items()},
         "eval_source": report["eval"]["source"] if "eval" in report else None,
         "versions": {name: version(name) for name in LIBRARIES},

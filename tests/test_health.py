@@ -7,11 +7,11 @@ import pytest
 from dpo_recipes import health
 
 
-def history(n=12, **series):
-    """Train log entries at steps 1..n; each keyword is a function of the entry index."""
+def history(n=12, every=5, **series):
+    """Train log entries every `every` steps; each keyword is a function of the entry index."""
     rows = []
     for i in range(n):
-        row = {"step": i + 1, "loss": 0.69 - 0.03 * i, "grad_norm": 1.0 + 0.1 * (i % 3)}
+        row = {"step": every * (i + 1), "loss": 0.69 - 0.03 * i, "grad_norm": 1.0 + 0.1 * (i % 3)}
         row.update(
             {"rewards/accuracies": 0.5 + 0.03 * i, "rewards/margins": 0.1 * i, "logps/chosen": -100 + 0.5 * i}
         )
@@ -22,7 +22,7 @@ def history(n=12, **series):
 
 def evals(values):
     return [
-        {"step": 4 * (i + 1), "eval_rewards/accuracies": v, "eval_loss": 0.6} for i, v in enumerate(values)
+        {"step": 15 * (i + 1), "eval_rewards/accuracies": v, "eval_loss": 0.6} for i, v in enumerate(values)
     ]
 
 
@@ -49,3 +49,14 @@ def test_each_flag_fires_on_its_own_history(flag):
 
 def test_every_check_is_exercised():
     assert set(CASES) == set(health.CHECKS)
+
+
+def test_trend_flags_need_enough_of_the_run():
+    falling = {"logps/chosen": lambda i: -100 - 3 * i}
+    assert health.check(history(n=30, every=1, **falling)) == []  # 30 steps: too short to call a trend
+    assert health.check(history(n=7, every=10, **falling)) == []  # 7 logs: too few
+    assert health.check(history(n=8, every=10, **falling))[0]["flag"] == "likelihood_displacement"
+    short = history(n=21, every=1) + [
+        {"step": 7 * (i + 1), "eval_rewards/accuracies": v} for i, v in enumerate([0.6, 0.8, 0.6])
+    ]
+    assert health.check(short) == []
