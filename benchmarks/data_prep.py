@@ -70,8 +70,9 @@ start = time.perf_counter()
 kept, report = convert(read(src), Options(format=fmt, num_proc=procs if procs > 1 else None))
 io.write(kept, out)
 seconds = time.perf_counter() - start
-from data_prep.io import peak_rss_mb
-print(seconds, report["rows_out"], round(peak_rss_mb()))  # with 2 processes: the main process only
+# Peak resident memory (VmHWM, see dpo_recipes.metrics.peak_rss_mb), read here without importing torch.
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+print(seconds, report["rows_out"], round(peak))  # with 2 processes: the main process only
 """
 
 

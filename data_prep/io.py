@@ -1,9 +1,6 @@
-"""Read preference data from wherever users keep it; write outputs atomically."""
+"""Read preference data from wherever users keep it; write files atomically."""
 
-import hashlib
 import os
-import re
-import resource
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -68,19 +65,3 @@ def write(dataset: Dataset, target: Path) -> None:
             dataset.save_to_disk(str(tmp))
         else:
             raise ValueError(f"output must end in .jsonl or .parquet, or be a folder: {target}")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike ru_maxrss, which
-    keeps the peak of the process that forked this one."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def source_hash(*paths: Path) -> str:
-    """A cache key for code: `datasets` keys a map on a module-level function's name, not its code, so
-    without this a result cached by an older version of the files would be served again."""
-    return hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths)).hexdigest()[:16]

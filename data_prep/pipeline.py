@@ -1,6 +1,6 @@
 """Run the row converters over a whole dataset with `datasets.map`, counting every row that is dropped."""
 
-import codecs
+import contextlib
 import hashlib
 import json
 import statistics
@@ -14,7 +14,15 @@ from data_prep.convert import CONVERTERS, RULES, Invalid, to_standard
 
 EXAMPLES_PER_RULE = 5
 BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
-CODE = io.source_hash(Path(__file__), Path(__file__).with_name("convert.py"))
+
+
+def source_hash(*paths: Path) -> str:
+    """A cache key for code: `datasets` keys a map on a module-level function's name, not its code, so
+    without this a result cached by an older version of the files would be served again."""
+    return hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths)).hexdigest()[:16]
+
+
+CODE = source_hash(Path(__file__), Path(__file__).with_name("convert.py"))
 
 
 @dataclass
@@ -37,28 +45,15 @@ class Options:
             raise ValueError(f"unknown style {self.style!r}; choose conversational or standard")
 
 
-def _mixed(feature) -> bool:
-    """True where Arrow gave up on one type (`Json`): decoding it turns a string "4" into the number 4."""
-    if isinstance(feature, Json):
-        return True
-    if isinstance(feature, dict):
-        return any(_mixed(f) for f in feature.values())
-    return _mixed(feature.feature) if isinstance(feature, List) else False
-
-
 def read(path: str, split: str = "train") -> Dataset:
-    """Like `io.read`, but a JSON file that Arrow cannot type cleanly (a broken line, mixed types) is
-    read again as raw rows, so the good rows survive and each bad line is reported with its number."""
+    """Like `io.read`, but a .json or .jsonl file is read as raw rows (a .jsonl line or an array item
+    as text) and parsed in the row step: a broken line, invalid UTF-8 or a row of other types is then
+    an ordinary counted rule, and the good rows survive."""
     suffix = Path(path).suffix
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
+    if suffix not in (".json", ".jsonl") or not Path(path).is_file():
+        return io.read(path, split)
+    if Path(path).stat().st_size == 0:
         raise ValueError(f"{path} is empty")
-    try:
-        dataset = io.read(path, split)
-        if suffix not in (".json", ".jsonl") or (not _mixed(dataset.features) and _utf8(path)):
-            return dataset
-    except Exception:
-        if suffix not in (".json", ".jsonl"):
-            raise
     if suffix == ".jsonl":
         stat = Path(path).stat()  # in the cache key: a changed file is read again
         return Dataset.from_generator(
@@ -77,19 +72,6 @@ def read(path: str, split: str = "train") -> Dataset:
     return Dataset.from_dict({"_raw": [json.dumps(r) for r in rows], "_line_error": [""] * len(rows)})
 
 
-def _utf8(path: str) -> bool:
-    """Arrow reads invalid UTF-8 without a word and the text then fails to decode; check the bytes first."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                decoder.decode(chunk)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _lines(path: str, stamp):
     """Each line of a .jsonl file as text, with why it cannot be read when its bytes are not UTF-8."""
     with open(path, "rb") as f:
@@ -106,7 +88,7 @@ def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features
     out = {"prompt": text, "chosen": text, "rejected": text}
     out.update({name: Value("float64") for name in scores})
     for name in options.keep_columns:
-        out[name] = Value("string") if "_raw" in dataset.column_names else dataset.features[name]
+        out[name] = Json() if "_raw" in dataset.column_names else dataset.features[name]  # JSON: any type
     out.update({name: Value("string") for name in ("_rule", "_detail", "_excerpt", "_key")})
     return Features(out)
 
@@ -179,11 +161,22 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
         for name in ("prompt", "chosen", "rejected", *scores):
             out[name].append(pair.get(name))
         for name in options.keep_columns:
-            value = source.get(name)
-            out[name].append(json.dumps(value) if raw is not None and not isinstance(value, str) else value)
+            out[name].append(source.get(name))
         for name, value in (("_rule", rule), ("_detail", detail), ("_excerpt", excerpt), ("_key", key)):
             out[name].append(value)
     return out
+
+
+def _found_columns(dataset: Dataset, sample: int = 1000) -> list[str]:
+    """The input's columns: a typed dataset's own, or the keys of its first raw rows."""
+    if "_raw" not in dataset.column_names:
+        return dataset.column_names
+    found = {}
+    for text in dataset.select(range(min(sample, len(dataset))))["_raw"]:
+        with contextlib.suppress(json.JSONDecodeError):
+            row = json.loads(text)
+            found.update(dict.fromkeys(row) if isinstance(row, dict) else {})
+    return list(found)
 
 
 def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tuple[Dataset, dict]:
@@ -193,9 +186,13 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
     if len(dataset) == 0:
         raise ValueError("the input holds no rows")
-    missing = [c for c in options.keep_columns if not raw and c not in dataset.column_names]
-    if missing:
-        raise KeyError(f"--keep-columns names columns the input lacks: {', '.join(missing)}")
+    found = _found_columns(dataset)
+    for flag, names in (("--keep-columns", options.keep_columns), ("--columns", options.columns.values())):
+        missing = [c for c in names if c not in found]
+        if missing:
+            raise KeyError(
+                f"{flag} names columns the input lacks: {', '.join(missing)} (it has {', '.join(found)})"
+            )
     converted = dataset.map(
         _convert_batch,
         batched=True,
@@ -209,7 +206,9 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     seen, keep, blanks = {}, [], 0
     first_of: dict[int, int] = {}  # duplicate row -> the earlier row it repeats
     dropped: dict[str, list[int]] = {}
-    for index, (rule, key) in enumerate(zip(converted["_rule"], converted["_key"], strict=True)):
+    columns = converted.data  # read through Arrow: a datasets column decodes row by row
+    rules, keys = columns.column("_rule").to_pylist(), columns.column("_key").to_pylist()
+    for index, (rule, key) in enumerate(zip(rules, keys, strict=True)):
         if rule == BLANK:
             blanks += 1
             continue
@@ -221,7 +220,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
             seen[key] = index
             keep.append(index)
     kept = converted.select(keep).remove_columns(["_rule", "_detail", "_excerpt", "_key"])
-    if raw and all(v is None for v in kept["score_chosen"]):
+    if raw and (not keep or columns.column("score_chosen").take(keep).null_count == len(keep)):
         kept = kept.remove_columns(scores)
     report = {
         "format": options.format,

@@ -29,7 +29,7 @@ from transformers import BitsAndBytesConfig
 from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
 from data_prep.convert import FORMATS
-from dpo_recipes import ROOT, assets, hub, tiny
+from dpo_recipes import ROOT, assets, hub, reference, tiny
 
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
@@ -82,7 +82,7 @@ class LoggerSchema:
 
 @dataclass
 class ReferenceSchema:
-    strategy: Literal["auto", "adapter", "copy", "path", "precomputed", "sft_adapter"] = "auto"
+    strategy: Literal[("auto", *reference.STRATEGIES)] = "auto"  # a row of dpo_recipes/reference.py
     path: str | None = None  # `path`: the reference model; `sft_adapter`: the SFT LoRA adapter
 
 
@@ -327,41 +327,6 @@ def _wandb_logged_in() -> bool:
     return bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
 
 
-def reference_strategy(cfg: DictConfig) -> str:
-    strategy = cfg.reference.strategy
-    if strategy == "auto":
-        return "adapter" if cfg.model.get("use_peft") else "copy"
-    return strategy
-
-
-def _reference_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
-    strategy, problems = reference_strategy(cfg), []
-    if strategy in ("path", "sft_adapter") and (
-        OmegaConf.is_missing(cfg.reference, "path") or not cfg.reference.path
-    ):
-        what = (
-            "the reference model's path or hub id" if strategy == "path" else "the SFT LoRA adapter's folder"
-        )
-        problems.append(f"reference.path: reference={strategy} needs {what}")
-    if strategy == "adapter" and not model.get("use_peft"):
-        problems.append(
-            "reference=adapter needs a LoRA model option (model.use_peft=true); use reference=copy"
-        )
-    if train.get("precompute_ref_log_probs") and strategy != "precomputed":
-        problems.append("train.precompute_ref_log_probs: set it through reference=precomputed")
-    if train.get("sync_ref_model"):
-        if strategy in ("adapter", "sft_adapter") or model.get("use_peft"):
-            problems.append(
-                "train.sync_ref_model: TR-DPO needs a separate reference model, not a LoRA adapter; "
-                "use a full fine-tuning model option with reference=copy"
-            )
-        if strategy == "precomputed":
-            problems.append(
-                "train.sync_ref_model: precomputed reference log-probs cannot follow a synced reference"
-            )
-    return problems
-
-
 SIMPLE = (bool, int, float, str, type(None))
 
 
@@ -425,7 +390,10 @@ def check(cfg: DictConfig, *, machine: bool = True) -> None:
             problems.append(
                 f"train.loss_type: unknown loss {loss!r}; {hint}TRL has {', '.join(sorted(known_losses))}"
             )
-    problems += _reference_problems(cfg, train, model)
+    path = None if OmegaConf.is_missing(cfg.reference, "path") else cfg.reference.path
+    strategy = reference.resolve(cfg.reference.strategy, bool(model.get("use_peft")))
+    if strategy in reference.STRATEGIES:  # an unknown one is reported with the choices above
+        problems += reference.problems(strategy, path, train, bool(model.get("use_peft")))
     paths = {
         "model.model_name_or_path": model.get("model_name_or_path"),
         "reference.path": cfg.reference.path,
@@ -449,7 +417,8 @@ def build(cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, machi
     check(cfg, machine=machine)
     train = _train(cfg)
     nodes = {name: cls(**OmegaConf.to_container(cfg[name], resolve=True)) for name, cls in OURS.items()}
-    nodes["reference"] = dataclasses.replace(nodes["reference"], strategy=reference_strategy(cfg))
+    strategy = reference.resolve(nodes["reference"].strategy, bool(cfg.model.get("use_peft")))
+    nodes["reference"] = dataclasses.replace(nodes["reference"], strategy=strategy)
     model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
     dataset = nodes["dataset"]
     if not (dataset.eval_path or dataset.eval_split or dataset.eval_size):

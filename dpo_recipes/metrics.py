@@ -11,6 +11,8 @@ import io
 import json
 import math
 import os
+import re
+import resource
 import textwrap
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from data_prep.io import atomic_path, peak_rss_mb, write_text
+from data_prep.io import atomic_path, write_text
 
 PLOT_EVERY_S = 120.0
 # Every metric the CSV, the plot, the summary and the sweep report name: (TRL's name, True when higher
@@ -38,6 +40,16 @@ PANELS = {panel: [name for name, _, p in METRICS if p == panel] for _, _, panel 
 BEST = {
     prefix + name: higher for prefix in ("", "eval_") for name, higher, _ in METRICS if higher is not None
 }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike ru_maxrss, which
+    keeps the peak of the process that forked this one."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:

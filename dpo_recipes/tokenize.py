@@ -24,7 +24,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
-from data_prep.io import source_hash
+from data_prep.pipeline import source_hash
 
 logger = logging.get_logger(__name__)
 CODE = source_hash(Path(__file__))

@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, hub, runs, sweep, tokenize
+from dpo_recipes import ROOT, config, data, hub, reference, runs, sweep, tokenize
 from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
@@ -174,10 +174,10 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
     metrics = MetricsCallback(run_dir / "dpo_metrics", context)
     on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(built.run.nan_patience)
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        policy, reference, peft = models.load(built)
+        policy, ref_model, peft = reference.load(built)
         trainer = Trainer(
             model=policy,
-            ref_model=reference,
+            ref_model=ref_model,
             args=built.args,
             train_dataset=train_set,
             eval_dataset=eval_set,

@@ -8,7 +8,7 @@ from datasets import Dataset
 
 from data_prep import __main__ as cli
 from data_prep import convert as rows
-from data_prep import pipeline
+from data_prep import io, pipeline
 from data_prep.convert import RULES, Invalid
 from data_prep.pipeline import Options, convert, read
 from dpo_recipes import assets
@@ -100,6 +100,22 @@ def test_columns_can_be_remapped():
     )
     kept, _ = convert(data, options)
     assert kept[0]["prompt"] == [user("Name a colour.")] and kept[0]["id"] == 7
+
+
+def test_json_is_read_raw_and_checked_against_the_columns_found(tmp_path):
+    src = tmp_path / "in.jsonl"
+    row = {"q": "Name a colour.", "good": "Red.", "bad": "Banana.", "id": 7, "tags": ["a"]}
+    src.write_text(json.dumps(row) + "\n")
+    data = read(str(src))
+    assert data.column_names == ["_raw", "_line_error"]  # parsed in the row step, like a broken line
+    mapped = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    kept, _ = convert(data, Options(format="trl", columns=mapped, keep_columns=["id", "tags"]))
+    assert kept[0]["id"] == 7 and kept[0]["tags"] == ["a"]  # kept columns keep their JSON types
+    lacks = r"names columns the input lacks: answer \(it has q, good, bad, id, tags\)"
+    with pytest.raises(KeyError, match="--columns " + lacks):
+        convert(data, Options(format="trl", columns={**mapped, "chosen": "answer"}))
+    with pytest.raises(KeyError, match="--keep-columns " + lacks):
+        convert(data, Options(format="trl", columns=mapped, keep_columns=["answer"]))
 
 
 def ok(**extra):
@@ -201,7 +217,7 @@ def test_output_kinds_and_reconverting_with_trl_is_a_no_op(tmp_path, suffix):
     first, second = tmp_path / f"first{suffix}", tmp_path / f"second{suffix}"
     assert run_cli("alpaca", FIXTURES / "alpaca.json", first) == 0
     assert run_cli("trl", first, second) == 0
-    assert pairs(read(str(first))) == pairs(read(str(second))) == GOLDEN
+    assert pairs(io.read(str(first))) == pairs(io.read(str(second))) == GOLDEN
 
 
 def test_report_location_and_token_statistics(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from dpo_recipes import config, tiny, train
+from dpo_recipes import ROOT, config, reference, tiny, train
 from dpo_recipes.config import ConfigError
 
 
@@ -41,9 +41,17 @@ def test_incompatible_combinations_fail_at_validation(overrides, message):
         config.check(cfg)
 
 
-def test_auto_picks_adapter_for_lora_and_copy_for_full_fine_tuning():
-    assert config.reference_strategy(config.compose([])[0]) == "adapter"
-    assert config.reference_strategy(config.compose(["recipes=tiny_full_dpo"])[0]) == "copy"
+def test_auto_picks_adapter_for_lora_and_copy_for_full_fine_tuning(tmp_path):
+    for recipe, strategy in (("tiny_lora_dpo", "adapter"), ("tiny_full_dpo", "copy")):
+        built = config.build(config.compose([f"recipes={recipe}"])[0], tmp_path)
+        assert built.reference.strategy == strategy
+
+
+def test_every_strategy_has_its_option_file_and_a_line_in_the_docs():
+    table = reference.__doc__
+    for name in reference.STRATEGIES:
+        assert (ROOT / "conf" / "reference" / f"{name}.yaml").is_file()
+        assert f"| {name} " in table
 
 
 @pytest.mark.slow
@@ -58,7 +66,7 @@ def test_copy_is_a_frozen_copy_of_the_starting_weights(tmp_path):
     trainer = run(tmp_path, "tiny_full_dpo", "reference=copy")
     reference = trainer.ref_model
     assert reference is not None and reference is not trainer.model
-    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(p.grad is None for p in reference.parameters())  # TRL runs it under no_grad
     start = weights(type(reference).from_pretrained(tiny.path()))
     assert all(torch.equal(start[k], v) for k, v in reference.state_dict().items())
 
