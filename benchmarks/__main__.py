@@ -9,6 +9,7 @@ import platform
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 from benchmarks import data_prep, gpu, jobs, memory, overhead, sweep, tokenization
 from data_prep.io import write_text
@@ -43,10 +44,10 @@ def machine() -> dict:
     }
 
 
-def main(only: list[str]) -> None:
+def main(only: list[str], root: Path = ROOT) -> None:
     """Run every benchmark but the GPU one, or those named (`make bench ONLY=data_prep`), keeping the
     others' last results; each section names the machine and date it was measured on."""
-    path = ROOT / "benchmarks" / "results.json"
+    path = root / "benchmarks" / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     earlier = results.pop("machine", {})  # from before each section kept its own
     for result in results.values():
@@ -66,7 +67,7 @@ def main(only: list[str]) -> None:
             )
     write_text(path, json.dumps(results, indent=2))
     header = "# Benchmarks\n\n`make bench` (and `make bench-gpu` for the GPU section) wrote this file.\n\n"
-    write_text(ROOT / "BENCHMARKS.md", header + "\n".join(sections))
+    write_text(root / "BENCHMARKS.md", header + "\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -29,3 +29,21 @@ def test_bench_gpu_runs_at_the_tiny_shape_on_cpu():
     # the same settings, the same first step
     assert rows["make train, as shipped"]["first_loss"] == rows["plain TRL script"]["first_loss"]
     assert "| make train, as shipped | 1 |" in gpu.table(result)
+
+
+def test_a_partial_bench_keeps_each_sections_own_machine_and_date(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import benchmarks.__main__ as bench
+
+    fake = SimpleNamespace(run=lambda: {"value": 2}, table=lambda result: f"value {result['value']}")
+    monkeypatch.setattr(bench, "BENCHMARKS", {"old": ("Old", fake), "new": ("New", fake)})
+    (tmp_path / "benchmarks").mkdir()
+    old = {"value": 1, "machine": {"date": "2020-01-01", "cpu": "elsewhere"}}
+    (tmp_path / "benchmarks" / "results.json").write_text(json.dumps({"old": old}))
+    bench.main(["new"], root=tmp_path)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    old_section, new_section = text.split("## Old")[1].split("## New")
+    assert "date 2020-01-01, cpu elsewhere" in old_section and "value 1" in old_section
+    assert f"date {bench.machine()['date']}" in new_section and "value 2" in new_section

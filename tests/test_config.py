@@ -144,6 +144,13 @@ def test_gpu_recipe_on_cpu_names_the_override():
         config.check(cfg)
 
 
+@pytest.mark.parametrize("key", ["do_train", "do_eval", "do_predict"])
+def test_trainer_switches_it_ignores_are_refused(key):
+    cfg, _ = config.compose([f"train.{key}=false"])
+    with pytest.raises(ConfigError, match=f"train.{key}: the Trainer ignores it: every run trains"):
+        config.check(cfg)
+
+
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT)
 
