@@ -14,6 +14,7 @@ from data_prep.convert import CONVERTERS, RULES, Invalid, to_standard
 
 EXAMPLES_PER_RULE = 5
 BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
+WHY = ("_rule", "_detail", "_excerpt", "_key")  # per converted row: why it was dropped, its dedup key
 
 
 def source_hash(*paths: Path) -> str:
@@ -89,7 +90,7 @@ def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features
     out.update({name: Value("float64") for name in scores})
     for name in options.keep_columns:
         out[name] = Json() if "_raw" in dataset.column_names else dataset.features[name]  # JSON: any type
-    out.update({name: Value("string") for name in ("_rule", "_detail", "_excerpt", "_key")})
+    out.update({name: Value("string") for name in WHY})
     return Features(out)
 
 
@@ -126,17 +127,7 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
 
 def _convert_batch(batch: dict, indices: list[int], options: Options, scores: list[str], code: str) -> dict:
     """`code` (CODE) only keys the cache."""
-    names = [
-        "prompt",
-        "chosen",
-        "rejected",
-        *scores,
-        *options.keep_columns,
-        "_rule",
-        "_detail",
-        "_excerpt",
-        "_key",
-    ]
+    names = ["prompt", "chosen", "rejected", *scores, *options.keep_columns, *WHY]
     out = {name: [] for name in names}
     raw = batch.get("_raw")
     empty = "" if options.style == "standard" else []
@@ -162,7 +153,7 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
             out[name].append(pair.get(name))
         for name in options.keep_columns:
             out[name].append(source.get(name))
-        for name, value in (("_rule", rule), ("_detail", detail), ("_excerpt", excerpt), ("_key", key)):
+        for name, value in zip(WHY, (rule, detail, excerpt, key), strict=True):
             out[name].append(value)
     return out
 
@@ -219,7 +210,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
         else:
             seen[key] = index
             keep.append(index)
-    kept = converted.select(keep).remove_columns(["_rule", "_detail", "_excerpt", "_key"])
+    kept = converted.select(keep).remove_columns(list(WHY))
     if raw and (not keep or columns.column("score_chosen").take(keep).null_count == len(keep)):
         kept = kept.remove_columns(scores)
     report = {

@@ -9,6 +9,7 @@ unknown key, wrong type and impossible combination is reported together.
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import os
 import re
@@ -119,16 +120,16 @@ def _defaults(cls) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-@dataclass
-class Schema:
-    model: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=lambda: _defaults(DatasetSchema))
-    hardware: dict[str, Any] = field(default_factory=lambda: _defaults(HardwareSchema))
-    reference: dict[str, Any] = field(default_factory=lambda: _defaults(ReferenceSchema))
-    run: dict[str, Any] = field(default_factory=lambda: _defaults(RunSchema))
-    logger: dict[str, Any] = field(default_factory=lambda: _defaults(LoggerSchema))
-    sweep_report: dict[str, Any] = field(default_factory=lambda: _defaults(SweepReportSchema))
+# The primary config's schema: TRL's nodes as open dicts (check() reads them against TRL's dataclasses),
+# ours with their defaults.
+Schema = dataclasses.make_dataclass(
+    "Schema",
+    [(name, dict[str, Any], field(default_factory=dict)) for name in ("model", "train")]
+    + [
+        (name, dict[str, Any], field(default_factory=functools.partial(_defaults, cls)))
+        for name, cls in OURS.items()
+    ],
+)
 
 
 ConfigStore.instance().store(name="schema", node=Schema)

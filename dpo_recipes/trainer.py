@@ -34,9 +34,7 @@ def changed_in_trl() -> list[str]:
 
 
 class Trainer(DPOTrainer):
-    """TRL's DPOTrainer with a faster tokenization path giving the same ids (tokenize.py), a stable
-    fingerprint on the tokenized data, so that later runs (a sweep's jobs) find it and any precomputed
-    reference log-probs again, and a note of whether they did."""
+    """See the module's docstring."""
 
     def __init__(self, *args, **kwargs):
         self.tokenize_log, self.trl_changed = {}, changed_in_trl()
