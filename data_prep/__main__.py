@@ -14,8 +14,8 @@ from datasets.exceptions import DatasetGenerationError
 from pyarrow import ArrowException
 
 from data_prep import io
-from data_prep.convert import FORMATS, RULES
-from data_prep.pipeline import Options, convert, read, summary_line, token_lengths
+from data_prep.convert import FORMATS, RULES, Messages
+from data_prep.pipeline import Options, convert, describe, read, summary_line, token_lengths
 
 
 def mapping(text: str) -> dict[str, str]:
@@ -41,11 +41,15 @@ def parser() -> argparse.ArgumentParser:
         "--columns", type=mapping, default={}, help="remap: chosen=chosen_messages,rejected=rejected_messages"
     )
     p.add_argument("--keep-columns", type=lambda t: [c for c in t.split(",") if c], default=[])
+    p.add_argument("--role-key", help="a message's role key (default: role; from in sharegpt)")
+    p.add_argument("--content-key", help="a message's content key (default: content; value in sharegpt)")
+    p.add_argument("--roles", type=mapping, default={}, help="role names: human=user,gpt=assistant,...")
+    p.add_argument("--text-key", help="the text key of typed content parts (default: text, else value)")
     p.add_argument("--min-score-margin", type=float, help="drop rows whose score margin is below this")
     p.add_argument("--drop-ties", action="store_true", help="drop rows whose scores are equal")
     p.add_argument("--strict", action="store_true", help="fail on any invalid row; write nothing")
-    p.add_argument("--report", type=Path, help="report path (default: OUT's name + .report.json)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.add_argument("--report", type=Path, help="report path (default: OUT.report.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT and its report")
     p.add_argument("--num-proc", type=int, help="processes for the conversion")
     p.add_argument("--tokenizer", help="add token-length statistics with this tokenizer")
     p.add_argument("--max-length", type=int, help="with --tokenizer: count rows TRL would drop")
@@ -53,15 +57,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def report_path(output: Path) -> Path:
-    return output.with_name(output.name.split(".")[0] + ".report.json")
+    return output.with_name(output.name + ".report.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     report_to = args.report or report_path(args.output)
-    if args.output.exists() and not args.force:
-        print(f"error: {args.output} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
+    for path in (args.output, report_to):
+        if path.exists() and not args.force:
+            print(f"error: {path} exists; pass --force to overwrite it", file=sys.stderr)
+            return 2
     if args.output.suffix not in ("", ".jsonl", ".parquet"):
         print(f"error: OUT must end in .jsonl or .parquet, or be a folder: {args.output}", file=sys.stderr)
         return 2
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         style=args.style,
         columns=args.columns,
         keep_columns=args.keep_columns,
+        messages=Messages(args.role_key, args.content_key, args.roles, args.text_key),
         min_score_margin=args.min_score_margin,
         drop_ties=args.drop_ties,
         num_proc=args.num_proc,
@@ -85,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         report.update(token_lengths(kept, tokenizer, args.max_length, args.num_proc))
+        lengths = ", ".join(
+            f"{k} {v['median']:g} (max {v['max']})" for k, v in report["token_lengths"].items()
+        )
+        print(f"median tokens: {lengths}")
+        if args.max_length:
+            print(
+                f"TRL would drop {report['trl_would_drop']} of {report['rows_out']} rows: their prompt alone "
+                f"reaches --max-length {args.max_length}"
+            )
     if args.strict and report["dropped"]:
         print("error: --strict and some rows are invalid; nothing was written", file=sys.stderr)
         for rule, examples in report["examples"].items():
@@ -99,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         io.write(kept, args.output)
     io.write_text(report_to, json.dumps(report, indent=2, ensure_ascii=False))
     print(summary_line(report))
+    if report["diagnosis"]:
+        print(describe(report["diagnosis"]), file=sys.stderr)
     return 0 if report["rows_out"] else 1
 
 

@@ -5,6 +5,7 @@ Output rows are `{"prompt": [messages ending with a user turn], "chosen": [assis
 `datasets.map` (see `pipeline.py`).
 """
 
+from dataclasses import dataclass, field
 from typing import Any
 
 # Every reason a row can be dropped, by name; reports and errors use these names.
@@ -33,6 +34,21 @@ ROLES = {
     "model": "assistant",
 }
 FORMATS = ("alpaca", "ultrafeedback", "sharegpt", "trl")
+KEYS = {"sharegpt": ("from", "value")}  # a message's role and content keys; the others: role, content
+
+
+@dataclass(frozen=True)
+class Messages:
+    """How the input spells a message, where it is not the format's own way."""
+
+    role_key: str | None = None  # default: `role` (`from` in sharegpt)
+    content_key: str | None = None  # default: `content` (`value` in sharegpt)
+    roles: dict[str, str] = field(default_factory=dict)  # their role name -> system, user or assistant
+    text_key: str | None = None  # the text of a typed content part; default: `text`, else `value`
+
+    def keys(self, format: str) -> tuple[str, str]:
+        role, content = KEYS.get(format, ("role", "content"))
+        return self.role_key or role, self.content_key or content
 
 
 class Invalid(Exception):
@@ -56,33 +72,45 @@ def _field(row: dict, name: str, *types: type, required: bool = True) -> Any:
     return value
 
 
-def _text(value: Any, where: str) -> str:
+def _text(value: Any, where: str, text_key: str | None) -> str:
     """Message content: a string, or a list of typed parts whose text parts are joined."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        parts = [p.get("text") for p in value if p.get("type", "text") == "text"]
+        parts = [p.get(text_key) if text_key else p.get("text", p.get("value")) for p in value]
+        parts = [t for p, t in zip(value, parts, strict=True) if p.get("type", "text") == "text"]
         if all(isinstance(p, str) for p in parts):
             return "".join(parts)
-    raise Invalid("wrong_type", f"{where} content should be a string or a list of text parts")
+    key = f"`{text_key}`" if text_key else "`text` or `value`"
+    raise Invalid("wrong_type", f"{where} content should be a string or a list of text parts (their {key})")
 
 
-def _message(obj: Any, where: str, role_key: str = "role", content_key: str = "content") -> dict:
+def _message(obj: Any, where: str, keys: tuple[str, str], spelled: "Messages") -> dict:
     if not isinstance(obj, dict):
         raise Invalid("wrong_type", f"{where} should be a message object, got {type(obj).__name__}")
-    for key in (role_key, content_key):
+    for key in keys:
         if obj.get(key) is None:
             raise Invalid("missing_field", f"{where} has no `{key}`")
-    role = obj[role_key]
-    if not isinstance(role, str) or role.lower() not in ROLES:
+    role, roles = obj[keys[0]], {**ROLES, **{k.lower(): v for k, v in spelled.roles.items()}}
+    if not isinstance(role, str) or role.lower() not in roles:
         raise Invalid("unknown_role", f"{where} has role {role!r}")
-    return {"role": ROLES[role.lower()], "content": _text(obj[content_key], where)}
+    return {"role": roles[role.lower()], "content": _text(obj[keys[1]], where, spelled.text_key)}
 
 
-def _messages(value: Any, name: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
+def _messages(value: Any, name: str, keys: tuple[str, str], spelled: "Messages") -> list[dict]:
     if not isinstance(value, list):
         raise Invalid("wrong_type", f"`{name}` should be a list of messages, got {type(value).__name__}")
-    return [_message(m, f"`{name}`[{i}]", role_key, content_key) for i, m in enumerate(value)]
+    return [_message(m, f"`{name}`[{i}]", keys, spelled) for i, m in enumerate(value)]
+
+
+def extra_keys(row: dict, keys: tuple[str, str]) -> set[str]:
+    """Keys of the row's messages besides role and content (a per-message `loss_weight`, say): ignored."""
+    found = set()
+    for value in row.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and keys[0] in item:
+                found |= set(item) - set(keys)
+    return found
 
 
 def check(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> dict:
@@ -115,7 +143,7 @@ def _answer(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def alpaca(row: dict) -> dict:
+def alpaca(row: dict, spelled: Messages = Messages()) -> dict:
     """`instruction` + optional `input` (joined with a blank line), `system`, `history`; `chosen`/`rejected`
     strings, or `output` as a `[chosen, rejected]` pair."""
     instruction = _field(row, "instruction", str)
@@ -140,10 +168,11 @@ def alpaca(row: dict) -> dict:
     return check(prompt, _answer(chosen), _answer(rejected))
 
 
-def ultrafeedback(row: dict) -> dict:
+def ultrafeedback(row: dict, spelled: Messages = Messages()) -> dict:
     """`chosen` and `rejected` are whole conversations that differ only in the last assistant answer."""
-    chosen = _messages(_field(row, "chosen", list), "chosen")
-    rejected = _messages(_field(row, "rejected", list), "rejected")
+    keys = spelled.keys("ultrafeedback")
+    chosen = _messages(_field(row, "chosen", list), "chosen", keys, spelled)
+    rejected = _messages(_field(row, "rejected", list), "rejected", keys, spelled)
     if not chosen or not rejected:
         raise Invalid("empty_completion", "`chosen` or `rejected` has no messages")
     if chosen[:-1] != rejected[:-1]:
@@ -156,20 +185,28 @@ def ultrafeedback(row: dict) -> dict:
     return check(prompt, chosen[-1:], rejected[-1:])
 
 
-def sharegpt(row: dict) -> dict:
+def sharegpt(row: dict, spelled: Messages = Messages()) -> dict:
     """`conversations` of {from, value} plus `chosen` / `rejected` as single {from, value} messages."""
-    prompt = _messages(_field(row, "conversations", list), "conversations", "from", "value")
-    chosen = _message(_field(row, "chosen", dict), "`chosen`", "from", "value")
-    rejected = _message(_field(row, "rejected", dict), "`rejected`", "from", "value")
+    keys = spelled.keys("sharegpt")
+    prompt = _messages(_field(row, "conversations", list), "conversations", keys, spelled)
+    chosen = _message(_field(row, "chosen", dict), "`chosen`", keys, spelled)
+    rejected = _message(_field(row, "rejected", dict), "`rejected`", keys, spelled)
     return check(prompt, [chosen], [rejected])
 
 
-def trl(row: dict) -> dict:
+def trl(row: dict, spelled: Messages = Messages()) -> dict:
     """TRL's explicit-prompt form, conversational or plain strings (wrapped as user/assistant turns)."""
+    keys = spelled.keys("trl")
     prompt, chosen, rejected = (_field(row, k, str, list) for k in ("prompt", "chosen", "rejected"))
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
-    chosen = _answer(chosen) if isinstance(chosen, str) else _messages(chosen, "chosen")
-    rejected = _answer(rejected) if isinstance(rejected, str) else _messages(rejected, "rejected")
+    prompt = (
+        [{"role": "user", "content": prompt}]
+        if isinstance(prompt, str)
+        else _messages(prompt, "prompt", keys, spelled)
+    )
+    chosen = _answer(chosen) if isinstance(chosen, str) else _messages(chosen, "chosen", keys, spelled)
+    rejected = (
+        _answer(rejected) if isinstance(rejected, str) else _messages(rejected, "rejected", keys, spelled)
+    )
     return check(prompt, chosen, rejected)
 
 
@@ -177,13 +214,8 @@ CONVERTERS = {"alpaca": alpaca, "ultrafeedback": ultrafeedback, "sharegpt": shar
 
 
 def to_standard(row: dict) -> dict:
-    """Plain strings for base models without a chat template: a lone user turn is the prompt as is;
-    longer prompts become a role-labelled transcript ending in "Assistant:", answers then start with a space."""
-    prompt = row["prompt"]
-    if len(prompt) == 1:
-        text, lead = prompt[0]["content"], ""
-    else:
-        text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt) + "\n\nAssistant:"
-        lead = " "
-    answers = {k: lead + row[k][0]["content"] for k in ("chosen", "rejected")}
-    return {**row, "prompt": text, **answers}
+    """Plain strings for base models without a chat template, one rule for every row: the prompt is a
+    role-labelled transcript ending in "Assistant:" ("User: Hi.\n\nAssistant:"), each answer starts with
+    the space that separates it from the prompt (" Hello!"), as in TRL's standard format."""
+    text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in row["prompt"]) + "\n\nAssistant:"
+    return {**row, "prompt": text, **{k: " " + row[k][0]["content"] for k in ("chosen", "rejected")}}

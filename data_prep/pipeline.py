@@ -1,6 +1,8 @@
 """Run the row converters over a whole dataset with `datasets.map`, counting every row that is dropped."""
 
+import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -10,11 +12,12 @@ from pathlib import Path
 from datasets import Dataset, Features, Json, List, Value
 
 from data_prep import io
-from data_prep.convert import CONVERTERS, RULES, Invalid, to_standard
+from data_prep.convert import CONVERTERS, ROLES, RULES, Invalid, Messages, extra_keys, to_standard
 
 EXAMPLES_PER_RULE = 5
 BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
-WHY = ("_rule", "_detail", "_excerpt", "_key")  # per converted row: why it was dropped, its dedup key
+# Per converted row: why it was dropped, its dedup key, its messages' ignored keys.
+WHY = ("_rule", "_detail", "_excerpt", "_key", "_ignored")
 
 
 def source_hash(*paths: Path) -> str:
@@ -32,6 +35,7 @@ class Options:
     style: str = "conversational"  # or "standard": plain strings
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the input's column name
     keep_columns: list[str] = field(default_factory=list)
+    messages: Messages = field(default_factory=Messages)  # how the input spells its messages
     min_score_margin: float | None = None
     drop_ties: bool = False
     num_proc: int | None = None
@@ -44,6 +48,9 @@ class Options:
             raise ValueError(f"keep-columns cannot name {sorted(clash)}: the conversion writes them")
         if self.style not in ("conversational", "standard"):
             raise ValueError(f"unknown style {self.style!r}; choose conversational or standard")
+        wrong = {k: v for k, v in self.messages.roles.items() if v not in set(ROLES.values())}
+        if wrong:
+            raise ValueError(f"roles {wrong}: map a role name to system, user or assistant")
 
 
 def read(path: str, split: str = "train") -> Dataset:
@@ -70,7 +77,8 @@ def read(path: str, split: str = "train") -> Dataset:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: a .json file must hold an array of rows")
-    return Dataset.from_dict({"_raw": [json.dumps(r) for r in rows], "_line_error": [""] * len(rows)})
+    raw = [json.dumps(r, ensure_ascii=False) for r in rows]
+    return Dataset.from_dict({"_raw": raw, "_line_error": [""] * len(rows)})
 
 
 def _lines(path: str, stamp):
@@ -120,8 +128,9 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
         raise Invalid("wrong_type", f"a row should be an object, got {type(source).__name__}")
     rename = {theirs: ours for ours, theirs in options.columns.items()}
     row = {rename.get(k, k): v for k, v in source.items()}
-    pair = CONVERTERS[options.format](row)
+    pair = CONVERTERS[options.format](row, options.messages)
     pair.update(_scores(row, options))
+    pair["_ignored"] = ",".join(sorted(extra_keys(row, options.messages.keys(options.format))))
     return (to_standard(pair) if options.style == "standard" else pair), source
 
 
@@ -134,7 +143,7 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
     for j, index in enumerate(indices):
         given = raw[j] if raw is not None else {k: batch[k][j] for k in batch}
         pair, source = {"prompt": empty, "chosen": empty, "rejected": empty}, {}
-        rule, detail, excerpt, key = "", "", "", ""
+        rule, detail, excerpt, key, ignored = "", "", "", "", ""
         line_error = batch["_line_error"][j] if "_line_error" in batch else ""
         if line_error:
             rule, detail = "malformed_line", line_error
@@ -143,31 +152,74 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
         else:
             try:
                 pair, source = _convert_row(given, index, options)
+                ignored = pair.pop("_ignored")
                 text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
                 key = hashlib.sha1(text.encode()).hexdigest()
             except Invalid as err:
                 pair = {"prompt": empty, "chosen": empty, "rejected": empty}
                 rule, detail = err.rule, err.detail
-                excerpt = (given if raw is not None else json.dumps(given, default=str))[:160]
+                excerpt = (given if raw is not None else json.dumps(given, default=str, ensure_ascii=False))[
+                    :160
+                ]
         for name in ("prompt", "chosen", "rejected", *scores):
             out[name].append(pair.get(name))
         for name in options.keep_columns:
             out[name].append(source.get(name))
-        for name, value in zip(WHY, (rule, detail, excerpt, key), strict=True):
+        for name, value in zip(WHY, (rule, detail, excerpt, key, ignored), strict=True):
             out[name].append(value)
     return out
 
 
-def _found_columns(dataset: Dataset, sample: int = 1000) -> list[str]:
-    """The input's columns: a typed dataset's own, or the keys of its first raw rows."""
+def _sample(dataset: Dataset, n: int = 1000) -> list[dict]:
+    """The first rows as objects: a typed dataset's, or raw rows parsed (unreadable ones left out)."""
+    head = dataset.select(range(min(n, len(dataset))))
     if "_raw" not in dataset.column_names:
-        return dataset.column_names
-    found = {}
-    for text in dataset.select(range(min(sample, len(dataset))))["_raw"]:
+        return head.to_list()
+    rows = []
+    for text in head["_raw"]:
         with contextlib.suppress(json.JSONDecodeError):
-            row = json.loads(text)
-            found.update(dict.fromkeys(row) if isinstance(row, dict) else {})
-    return list(found)
+            rows.append(json.loads(text))
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def shape(rows: list[dict], role_key: str) -> dict[str, list[str]]:
+    """What the rows hold: columns, the keys of their messages (objects in a column or in a list in
+    one), the role names under `role_key`, and the keys of typed content parts."""
+    found = {"columns": {}, "message keys": {}, "roles": {}, "part keys": {}}
+    for row in rows:
+        found["columns"].update(dict.fromkeys(row))
+        for value in row.values():
+            for message in (
+                m for m in (value if isinstance(value, list) else [value]) if isinstance(m, dict)
+            ):
+                found["message keys"].update(dict.fromkeys(message))
+                if isinstance(message.get(role_key), str):
+                    found["roles"][message[role_key]] = None
+                for part in (
+                    p for v in message.values() if isinstance(v, list) for p in v if isinstance(p, dict)
+                ):
+                    found["part keys"].update(dict.fromkeys(part))
+    return {what: list(names) for what, names in found.items()}
+
+
+def _check_names(options: Options, found: dict[str, list[str]]) -> None:
+    """Every name a mapping option gives must occur in the input: else the names it does hold."""
+    spelled = options.messages
+    named = [
+        ("--columns", options.columns.values(), "columns"),
+        ("--keep-columns", options.keep_columns, "columns"),
+        ("--role-key", [spelled.role_key], "message keys"),
+        ("--content-key", [spelled.content_key], "message keys"),
+        ("--roles", spelled.roles, "roles"),
+        ("--text-key", [spelled.text_key], "part keys"),
+    ]
+    for flag, names, where in named:
+        missing = [name for name in names if name and name not in found[where]]
+        if missing:
+            have = ", ".join(found[where]) or "none"
+            raise ValueError(
+                f"{flag} names {where} the input lacks: {', '.join(missing)} (its first rows have {have})"
+            )
 
 
 def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tuple[Dataset, dict]:
@@ -177,13 +229,9 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
     if len(dataset) == 0:
         raise ValueError("the input holds no rows")
-    found = _found_columns(dataset)
-    for flag, names in (("--keep-columns", options.keep_columns), ("--columns", options.columns.values())):
-        missing = [c for c in names if c not in found]
-        if missing:
-            raise KeyError(
-                f"{flag} names columns the input lacks: {', '.join(missing)} (it has {', '.join(found)})"
-            )
+    sample = _sample(dataset)
+    found = shape(sample, options.messages.keys(options.format)[0])
+    _check_names(options, found)
     converted = dataset.map(
         _convert_batch,
         batched=True,
@@ -210,6 +258,8 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
         else:
             seen[key] = index
             keep.append(index)
+    ignored_keys = columns.column("_ignored").to_pylist()
+    ignored = collections.Counter(key for i in keep if ignored_keys[i] for key in ignored_keys[i].split(","))
     kept = converted.select(keep).remove_columns(list(WHY))
     if raw and (not keep or columns.column("score_chosen").take(keep).null_count == len(keep)):
         kept = kept.remove_columns(scores)
@@ -223,8 +273,90 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
             rule: _examples(converted, rule, indices[:EXAMPLES_PER_RULE], first_of)
             for rule, indices in sorted(dropped.items())
         },
+        "ignored_message_keys": dict(ignored),  # kept rows whose messages carry each key
     }
+    report["diagnosis"] = diagnose(report, sample, found, options)
     return kept, report
+
+
+# The fields the converters read, for guessing a column mapping from the names a file has.
+FIELDS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "instruction",
+    "input",
+    "output",
+    "conversations",
+    "system",
+    "history",
+)
+SAMPLE_FIT = 100
+
+
+def _keeps(row: dict, options: Options) -> bool:
+    try:
+        _convert_row(row, 0, options)
+    except Invalid:
+        return False
+    return True
+
+
+def diagnose(report: dict, sample: list[dict], found: dict, options: Options) -> dict | None:
+    """Where more than half the rows drop for one rule: what was looked for, what the first rows hold,
+    and the format (with a column mapping guessed from the names) that keeps most of them."""
+    rule, count = max(report["dropped"].items(), key=lambda item: item[1], default=(None, 0))
+    if 2 * count <= report["rows_in"]:
+        return None
+    guess = {}
+    for name in (f for f in FIELDS if f not in found["columns"]):
+        matches = [c for c in found["columns"] if name in c.lower() and c not in guess.values()]
+        if len(matches) == 1:
+            guess[name] = matches[0]
+    trials = [
+        (fmt, columns)
+        for fmt in CONVERTERS
+        for columns in ({**options.columns}, {**options.columns, **guess})
+    ]
+    rows = sample[:SAMPLE_FIT]
+    kept = {
+        (fmt, json.dumps(columns)): sum(
+            _keeps(row, dataclasses.replace(options, format=fmt, columns=columns, keep_columns=[]))
+            for row in rows
+        )
+        for fmt, columns in trials
+    }
+    (fmt, columns), best = max(kept.items(), key=lambda item: item[1])
+    return {
+        "rule": rule,
+        "rows": count,
+        "looked_for": report["examples"][rule][0]["detail"],
+        **{k: v for k, v in found.items() if k != "roles"},
+        "fits_best": {"format": fmt, "columns": json.loads(columns), "kept": best, "of": len(rows)}
+        if best
+        else None,
+    }
+
+
+def describe(diagnosis: dict) -> str:
+    """The diagnosis in a few lines, ending with the command-line options that would fit."""
+    lines = [
+        f"{diagnosis['rows']} rows dropped for {diagnosis['rule']}, e.g. {diagnosis['looked_for']}",
+        f"columns in the first rows: {', '.join(diagnosis['columns']) or 'none'}",
+    ]
+    if diagnosis["message keys"]:
+        lines.append(f"keys of their messages: {', '.join(diagnosis['message keys'])}")
+    fit = diagnosis["fits_best"]
+    if fit:
+        mapping = ",".join(f"{ours}={theirs}" for ours, theirs in fit["columns"].items())
+        flags = fit["format"] + (f" --columns {mapping}" if mapping else "")
+        lines.append(f"fits best: {flags} (keeps {fit['kept']} of the first {fit['of']} rows)")
+    else:
+        lines.append(
+            "no format fits the first rows: map the columns (--columns) and the messages' keys "
+            "(--role-key, --content-key, --roles, --text-key)"
+        )
+    return "\n".join(lines)
 
 
 def _examples(converted: Dataset, rule: str, indices: list[int], first_of: dict[int, int]) -> list[dict]:
@@ -233,7 +365,10 @@ def _examples(converted: Dataset, rule: str, indices: list[int], first_of: dict[
     for index in indices:
         row = converted[index]
         if rule == "duplicate":
-            detail, excerpt = f"repeats row {first_of[index] + 1}", json.dumps(row["prompt"])[:160]
+            detail, excerpt = (
+                f"repeats row {first_of[index] + 1}",
+                json.dumps(row["prompt"], ensure_ascii=False)[:160],
+            )
         else:
             detail, excerpt = row["_detail"] or RULES[rule], row["_excerpt"]
         examples.append({"row": index + 1, "detail": detail, "excerpt": excerpt})

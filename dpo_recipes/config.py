@@ -29,7 +29,7 @@ from peft import PeftConfig
 from transformers import BitsAndBytesConfig
 from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
-from data_prep.convert import FORMATS
+from data_prep.convert import FORMATS, Messages
 from dpo_recipes import ROOT, assets, hub, reference, tiny
 
 CONF_DIR = ROOT / "conf"
@@ -63,6 +63,8 @@ class DatasetSchema:
     eval_size: float = 0.0  # with neither: hold out this fraction (<1) or count (>=1) of train
     max_samples: int | None = None  # keep the first N training rows
     max_eval_samples: int | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> the input's column (--columns)
+    messages: dict[str, Any] = field(default_factory=dict)  # role_key, content_key, roles, text_key
 
 
 @dataclass
@@ -117,7 +119,11 @@ OURS = {
 
 
 def _defaults(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
+    no_factory = dataclasses.MISSING
+    return {
+        f.name: f.default if f.default_factory is no_factory else f.default_factory()
+        for f in dataclasses.fields(cls)
+    }
 
 
 # The primary config's schema: TRL's nodes as open dicts (check() reads them against TRL's dataclasses),
@@ -244,6 +250,9 @@ def _dataset_problems(dataset: DictConfig) -> list[str]:
                 f"name your eval data (dataset.{key}=...), or hold out part of yours: dataset.{key}=null "
                 "dataset.eval_size=0.1 (a fraction, or a row count)"
             )
+    spelling = {f.name for f in dataclasses.fields(Messages)}
+    for key in set(dataset.get("messages") or {}) - spelling:
+        problems.append(f"dataset.messages.{key}: unknown; the keys are {', '.join(sorted(spelling))}")
     if dataset.eval_path and dataset.eval_split:
         problems.append("dataset: set eval_path (a separate file) or eval_split (a split of path), not both")
     if isinstance(dataset.eval_size, int | float) and dataset.eval_size < 0:

@@ -2,11 +2,12 @@
 
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
-from omegaconf import DictConfig
 from pyarrow import ArrowException
 
-from data_prep.pipeline import Options, convert, read, summary_line
+from data_prep.convert import Messages
+from data_prep.pipeline import Options, convert, describe, read, summary_line
 from dpo_recipes import hub
+from dpo_recipes.config import DatasetSchema
 
 
 class DataError(ValueError):
@@ -17,11 +18,14 @@ def _head(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
 
 
-def _convert(path: str, split: str, limit: int | None, cfg: DictConfig, name: str, num_proc) -> tuple:
+def _convert(path: str, split: str, limit: int | None, cfg: DatasetSchema, name: str, num_proc) -> tuple:
     try:
         with hub.fetching("dataset", path, "dataset.path" if name == "train" else "dataset.eval_path"):
             raw = read(path, split)
-        rows, report = convert(_head(raw, limit), Options(cfg.format, num_proc=num_proc), name)
+        options = Options(
+            cfg.format, columns=cfg.columns, messages=Messages(**cfg.messages), num_proc=num_proc
+        )
+        rows, report = convert(_head(raw, limit), options, name)
     except hub.Unreachable:
         raise
     except (OSError, ValueError, KeyError, ArrowException, DatasetGenerationError) as err:
@@ -32,14 +36,15 @@ def _convert(path: str, split: str, limit: int | None, cfg: DictConfig, name: st
             for rule, ex in report["examples"].items()
             for e in ex[:2]
         )
+        diagnosis = f"\n{describe(report['diagnosis'])}" if report["diagnosis"] else ""
         raise DataError(
-            f"{path}: no usable {name} rows as format {cfg.format!r}: {summary_line(report)}. {examples}"
+            f"{path}: no usable {name} rows as format {cfg.format!r}: {summary_line(report)}. {examples}{diagnosis}"
         )
     return rows, report
 
 
 def load(
-    cfg: DictConfig, seed: int = 42, num_proc: int | None = None
+    cfg: DatasetSchema, seed: int = 42, num_proc: int | None = None
 ) -> tuple[Dataset, Dataset | None, dict]:
     """Return (train, eval, report) in TRL's prompt/chosen/rejected form; eval is None when there is none."""
     train, report = _convert(cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc)

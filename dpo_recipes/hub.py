@@ -4,15 +4,18 @@ message naming it and the two fixes, never a traceback from deep inside transfor
 import contextlib
 from pathlib import Path
 
+DATA_FILES = {".json", ".jsonl", ".parquet"}
+
 
 class Unreachable(ValueError):
     """Not on this machine, and the Hub did not give it (no network, a typo, a gated or private repo)."""
 
 
 def missing_local(path: str, key: str) -> str | None:
-    """A problem line for a path meant to be local (it starts with . / ~ or has more than one /) that
-    does not exist; a hub id has at most one /."""
-    if Path(path).expanduser().exists() or not (path.startswith((".", "/", "~")) or path.count("/") > 1):
+    """A problem line for a path meant to be local (it starts with . / ~, has more than one /, or ends
+    in a data file's suffix) that does not exist; a hub id has at most one /."""
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix in DATA_FILES
+    if Path(path).expanduser().exists() or not local:
         return None
     return f"{key}: {path} is neither a local folder or file nor a hub id"
 

@@ -249,6 +249,15 @@ def test_a_local_path_that_does_not_exist_is_named_before_anything_loads():
         err.value
     )
     assert "dataset.eval_path: ../nope.jsonl is neither" in str(err.value)
+    cfg, _ = config.compose(
+        ["dataset.path=mydata.jsonl", "dataset.eval_path=null", "dataset.messages={speaker:x}"]
+    )
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    assert "dataset.path: mydata.jsonl is neither" in str(err.value)  # a data file's name: meant to be local
+    assert "dataset.messages.speaker: unknown; the keys are content_key, role_key, roles, text_key" in str(
+        err.value
+    )
 
 
 def test_new_data_never_keeps_another_datasets_eval_file(tmp_path):

@@ -79,7 +79,8 @@ def test_trl_strings_become_turns_and_standard_style_gives_strings():
         "chosen": answer("Red."),
         "rejected": answer("Banana."),
     }
-    assert rows.to_standard(row) == {"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Banana."}
+    standard = {"prompt": "User: Name a colour.\n\nAssistant:", "chosen": " Red.", "rejected": " Banana."}
+    assert rows.to_standard(row) == standard  # one rule for every row: a transcript, answers after a space
     multi = rows.to_standard(GOLDEN[2])
     assert multi["prompt"].endswith("User: And in German?\n\nAssistant:")
     assert multi["chosen"] == " Guten Morgen."
@@ -111,10 +112,10 @@ def test_json_is_read_raw_and_checked_against_the_columns_found(tmp_path):
     mapped = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     kept, _ = convert(data, Options(format="trl", columns=mapped, keep_columns=["id", "tags"]))
     assert kept[0]["id"] == 7 and kept[0]["tags"] == ["a"]  # kept columns keep their JSON types
-    lacks = r"names columns the input lacks: answer \(it has q, good, bad, id, tags\)"
-    with pytest.raises(KeyError, match="--columns " + lacks):
+    lacks = r"names columns the input lacks: answer \(its first rows have q, good, bad, id, tags\)"
+    with pytest.raises(ValueError, match="--columns " + lacks):
         convert(data, Options(format="trl", columns={**mapped, "chosen": "answer"}))
-    with pytest.raises(KeyError, match="--keep-columns " + lacks):
+    with pytest.raises(ValueError, match="--keep-columns " + lacks):
         convert(data, Options(format="trl", columns=mapped, keep_columns=["answer"]))
 
 
@@ -182,7 +183,7 @@ def test_jsonl_with_a_broken_line_keeps_the_rest(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert run_cli("trl", FIXTURES / "broken.jsonl", out) == 0
     assert capsys.readouterr().out.strip().endswith("kept 2 of 3 rows (dropped: malformed_line=1)")
-    report = json.loads((tmp_path / "out.report.json").read_text())
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
     assert report["examples"]["malformed_line"][0]["row"] == 2
     assert report["examples"]["malformed_line"][0]["detail"].startswith("line 2:")
     assert len(out.read_text().splitlines()) == 2
@@ -209,7 +210,7 @@ def test_nothing_kept_exits_nonzero(tmp_path):
     bad.write_text(json.dumps(BROKEN["identical_pair"]) + "\n")
     assert run_cli("trl", bad, tmp_path / "out.jsonl") == 1
     assert not (tmp_path / "out.jsonl").exists()
-    assert json.loads((tmp_path / "out.report.json").read_text())["dropped"] == {"identical_pair": 1}
+    assert json.loads((tmp_path / "out.jsonl.report.json").read_text())["dropped"] == {"identical_pair": 1}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ""])
@@ -220,7 +221,7 @@ def test_output_kinds_and_reconverting_with_trl_is_a_no_op(tmp_path, suffix):
     assert pairs(io.read(str(first))) == pairs(io.read(str(second))) == GOLDEN
 
 
-def test_report_location_and_token_statistics(tmp_path):
+def test_report_location_and_token_statistics(tmp_path, capsys):
     from dpo_recipes import tiny
 
     report = tmp_path / "elsewhere.json"
@@ -230,6 +231,8 @@ def test_report_location_and_token_statistics(tmp_path):
     assert set(stats["token_lengths"]) == {"prompt", "chosen", "rejected"}
     assert stats["token_lengths"]["prompt"]["max"] >= stats["token_lengths"]["prompt"]["median"] > 0
     assert 1 <= stats["trl_would_drop"] <= 4
+    out = capsys.readouterr().out
+    assert f"TRL would drop {stats['trl_would_drop']} of 4 rows" in out and "median tokens: prompt" in out
 
 
 def test_real_data_in_three_layouts_converts_to_the_same_pairs():
@@ -256,3 +259,90 @@ def test_conversions_cached_by_other_code_are_not_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "CODE", "another version")
     changed, _ = convert(read(str(path)), Options("alpaca"))
     assert first.cache_files == again.cache_files != changed.cache_files
+
+
+TYPED = FIXTURES / "typed_parts.jsonl"  # whole conversations under other names, typed parts, loss_weight
+MAPPED = ["--columns", "chosen=chosen_messages,rejected=rejected_messages"]
+
+
+def test_typed_parts_conversations_convert_with_one_command(tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run_cli("ultrafeedback", TYPED, out, *MAPPED) == 0
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["prompt"][1] == user("宾夕法尼亚州的首府是哪里？") and first["chosen"] == answer(
+        "哈里斯堡。"
+    )
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert report["rows_out"] == 5 and report["dropped"] == {}
+    assert report["ignored_message_keys"] == {"loss_weight": 5}  # counted once per row, not an error
+
+
+def test_nothing_converting_prints_a_diagnosis_that_names_the_fix(tmp_path, capsys):
+    assert run_cli("alpaca", TYPED, tmp_path / "out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "5 rows dropped for missing_field, e.g. `instruction` is missing" in err
+    assert "columns in the first rows: id, chosen_messages, rejected_messages" in err
+    assert "keys of their messages: role, content, loss_weight" in err
+    assert "fits best: ultrafeedback --columns chosen=chosen_messages,rejected=rejected_messages" in err
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert report["diagnosis"]["fits_best"]["kept"] == 5
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--role-key", "speaker"],
+            "--role-key names message keys the input lacks: speaker (its first rows have role, content, loss_weight)",
+        ),
+        (
+            ["--roles", "wizard=user"],
+            "--roles names roles the input lacks: wizard (its first rows have system, user, assistant)",
+        ),
+        (
+            ["--text-key", "body"],
+            "--text-key names part keys the input lacks: body (its first rows have type, value)",
+        ),
+        (["--columns", "prompt=question"], "--columns names columns the input lacks: question"),
+    ],
+)
+def test_mapping_names_the_input_lacks_are_refused_with_what_it_has(flags, message, tmp_path, capsys):
+    assert run_cli("ultrafeedback", TYPED, tmp_path / "out.jsonl", *MAPPED[:0], *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_messages_in_other_spellings_convert(tmp_path):
+    row = {
+        "turns": [{"speaker": "Q", "text": "Name a colour."}],
+        "good": {"speaker": "A", "text": "Red."},
+        "bad": {"speaker": "A", "text": "Banana."},
+    }
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(row) + "\n")
+    args = ["--columns", "conversations=turns,chosen=good,rejected=bad", "--role-key", "speaker"]
+    args += ["--content-key", "text", "--roles", "Q=user,A=assistant"]
+    assert run_cli("sharegpt", src, tmp_path / "out.jsonl", *args) == 0
+    kept = json.loads((tmp_path / "out.jsonl").read_text())
+    assert kept == {
+        "prompt": [user("Name a colour.")],
+        "chosen": answer("Red."),
+        "rejected": answer("Banana."),
+    }
+    with pytest.raises(ValueError, match="map a role name to system, user or assistant"):
+        Options("sharegpt", messages=pipeline.Messages(roles={"Q": "human"}))
+
+
+def test_each_output_has_its_own_report_never_replaced_and_in_utf8(tmp_path, capsys):
+    bad = {"instruction": "宾夕法尼亚州的首府是哪里？", "chosen": "哈里斯堡。", "rejected": "哈里斯堡。"}
+    src = tmp_path / "zh.alpaca.json"
+    src.write_text(json.dumps([bad, {**bad, "rejected": "费城。"}], ensure_ascii=False))
+    for out in ("zh.a.jsonl", "zh.b.jsonl"):
+        assert run_cli("alpaca", src, tmp_path / out) == 0
+    reports = sorted(p.name for p in tmp_path.glob("*.report.json"))
+    assert reports == ["zh.a.jsonl.report.json", "zh.b.jsonl.report.json"]
+    text = (tmp_path / "zh.a.jsonl.report.json").read_text()
+    assert "宾夕法尼亚州" in text and "\\u5bbe" not in text  # excerpts as written
+    (tmp_path / "zh.a.jsonl").unlink()  # the output gone, its report still there: not replaced silently
+    assert run_cli("alpaca", src, tmp_path / "zh.a.jsonl") == 2
+    assert "zh.a.jsonl.report.json exists; pass --force" in capsys.readouterr().err

@@ -214,6 +214,20 @@ def test_training_converts_raw_formats_on_the_fly(tmp_path):
     assert json.loads((metrics / "data_report.json").read_text())["train"]["format"] == "sharegpt"
 
 
+def test_the_dataset_option_maps_columns_and_messages_on_the_fly(tmp_path):
+    overrides = [
+        f"dataset.path={FIXTURES / 'typed_parts.jsonl'}",
+        "dataset.format=ultrafeedback",
+        "dataset.columns={chosen:chosen_messages,rejected:rejected_messages}",
+        "dataset.messages={text_key:value}",
+        "dataset.eval_path=null",
+    ]
+    trainer, metrics = run(tmp_path, tiny_overrides("tiny_lora_dpo", *overrides))
+    assert trainer.state.global_step == 2
+    report = json.loads((metrics / "data_report.json").read_text())["train"]
+    assert report["rows_out"] == 5 and report["ignored_message_keys"] == {"loss_weight": 5}
+
+
 def test_a_dataset_with_no_valid_row_stops_with_the_report(tmp_path):
     bad = tmp_path / "bad.jsonl"
     row = {"prompt": "Hi.", "chosen": "Same.", "rejected": "Same."}
