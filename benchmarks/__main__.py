@@ -19,7 +19,7 @@ BENCHMARKS = {
     "overhead": ("Overhead: `make train` vs a plain TRL script, default tiny recipe", overhead),
     "tokenization": ("Tokenization: our path vs TRL's `_prepare_dataset`", tokenization),
     "data_prep": (
-        "Conversion throughput: 100,000 synthetic rows per format, read -> convert -> write .jsonl",
+        "Conversion throughput: 100,000 synthetic rows per layout and a 3-source mix, read -> convert -> write .jsonl",
         data_prep,
     ),
     "memory": ("Reference strategies: weights held and peak memory", memory),

@@ -1,4 +1,4 @@
-"""Conversion throughput: rows/s and peak memory per format on 100,000 synthetic rows.
+"""Conversion throughput: rows/s and peak memory per layout on 100,000 synthetic rows, and a 3-source mix.
 
     python -m benchmarks.data_prep [--rows N] [--repeats R]
 
@@ -49,6 +49,16 @@ def synthetic(fmt: str, rng: random.Random) -> dict:
             "chosen": {"from": "gpt", "value": good},
             "rejected": {"from": "gpt", "value": bad},
         }
+    if fmt == "typed_parts":  # whole conversations under other names, typed parts, a per-message key
+
+        def message(role, content):
+            return {"role": role, "content": [{"type": "text", "value": content}], "loss_weight": 1.0}
+
+        turn = message("user", q)
+        return {
+            "chosen_messages": [turn, message("assistant", good)],
+            "rejected_messages": [turn, message("assistant", bad)],
+        }
     turn = {"role": "user", "content": q}
     return {
         "prompt": q,
@@ -59,55 +69,100 @@ def synthetic(fmt: str, rng: random.Random) -> dict:
     }
 
 
+# How each layout converts: the format and the column mapping.
+LAYOUTS = {
+    "alpaca": {"format": "alpaca"},
+    "ultrafeedback": {"format": "ultrafeedback"},
+    "sharegpt": {"format": "sharegpt"},
+    "typed_parts": {
+        "format": "ultrafeedback",
+        "columns": {"chosen": "chosen_messages", "rejected": "rejected_messages"},
+    },
+}
+MIX = ("alpaca", "ultrafeedback", "sharegpt")  # the 3-source mix: all of each, through dataset.sources
+
 CHILD = """
-import sys, time, datasets
+import json, sys, time, datasets
 datasets.disable_caching()
 datasets.logging.disable_progress_bar()
 from data_prep import io
-from data_prep.pipeline import Options, convert, read
-fmt, src, out, procs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-start = time.perf_counter()
-kept, report = convert(read(src), Options(format=fmt, num_proc=procs if procs > 1 else None))
+sources, out, procs = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+procs = procs if procs > 1 else None
+if len(sources) > 1:  # a mix, as training builds it: data.load with dataset.sources
+    from dpo_recipes.config import DatasetSchema
+    from dpo_recipes.data import load
+    start = time.perf_counter()
+    kept, _, report = load(DatasetSchema(sources=sources), 42, procs)
+    kept_rows = report["train"]["rows_mixed"]
+else:
+    from data_prep.pipeline import Options, convert, read
+    (source,) = sources
+    start = time.perf_counter()
+    options = Options(format=source["format"], columns=source.get("columns", {}), num_proc=procs)
+    kept, report = convert(read(source["path"]), options)
+    kept_rows = report["rows_out"]
 io.write(kept, out)
 seconds = time.perf_counter() - start
-# Peak resident memory (VmHWM, see dpo_recipes.metrics.peak_rss_mb), read here without importing torch.
+# Peak resident memory (VmHWM, see dpo_recipes.metrics.peak_rss_mb), read here, after the work.
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
-print(seconds, report["rows_out"], round(peak))  # with 2 processes: the main process only
+print(seconds, kept_rows, round(peak))  # with 2 processes: the main process only
 """
 
 
+def _measure(sources: list[dict], out: Path, procs: int, repeats: int, rows: int) -> dict:
+    runs = []
+    for i in range(repeats):
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            json.dumps(sources),
+            str(out.with_suffix(f".{i}.jsonl")),
+            str(procs),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        seconds, kept, peak_mb = done.stdout.strip().splitlines()[-1].split()  # the last line: the numbers
+        assert int(kept) == rows
+        runs.append((float(seconds), int(peak_mb)))
+    times = [s for s, _ in runs]
+    return {
+        "num_proc": procs,
+        "rows": rows,
+        "rows_per_s": round(rows / statistics.median(times)),
+        "seconds_median": round(statistics.median(times), 2),
+        "seconds_min_max": [round(min(times), 2), round(max(times), 2)],
+        "peak_rss_mb": max(p for _, p in runs),
+    }
+
+
 def run(rows: int = 100_000, repeats: int = 3) -> dict:
-    results = []
+    results, sources = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt in ("alpaca", "ultrafeedback", "sharegpt"):
+        for layout, rules in LAYOUTS.items():
             rng = random.Random(0)
-            src = Path(tmp) / f"{fmt}.jsonl"
+            src = Path(tmp) / f"{layout}.jsonl"
             with src.open("w") as f:
                 for _ in range(rows):
-                    f.write(json.dumps(synthetic(fmt, rng)) + "\n")
+                    f.write(json.dumps(synthetic(layout, rng)) + "\n")
+            sources[layout] = {"path": str(src), **rules}
             for procs in (1, 2):
-                runs = []
-                for i in range(repeats):
-                    out = Path(tmp) / f"out-{fmt}-{procs}-{i}.jsonl"
-                    cmd = [sys.executable, "-c", CHILD, fmt, str(src), str(out), str(procs)]
-                    seconds, kept, peak_mb = subprocess.run(
-                        cmd, capture_output=True, text=True, check=True
-                    ).stdout.split()
-                    assert int(kept) == rows
-                    runs.append((float(seconds), int(peak_mb)))
-                times = [s for s, _ in runs]
-                results.append(
-                    {
-                        "format": fmt,
-                        "num_proc": procs,
-                        "rows": rows,
-                        "rows_per_s": round(rows / statistics.median(times)),
-                        "seconds_median": round(statistics.median(times), 2),
-                        "seconds_min_max": [round(min(times), 2), round(max(times), 2)],
-                        "peak_rss_mb": max(p for _, p in runs),
-                    }
+                measured = _measure(
+                    [sources[layout]], Path(tmp) / f"out-{layout}-{procs}", procs, repeats, rows
                 )
-    return {"repeats": repeats, "results": results}
+                results.append({"format": layout, **measured})
+        mix = [sources[layout] for layout in MIX]
+        results.append(
+            {
+                "format": "mix of " + " + ".join(MIX),
+                **_measure(mix, Path(tmp) / "mix", 1, repeats, rows * len(MIX)),
+            }
+        )
+    alone = sum(r["seconds_median"] for r in results if r["format"] in MIX and r["num_proc"] == 1)
+    return {
+        "repeats": repeats,
+        "results": results,
+        "mix_vs_sources_alone": round(results[-1]["seconds_median"] / alone, 3),
+    }
 
 
 def table(result: dict) -> str:
@@ -119,6 +174,11 @@ def table(result: dict) -> str:
         low, high = r["seconds_min_max"]
         lines.append(
             f"| {r['format']} | {r['num_proc']} | {r['rows_per_s']:,} | {r['seconds_median']} ({low}-{high}) | {r['peak_rss_mb']} |"
+        )
+    if "mix_vs_sources_alone" in result:
+        lines.append(
+            f"\nThe mix takes {result['mix_vs_sources_alone']}x the time of converting its three sources one by one "
+            "(1 process): mixing adds index mappings, not a second pass over the rows."
         )
     return "\n".join(lines)
 

@@ -91,7 +91,8 @@ def _message(obj: Any, where: str, keys: tuple[str, str], spelled: "Messages") -
     for key in keys:
         if obj.get(key) is None:
             raise Invalid("missing_field", f"{where} has no `{key}`")
-    role, roles = obj[keys[0]], {**ROLES, **{k.lower(): v for k, v in spelled.roles.items()}}
+    role = obj[keys[0]]
+    roles = {**ROLES, **{k.lower(): v for k, v in spelled.roles.items()}} if spelled.roles else ROLES
     if not isinstance(role, str) or role.lower() not in roles:
         raise Invalid("unknown_role", f"{where} has role {role!r}")
     return {"role": roles[role.lower()], "content": _text(obj[keys[1]], where, spelled.text_key)}

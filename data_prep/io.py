@@ -11,7 +11,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def read(path: str, split: str = "train") -> Dataset:
+def read(path: str, split: str = "train", subset: str | None = None) -> Dataset:
     """A .json array, .jsonl or .parquet file, a folder saved by `datasets`, or a hub dataset id.
 
     Files are memory-mapped through Arrow by `datasets`, never held as Python objects.
@@ -30,7 +30,7 @@ def read(path: str, split: str = "train") -> Dataset:
         return loaded
     if local.suffix or path.startswith((".", "/")):
         raise FileNotFoundError(f"dataset not found: {path} (expected .json, .jsonl, .parquet or a folder)")
-    return load_dataset(path, split=split)
+    return load_dataset(path, subset, split=split)  # subset: the hub dataset's config name
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, Features, Json, List, Value
 
 from data_prep import io
@@ -16,8 +17,7 @@ from data_prep.convert import CONVERTERS, ROLES, RULES, Invalid, Messages, extra
 
 EXAMPLES_PER_RULE = 5
 BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
-# Per converted row: why it was dropped, its dedup key, its messages' ignored keys.
-WHY = ("_rule", "_detail", "_excerpt", "_key", "_ignored")
+WHY = ("_rule", "_detail", "_excerpt", "_key")  # per converted row: why it was dropped, its dedup key
 
 
 def source_hash(*paths: Path) -> str:
@@ -53,13 +53,13 @@ class Options:
             raise ValueError(f"roles {wrong}: map a role name to system, user or assistant")
 
 
-def read(path: str, split: str = "train") -> Dataset:
+def read(path: str, split: str = "train", subset: str | None = None) -> Dataset:
     """Like `io.read`, but a .json or .jsonl file is read as raw rows (a .jsonl line or an array item
     as text) and parsed in the row step: a broken line, invalid UTF-8 or a row of other types is then
     an ordinary counted rule, and the good rows survive."""
     suffix = Path(path).suffix
     if suffix not in (".json", ".jsonl") or not Path(path).is_file():
-        return io.read(path, split)
+        return io.read(path, split, subset)
     if Path(path).stat().st_size == 0:
         raise ValueError(f"{path} is empty")
     if suffix == ".jsonl":
@@ -130,7 +130,6 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
     row = {rename.get(k, k): v for k, v in source.items()}
     pair = CONVERTERS[options.format](row, options.messages)
     pair.update(_scores(row, options))
-    pair["_ignored"] = ",".join(sorted(extra_keys(row, options.messages.keys(options.format))))
     return (to_standard(pair) if options.style == "standard" else pair), source
 
 
@@ -143,7 +142,7 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
     for j, index in enumerate(indices):
         given = raw[j] if raw is not None else {k: batch[k][j] for k in batch}
         pair, source = {"prompt": empty, "chosen": empty, "rejected": empty}, {}
-        rule, detail, excerpt, key, ignored = "", "", "", "", ""
+        rule, detail, excerpt, key = "", "", "", ""
         line_error = batch["_line_error"][j] if "_line_error" in batch else ""
         if line_error:
             rule, detail = "malformed_line", line_error
@@ -152,8 +151,7 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
         else:
             try:
                 pair, source = _convert_row(given, index, options)
-                ignored = pair.pop("_ignored")
-                text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
+                text = repr((pair["prompt"], pair["chosen"], pair["rejected"]))  # our dicts: fixed key order
                 key = hashlib.sha1(text.encode()).hexdigest()
             except Invalid as err:
                 pair = {"prompt": empty, "chosen": empty, "rejected": empty}
@@ -165,7 +163,7 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, scores: li
             out[name].append(pair.get(name))
         for name in options.keep_columns:
             out[name].append(source.get(name))
-        for name, value in zip(WHY, (rule, detail, excerpt, key, ignored), strict=True):
+        for name, value in zip(WHY, (rule, detail, excerpt, key), strict=True):
             out[name].append(value)
     return out
 
@@ -258,9 +256,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
         else:
             seen[key] = index
             keep.append(index)
-    ignored_keys = columns.column("_ignored").to_pylist()
-    ignored = collections.Counter(key for i in keep if ignored_keys[i] for key in ignored_keys[i].split(","))
-    kept = converted.select(keep).remove_columns(list(WHY))
+    kept = converted.select(np.array(keep, dtype=np.int64)).remove_columns(list(WHY))  # hashed as one buffer
     if raw and (not keep or columns.column("score_chosen").take(keep).null_count == len(keep)):
         kept = kept.remove_columns(scores)
     report = {
@@ -273,7 +269,12 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
             rule: _examples(converted, rule, indices[:EXAMPLES_PER_RULE], first_of)
             for rule, indices in sorted(dropped.items())
         },
-        "ignored_message_keys": dict(ignored),  # kept rows whose messages carry each key
+        # Keys of the messages besides role and content (a loss_weight, say): ignored; rows of the sample.
+        "ignored_message_keys": dict(
+            collections.Counter(
+                k for row in sample for k in extra_keys(row, options.messages.keys(options.format))
+            )
+        ),
     }
     report["diagnosis"] = diagnose(report, sample, found, options)
     return kept, report

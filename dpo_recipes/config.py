@@ -55,9 +55,10 @@ class ModelArgs(ModelConfig):
 # Our own nodes. A Literal type lists a key's choices once: check() refuses any other value with them.
 @dataclass
 class DatasetSchema:
-    path: str = MISSING  # a .json/.jsonl/.parquet file, a folder saved by `datasets`, or a hub id
+    path: str | None = None  # a .json/.jsonl/.parquet file, a folder saved by `datasets`, or a hub id
     format: Literal[FORMATS] = "trl"  # the data_prep converter
     train_split: str = "train"  # split to read from a hub id or a saved DatasetDict
+    subset: str | None = None  # a hub dataset's config name
     eval_path: str | None = None  # a separate eval file, if any
     eval_split: str | None = None  # an eval split of the same dataset, if any
     eval_size: float = 0.0  # with neither: hold out this fraction (<1) or count (>=1) of train
@@ -65,6 +66,21 @@ class DatasetSchema:
     max_eval_samples: int | None = None
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the input's column (--columns)
     messages: dict[str, Any] = field(default_factory=dict)  # role_key, content_key, roles, text_key
+    sources: list[dict[str, Any]] = field(default_factory=list)  # instead of path: several, mixed
+
+
+@dataclass
+class SourceSchema:
+    """One source of a mix (`dataset.sources`), converted by its own rules."""
+
+    path: str = MISSING
+    format: Literal[FORMATS] = "trl"
+    split: str = "train"
+    subset: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    messages: dict[str, Any] = field(default_factory=dict)
+    fraction: float | None = None  # of the source's converted rows, drawn with the seed
+    max_samples: int | None = None  # the first N rows read
 
 
 @dataclass
@@ -236,23 +252,43 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
     return problems
 
 
+SPELLING = {f.name for f in dataclasses.fields(Messages)}  # the keys of dataset.messages
+
+
 def _dataset_problems(dataset: DictConfig) -> list[str]:
-    problems = []
-    if OmegaConf.is_missing(dataset, "path"):
-        problems.append("dataset.path: missing; name a file, a saved dataset folder or a hub id")
+    problems, sources = [], OmegaConf.to_container(dataset.sources, resolve=True) or []
+    if not dataset.path and not sources:
+        problems.append(
+            "dataset.path: missing; name a file, a saved dataset folder or a hub id (or dataset.sources)"
+        )
+    if dataset.path and sources:
+        problems.append("dataset: set path (one source) or sources (a mix), not both")
+    for i, source in enumerate(sources):
+        node = f"dataset.sources[{i}]"
+        if not isinstance(source, dict) or not source.get("path"):
+            problems.append(f"{node}: a source is a mapping with at least a path")
+            continue
+        problems += _unknown_keys(node, source, SourceSchema) + _wrong_types(node, source, SourceSchema)
+        problems += [f"{node}.messages.{k}: unknown" for k in set(source.get("messages") or {}) - SPELLING]
+        if source.get("fraction") is not None and not 0 < source["fraction"] <= 1:
+            problems.append(f"{node}.fraction: a share of the source's rows, in (0, 1]")
     option = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
     shipped = OmegaConf.load(CONF_DIR / "dataset" / f"{option}.yaml") if option else {}
-    moved = shipped and not OmegaConf.is_missing(dataset, "path") and dataset.path != shipped.get("path")
+    moved = shipped and (sources or dataset.path != shipped.get("path"))
     for key in ("eval_path", "eval_split"):  # an eval source of the option's own data, not of the new path
         if moved and dataset[key] and dataset[key] == shipped.get(key):
+            data = "dataset.sources" if sources else f"dataset.path={dataset.path}"
             problems.append(
-                f"dataset.{key}: {dataset[key]} belongs to dataset={option}, not to dataset.path={dataset.path}; "
+                f"dataset.{key}: {dataset[key]} belongs to dataset={option}, not to {data}; "
                 f"name your eval data (dataset.{key}=...), or hold out part of yours: dataset.{key}=null "
                 "dataset.eval_size=0.1 (a fraction, or a row count)"
             )
-    spelling = {f.name for f in dataclasses.fields(Messages)}
-    for key in set(dataset.get("messages") or {}) - spelling:
-        problems.append(f"dataset.messages.{key}: unknown; the keys are {', '.join(sorted(spelling))}")
+    if sources and dataset.eval_split:
+        problems.append(
+            "dataset.eval_split: a mix has no one split to take; use dataset.eval_path or eval_size"
+        )
+    for key in set(dataset.get("messages") or {}) - SPELLING:
+        problems.append(f"dataset.messages.{key}: unknown; the keys are {', '.join(sorted(SPELLING))}")
     if dataset.eval_path and dataset.eval_split:
         problems.append("dataset: set eval_path (a separate file) or eval_split (a split of path), not both")
     if isinstance(dataset.eval_size, int | float) and dataset.eval_size < 0:
@@ -409,6 +445,10 @@ def check(cfg: DictConfig, *, machine: bool = True) -> None:
         "reference.path": cfg.reference.path,
     }
     paths.update({f"dataset.{k}": cfg.dataset.get(k) for k in ("path", "eval_path")})
+    sources = OmegaConf.to_container(cfg.dataset.sources, resolve=True) or []
+    paths.update(
+        {f"dataset.sources[{i}].path": s.get("path") for i, s in enumerate(sources) if isinstance(s, dict)}
+    )
     problems += [p for key, value in paths.items() if value and (p := hub.missing_local(str(value), key))]
     if train.get("label_smoothing") and not set(losses) & LABEL_SMOOTHING_LOSSES:
         problems.append(

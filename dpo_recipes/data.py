@@ -1,13 +1,14 @@
 """Load the dataset a `dataset:` option names, convert it with data_prep's converters, split off eval."""
 
-from datasets import Dataset
+import numpy as np
+from datasets import Dataset, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 from pyarrow import ArrowException
 
 from data_prep.convert import Messages
 from data_prep.pipeline import Options, convert, describe, read, summary_line
 from dpo_recipes import hub
-from dpo_recipes.config import DatasetSchema
+from dpo_recipes.config import DatasetSchema, SourceSchema
 
 
 class DataError(ValueError):
@@ -18,13 +19,14 @@ def _head(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
 
 
-def _convert(path: str, split: str, limit: int | None, cfg: DatasetSchema, name: str, num_proc) -> tuple:
+def _convert(path: str, split: str, limit: int | None, rules, name: str, num_proc, key: str) -> tuple:
+    """Read and convert one source by its `rules` (format, columns, messages, subset); `key` names it in
+    messages."""
     try:
-        with hub.fetching("dataset", path, "dataset.path" if name == "train" else "dataset.eval_path"):
-            raw = read(path, split)
-        options = Options(
-            cfg.format, columns=cfg.columns, messages=Messages(**cfg.messages), num_proc=num_proc
-        )
+        with hub.fetching("dataset", path, key):
+            raw = read(path, split, rules.subset)
+        spelled = Messages(**rules.messages)
+        options = Options(rules.format, columns=rules.columns, messages=spelled, num_proc=num_proc)
         rows, report = convert(_head(raw, limit), options, name)
     except hub.Unreachable:
         raise
@@ -38,29 +40,71 @@ def _convert(path: str, split: str, limit: int | None, cfg: DatasetSchema, name:
         )
         diagnosis = f"\n{describe(report['diagnosis'])}" if report["diagnosis"] else ""
         raise DataError(
-            f"{path}: no usable {name} rows as format {cfg.format!r}: {summary_line(report)}. {examples}{diagnosis}"
+            f"{path}: no usable {name} rows as format {rules.format!r}: {summary_line(report)}. {examples}{diagnosis}"
         )
     return rows, report
+
+
+def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
+    """`dataset.sources`: each converted by its own rules, a seeded share of each (`fraction`), one after
+    the other (the trainer's seeded sampler interleaves them). Index mappings only: no second pass."""
+    parts, reports = [], []
+    for i, source in enumerate(SourceSchema(**s) for s in cfg.sources):
+        key = f"dataset.sources[{i}].path"
+        rows, report = _convert(
+            source.path, source.split, source.max_samples, source, f"train ({key})", num_proc, key
+        )
+        rows = rows.select_columns(["prompt", "chosen", "rejected"])  # what every converter writes
+        if source.fraction is not None:  # a seeded draw, kept in file order
+            drawn = np.random.default_rng(seed).choice(
+                len(rows), max(1, round(source.fraction * len(rows))), replace=False
+            )
+            rows = rows.select(np.sort(drawn))
+        parts.append(rows)
+        reports.append({"path": source.path, "format": source.format, **report, "rows_mixed": len(rows)})
+    dropped = {}
+    for report in reports:
+        for rule, n in report["dropped"].items():
+            dropped[rule] = dropped.get(rule, 0) + n
+    total = {
+        "rows_in": sum(r["rows_in"] for r in reports),
+        "rows_out": sum(r["rows_out"] for r in reports),
+        "dropped": dropped,
+        "rows_mixed": sum(r["rows_mixed"] for r in reports),
+        "sources": reports,
+    }
+    print(
+        f"mixed {total['rows_mixed']} rows from {len(parts)} sources: "
+        + ", ".join(f"{r['rows_mixed']} of {r['path']}" for r in reports)
+    )
+    return concatenate_datasets(parts), total  # the trainer's seeded sampler interleaves them
 
 
 def load(
     cfg: DatasetSchema, seed: int = 42, num_proc: int | None = None
 ) -> tuple[Dataset, Dataset | None, dict]:
     """Return (train, eval, report) in TRL's prompt/chosen/rejected form; eval is None when there is none."""
-    train, report = _convert(cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc)
+    if cfg.sources:
+        train, report = _mix(cfg, seed, num_proc)
+    else:
+        train, report = _convert(
+            cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc, "dataset.path"
+        )
     reports = {"train": report}
-    evaluation = None
+    evaluation, source_name = None, cfg.path or "the mix"
     if cfg.eval_path or cfg.eval_split:
         path = cfg.eval_path or cfg.path
         split = cfg.eval_split or "train"
-        evaluation, reports["eval"] = _convert(path, split, cfg.max_eval_samples, cfg, "eval", num_proc)
+        evaluation, reports["eval"] = _convert(
+            path, split, cfg.max_eval_samples, cfg, "eval", num_proc, "dataset.eval_path"
+        )
         reports["eval"]["source"] = f"{path}, split {split}"
     elif cfg.eval_size:
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
         parts = train.train_test_split(test_size=size, seed=seed)
         train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
         n = len(evaluation)
-        source = f"{n} rows held out of {cfg.path}"
+        source = f"{n} rows held out of {source_name}"
         reports["eval"] = {
             "rows_in": n,
             "rows_out": n,

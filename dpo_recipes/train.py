@@ -130,8 +130,10 @@ def row_counts(report: dict, train_rows: int | bool) -> dict:
         "rows_kept_by_conversion": report["rows_out"],
         "dropped_by_conversion": report["dropped"],
     }
+    if "rows_mixed" in report:  # dataset.sources: the share of each source's rows taken
+        found["rows_mixed"] = report["rows_mixed"]
     if train_rows is not False:
-        found["rows_held_out_for_eval"] = report["rows_out"] - train_rows
+        found["rows_held_out_for_eval"] = report.get("rows_mixed", report["rows_out"]) - train_rows
     return found
 
 

@@ -260,6 +260,23 @@ def test_a_local_path_that_does_not_exist_is_named_before_anything_loads():
     )
 
 
+def test_sources_are_checked_like_the_rest(tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("")
+    bad = f"+dataset.sources=[{{path:{mine},fraktion:0.5}},{{format:trl}},{{path:{mine},fraction:2}}]"
+    cfg, _ = config.compose([bad])
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    problems = "\n".join(err.value.problems)
+    assert "dataset: set path (one source) or sources (a mix), not both" in problems
+    assert (
+        "dataset.sources[0].fraktion: unknown dataset.sources[0] key (did you mean 'fraction'?)" in problems
+    )
+    assert "dataset.sources[1]: a source is a mapping with at least a path" in problems
+    assert "dataset.sources[2].fraction: a share of the source's rows, in (0, 1]" in problems
+    assert "dataset.eval_path: " in problems and "belongs to dataset=toy, not to dataset.sources" in problems
+
+
 def test_new_data_never_keeps_another_datasets_eval_file(tmp_path):
     mine = tmp_path / "mine.jsonl"
     mine.write_text("")

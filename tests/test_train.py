@@ -228,6 +228,35 @@ def test_the_dataset_option_maps_columns_and_messages_on_the_fly(tmp_path):
     assert report["rows_out"] == 5 and report["ignored_message_keys"] == {"loss_weight": 5}
 
 
+MIX = [
+    f"+dataset.sources=[{{path:{ROOT / 'data/toy/train.jsonl'}, fraction:0.05}},"
+    f"{{path:{FIXTURES / 'typed_parts.jsonl'}, format:ultrafeedback,"
+    "columns:{chosen:chosen_messages,rejected:rejected_messages}}]",
+    "dataset.path=null",
+    "dataset.eval_path=null",
+    "dataset.eval_size=4",
+]
+
+
+def test_two_sources_mix_deterministically_and_train(tmp_path):
+    from dpo_recipes import data
+
+    built = config.build(config.compose(tiny_overrides("tiny_lora_dpo", *MIX))[0], tmp_path)
+    first, held_out, report = data.load(built.dataset, seed=1)
+    again, _, _ = data.load(built.dataset, seed=1)
+    other, _, _ = data.load(built.dataset, seed=2)
+    assert first["prompt"] == again["prompt"] != other["prompt"]
+    toy, typed = report["train"]["sources"]
+    assert (toy["rows_out"], toy["rows_mixed"]) == (1000, 50) and typed["rows_mixed"] == 5
+    assert report["train"]["rows_mixed"] == len(first) + len(held_out) == 55
+    trainer, metrics = run(tmp_path, tiny_overrides("tiny_lora_dpo", *MIX))
+    assert trainer.state.global_step == 2
+    counts = json.loads((metrics / "summary.json").read_text())["dataset"]["train"]
+    assert (
+        counts["rows_read"] == 1005 and counts["rows_mixed"] == 55 and counts["rows_held_out_for_eval"] == 4
+    )
+
+
 def test_a_dataset_with_no_valid_row_stops_with_the_report(tmp_path):
     bad = tmp_path / "bad.jsonl"
     row = {"prompt": "Hi.", "chosen": "Same.", "rejected": "Same."}
