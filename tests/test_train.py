@@ -111,9 +111,9 @@ def test_every_recipe_smoke_trains_on_the_tiny_model(recipe, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert (metrics / "summary.json").exists()
-    if trainer.ref_model is not None:  # full fine-tuning: an explicit frozen copy, not the policy
+    if trainer.ref_model is not None:  # full fine-tuning: a separate copy, run without grad
         assert trainer.ref_model is not trainer.model
-        assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+        assert all(p.grad is None for p in trainer.ref_model.parameters())
 
 
 def test_a_finished_run_dir_is_never_overwritten(tmp_path):
@@ -274,7 +274,7 @@ def test_real_data_options_train(option, tmp_path):
     )
     assert trainer.state.global_step == 2
     summary = json.loads((metrics / "summary.json").read_text())
-    train_rows, held_out = summary["dataset"]["train"], summary["dataset"]["eval"]["rows_kept_by_trl"]
+    train_rows, held_out = summary["dataset"]["train"], summary["dataset"]["eval"]["rows_read"]
     assert train_rows["rows_read"] == 40 and train_rows["rows_held_out_for_eval"] == held_out == 4
     assert summary["eval_source"].startswith(f"{held_out} rows held out of ")
 
