@@ -346,3 +346,12 @@ def test_each_output_has_its_own_report_never_replaced_and_in_utf8(tmp_path, cap
     (tmp_path / "zh.a.jsonl").unlink()  # the output gone, its report still there: not replaced silently
     assert run_cli("alpaca", src, tmp_path / "zh.a.jsonl") == 2
     assert "zh.a.jsonl.report.json exists; pass --force" in capsys.readouterr().err
+
+
+def test_a_hub_dataset_is_read_with_its_config_name(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        io, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or Dataset.from_list([])
+    )
+    read("someone/prefs", "train_prefs", "zh")
+    assert calls == [(("someone/prefs", "zh"), {"split": "train_prefs"})]
