@@ -76,11 +76,17 @@ def _text(value: Any, where: str, text_key: str | None) -> str:
     """Message content: a string, or a list of typed parts whose text parts are joined."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        parts = [p.get(text_key) if text_key else p.get("text", p.get("value")) for p in value]
-        parts = [t for p, t in zip(value, parts, strict=True) if p.get("type", "text") == "text"]
-        if all(isinstance(p, str) for p in parts):
-            return "".join(parts)
+    texts = []
+    for part in value if isinstance(value, list) else [None]:
+        if not isinstance(part, dict):
+            break
+        if part.get("type", "text") == "text":
+            text = part.get(text_key) if text_key else part.get("text", part.get("value"))
+            if not isinstance(text, str):
+                break
+            texts.append(text)
+    else:
+        return "".join(texts)
     key = f"`{text_key}`" if text_key else "`text` or `value`"
     raise Invalid("wrong_type", f"{where} content should be a string or a list of text parts (their {key})")
 
