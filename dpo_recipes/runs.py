@@ -84,6 +84,9 @@ def record_dir(run_dir: str) -> str | None:
 OmegaConf.register_new_resolver("dpo_record", record_dir, replace=True)
 
 
+LAUNCH_ONLY = ("run.resume", "run.overwrite", "run.allow_changes")  # how that launch ran, not the run
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -123,7 +126,8 @@ def relaunch(overrides: list[str]) -> list[str]:
         or not (record / "overrides.yaml").exists()
     ):
         return overrides
-    first = list(yaml.safe_load((record / "overrides.yaml").read_text()) or [])
+    recorded = yaml.safe_load((record / "overrides.yaml").read_text()) or []
+    first = [o for o in recorded if _key(o) not in LAUNCH_ONLY]
     now = {_key(o): o for o in overrides}
     merged = [now.pop(_key(o), o) for o in first] + list(now.values())
     resumed, _ = config.compose(merged)

@@ -212,7 +212,8 @@ def started_run(tmp_path, *overrides):
     (run_dir / "checkpoint-10").mkdir(parents=True)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(config.plain_keys(RESUMABLE)))
+    first = config.plain_keys([*RESUMABLE, *overrides, "run.resume=never"])  # how that launch ran
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(first))
     return run_dir
 
 
@@ -221,6 +222,7 @@ def test_a_relaunch_keeps_the_runs_overrides_and_refuses_changes_unless_allowed(
     hint = ["recipes=tiny_lora_dpo", f"hydra.run.dir={run_dir}"]
     merged = runs.relaunch(hint)
     assert "++train.max_steps=40" in merged and merged[-1] == f"hydra.run.dir={run_dir}"
+    assert "++run.resume=never" not in merged  # the first launch's run.* steered that launch alone
     assert "++train.max_steps=40" in runs.relaunch([*hint, "++train.max_steps=40"])  # repeating is no change
     with pytest.raises(ConfigError, match=r"train.learning_rate: 0.001 -> 0.0005; train.max_steps: 40 -> 60"):
         runs.relaunch([*hint, "++train.max_steps=60", "++train.learning_rate=5e-4"])
