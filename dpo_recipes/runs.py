@@ -53,8 +53,9 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT) :]))
 
 
-def guard(run_dir: Path, run: DictConfig) -> None:
-    """Refuse to touch a dir that holds a finished run (unless overwrite) or any run (resume=never)."""
+def guard(run_dir: Path, run: DictConfig, before_record: bool = False) -> None:
+    """Refuse to touch a dir that holds a finished run (unless overwrite) or any run (resume=never).
+    An overwritten run's record goes too."""
     if finished(run_dir):
         if not run.overwrite:
             raise ConfigError(
@@ -62,7 +63,9 @@ def guard(run_dir: Path, run: DictConfig) -> None:
                     f"{run_dir} already holds a finished run; pick another name (RUN=...) or pass run.overwrite=true"
                 ]
             )
-        for old in [*checkpoints(run_dir), run_dir / "dpo_metrics", run_dir / RECORD]:
+        # Hydra wrote this launch's record over the replaced run's in .hydra/, unless it has not yet.
+        record = run_dir / RECORD if before_record else run_dir / RECORD / "relaunched"
+        for old in [*checkpoints(run_dir), run_dir / "dpo_metrics", record]:
             shutil.rmtree(old, ignore_errors=True)
     elif run.resume == "never" and (checkpoints(run_dir) or (run_dir / "dpo_metrics").exists()):
         raise ConfigError(
@@ -70,12 +73,12 @@ def guard(run_dir: Path, run: DictConfig) -> None:
         )
 
 
-def record_dir(run_dir: str) -> str | None:
-    """Where Hydra records this launch (`hydra.output_subdir`): `.hydra` for a new run; beside the first
-    record for a relaunch, so the record of how the run started is never replaced; nowhere for a
-    finished run (a re-run sweep skips its finished jobs without writing into them)."""
+def record_dir(run_dir: str, overwrite: bool = False) -> str | None:
+    """Where Hydra records this launch (`hydra.output_subdir`): `.hydra` for a new run or one that replaces
+    a finished run; beside the first record for a relaunch, so the record of how the run started is
+    never replaced; nowhere for a finished run kept (a re-run sweep skips it without writing into it)."""
     if finished(Path(run_dir)):
-        return None
+        return RECORD if overwrite else None
     if (Path(run_dir) / RECORD / "config.yaml").exists():
         return f"{RECORD}/relaunched/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     return RECORD
@@ -184,7 +187,7 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)
         try:
-            guard(Path(config.hydra.run.dir), config.run)
+            guard(Path(config.hydra.run.dir), config.run, before_record=True)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

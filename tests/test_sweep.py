@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import tiny_overrides
 
 from dpo_recipes import ROOT, config, sweep, train
@@ -123,13 +124,21 @@ def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
     assert [r["status"] for r in sweep.write_report(tmp_path / "s")["jobs"]] == ["ok", "interrupted"]
     untouched = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
 
-    out = multirun(tmp_path / "s", *grid)
+    out = multirun(tmp_path / "s", *grid, "run.resume=auto")  # make sweep RESUME=auto: the same job dirs
     assert out.returncode == 0, out.stderr[-3000:]
     assert "job 0: finished in an earlier launch, skipped" in out.stdout
     assert f"resuming from {stopped / 'checkpoint-3'}" in out.stdout
     assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == untouched
     assert [r["status"] for r in read_csv(tmp_path / "s" / "sweep_summary.csv")] == ["ok", "ok"]
     assert json.loads((stopped / "dpo_metrics" / "summary.json").read_text())["steps"] == 6
+
+    again = multirun(tmp_path / "s", *grid, "run.overwrite=true")  # both replaced, in the same dirs
+    assert again.returncode == 0 and "skipped" not in again.stdout, again.stderr[-3000:]
+    assert sorted(p for p in (tmp_path / "s").iterdir() if p.is_dir()) == [done, stopped]
+    assert [r["status"] for r in read_csv(tmp_path / "s" / "sweep_summary.csv")] == ["ok", "ok"]
+    for job_dir in (done, stopped):  # each with the record of the launch that replaced it
+        assert "++run.overwrite=True" in yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+        assert not (job_dir / ".hydra" / "relaunched").exists()  # the replaced run's relaunch went with it
 
 
 def test_jobs_in_one_process_free_their_models(tmp_path):
