@@ -110,14 +110,15 @@ def _messages(value: Any, name: str, keys: tuple[str, str], spelled: "Messages")
     return [_message(m, f"`{name}`[{i}]", keys, spelled) for i, m in enumerate(value)]
 
 
+def objects_in(row: dict):
+    """The objects a row holds in a column or in a list in one: its messages, where it has any."""
+    for value in row.values():
+        yield from (m for m in (value if isinstance(value, list) else [value]) if isinstance(m, dict))
+
+
 def extra_keys(row: dict, keys: tuple[str, str]) -> set[str]:
     """Keys of the row's messages besides role and content (a per-message `loss_weight`, say): ignored."""
-    found = set()
-    for value in row.values():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict) and keys[0] in item:
-                found |= set(item) - set(keys)
-    return found
+    return {key for message in objects_in(row) if keys[0] in message for key in message if key not in keys}
 
 
 def check(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> dict:

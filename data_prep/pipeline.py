@@ -13,7 +13,16 @@ import numpy as np
 from datasets import Dataset, Features, Json, List, Value
 
 from data_prep import io
-from data_prep.convert import CONVERTERS, ROLES, RULES, Invalid, Messages, extra_keys, to_standard
+from data_prep.convert import (
+    CONVERTERS,
+    ROLES,
+    RULES,
+    Invalid,
+    Messages,
+    extra_keys,
+    objects_in,
+    to_standard,
+)
 
 EXAMPLES_PER_RULE = 5
 BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
@@ -186,17 +195,12 @@ def shape(rows: list[dict], role_key: str) -> dict[str, list[str]]:
     found = {"columns": {}, "message keys": {}, "roles": {}, "part keys": {}}
     for row in rows:
         found["columns"].update(dict.fromkeys(row))
-        for value in row.values():
-            for message in (
-                m for m in (value if isinstance(value, list) else [value]) if isinstance(m, dict)
-            ):
-                found["message keys"].update(dict.fromkeys(message))
-                if isinstance(message.get(role_key), str):
-                    found["roles"][message[role_key]] = None
-                for part in (
-                    p for v in message.values() if isinstance(v, list) for p in v if isinstance(p, dict)
-                ):
-                    found["part keys"].update(dict.fromkeys(part))
+        for message in objects_in(row):
+            found["message keys"].update(dict.fromkeys(message))
+            if isinstance(message.get(role_key), str):
+                found["roles"][message[role_key]] = None
+            for part in objects_in(message):
+                found["part keys"].update(dict.fromkeys(part))
     return {what: list(names) for what, names in found.items()}
 
 

@@ -102,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     summary = json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == int(saved[-1].name.split("-")[1])
 
-    resumed = launch(run_dir, "train.save_steps=1000")
+    resumed = launch(run_dir, hint=True)  # the printed hint alone: the run's own overrides are kept
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())["steps"] == 40
