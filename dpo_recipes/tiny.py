@@ -1,7 +1,10 @@
 """Tiny models, built offline and deterministically, that load through `from_pretrained` like hub models.
 
 - The tiny Llama: a byte-level BPE tokenizer trained on the bundled toy data with a minimal chat
-  template, and a small random-init Llama. The toy recipes and most tests train it.
+  template, and a small Llama pre-trained for a few seconds on the toy training conversations, each
+  prompt once with its cheerful and once with its gloomy answer. So it writes remarks in either mood
+  whatever the prompt asks, and DPO has a preference to teach it (`make samples` shows the change).
+  The toy recipes and most tests train it.
 - The tiny Qwen: Qwen2.5's real tokenizer and chat template (assets/qwen2_5_tokenizer) on a
   Qwen2ForCausalLM with Qwen2.5-7B's layout (real 152,064-row vocabulary, q/k/v with bias, grouped
   query attention, untied embeddings, bf16) shrunk to two narrow layers. `+smoke=tiny_qwen` runs the
@@ -18,7 +21,7 @@ from pathlib import Path
 from dpo_recipes import ROOT, assets
 
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
-VERSION = 2
+VERSION = 3
 QWEN_VERSION = 1
 SEED = 0
 VOCAB_SIZE = 1024
@@ -34,6 +37,10 @@ MODEL = dict(
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (ROOT / "assets" / "chat_templates" / "tiny.jinja").read_text()
 CORPUS = ROOT / "data" / "toy"
+# Language-model pre-training of the tiny Llama on the toy training conversations: steps of BATCH
+# sequences at a peak learning rate of LR (warm-up, then linear decay). Loss levels off near 0.3 nats
+# per token (what is left is the choice of answer) by step 100.
+PRETRAIN = dict(steps=150, batch=32, lr=3e-3, warmup=20)
 # Qwen2.5-7B's config.json with the widths and depth cut down; the rest as published.
 QWEN = dict(
     vocab_size=152064,
@@ -111,7 +118,41 @@ def build(target: Path, seed: int = SEED) -> None:
         bos_token_id=None,
         **MODEL,
     )
-    _save(target, LlamaForCausalLM(config), tokenizer.save_pretrained)
+    model = LlamaForCausalLM(config)
+    pretrain(model, tokenizer, seed)
+    _save(target, model, tokenizer.save_pretrained)
+
+
+def pretrain(model, tokenizer, seed: int = SEED) -> None:
+    """Causal-LM training on every toy training prompt followed by its chosen and, separately, its
+    rejected answer: both moods equally often, so the model learns the remarks but not which one a
+    prompt asks for."""
+    import torch
+    from tqdm import tqdm
+
+    rows = [json.loads(line) for line in (CORPUS / "train.jsonl").read_text().splitlines()]
+    texts = [
+        tokenizer.apply_chat_template(r["prompt"] + r[side])["input_ids"]
+        for r in rows
+        for side in ("chosen", "rejected")
+    ]
+    steps, batch, lr, warmup = (PRETRAIN[k] for k in ("steps", "batch", "lr", "warmup"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / steps)
+    )
+    draw = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc="pre-training the tiny model", leave=False):
+        picked = [texts[i] for i in torch.randint(len(texts), (batch,), generator=draw)]
+        padded = tokenizer.pad({"input_ids": picked}, return_tensors="pt")
+        labels = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+        model(**padded, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 def build_qwen(target: Path, seed: int = SEED, device: str = "cpu", **shape) -> None:

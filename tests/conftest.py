@@ -20,6 +20,21 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+def run(tmp_path, overrides):
+    """Train into tmp_path/run; returns the trainer and the run's dpo_metrics/."""
+    from dpo_recipes import train
+
+    cfg, recipe = config.compose(overrides)
+    trainer = train.run(cfg, tmp_path / "run", recipe)
+    return trainer, tmp_path / "run" / "dpo_metrics"
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The default recipe exactly as `make train` runs it: trained once, read by several test files."""
+    return run(tmp_path_factory.mktemp("default"), [])
+
+
 def tiny_overrides(recipe: str, *extra: str) -> list[str]:
     """The real recipe with model, dataset, hardware and logger swapped for the tiny offline ones, 2 steps."""
     cfg, _ = config.compose([f"recipes={recipe}"])

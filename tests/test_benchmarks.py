@@ -47,3 +47,16 @@ def test_a_partial_bench_keeps_each_sections_own_machine_and_date(tmp_path, monk
     old_section, new_section = text.split("## Old")[1].split("## New")
     assert "date 2020-01-01, cpu elsewhere" in old_section and "value 1" in old_section
     assert f"date {bench.machine()['date']}" in new_section and "value 2" in new_section
+
+
+def test_the_plain_trl_baseline_trains_what_the_default_recipe_does(tmp_path):
+    from benchmarks import plain_trl
+    from dpo_recipes import config
+
+    cfg, recipe = config.compose(["recipes=tiny_lora_dpo"])
+    built = config.build(cfg, tmp_path, recipe, machine=False)
+    settings = plain_trl.RECIPES["tiny_lora_dpo"]
+    for key, value in settings["train"].items():
+        if key not in ("disable_tqdm", "model_init_kwargs"):
+            assert getattr(built.args, key) == value, key
+    assert {k: getattr(built.peft, k) for k in settings["lora"]} == settings["lora"]
