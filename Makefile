@@ -23,12 +23,13 @@ SWEEP_DIR ?=
 LAUNCHER ?=
 DIR ?=
 ONLY ?=
+N ?= 16
 # One launch time for every process of a launch, so all ranks and jobs agree on the run dir.
 export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
 IN ?=
 OUT ?=
-.PHONY: help setup train sweep sweep-report validate prep test bench bench-gpu lint format clean
+.PHONY: help setup train sweep sweep-report samples export validate prep test bench bench-gpu lint format clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
@@ -57,6 +58,14 @@ sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in AR
 sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
 	$(PY) -m dpo_recipes.sweep $(DIR) $(ARGS)
+
+samples: setup ## Answers of the reference and the trained policy to N held-out prompts of RUN (a run dir), side by side; ARGS="--temperature 0.7"
+	@test -n "$(RUN)" || { echo 'usage: make samples RUN=outputs/<recipe>/<time> [N=16]'; exit 2; }
+	$(PY) -m dpo_recipes.samples $(RUN) --n $(N) $(ARGS)
+
+export: setup ## RUN (a run dir) as a standalone model in <RUN>/export: LoRA merged, with a model card; ARGS="--push-to-hub user/name"
+	@test -n "$(RUN)" || { echo 'usage: make export RUN=outputs/<recipe>/<time> [ARGS="--out DIR"]'; exit 2; }
+	$(PY) -m dpo_recipes.export $(RUN) $(ARGS)
 
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
 	$(PY) -m dpo_recipes.validate $(TRAIN_ARGS) $(ARGS)

@@ -15,6 +15,14 @@ class DataError(ValueError):
     """Unreadable data or no usable rows: the message says which file and why."""
 
 
+def counts_line(counts: dict) -> str:
+    """A split's row counts in words: `289 read, 289 kept by conversion, 136 kept by TRL`."""
+    numbers = {k: v for k, v in counts.items() if isinstance(v, int) and (v or k != "rows_held_out_for_eval")}
+    return ", ".join(
+        f"{v} {k.removeprefix('rows_').replace('_', ' ').replace('trl', 'TRL')}" for k, v in numbers.items()
+    )
+
+
 def _head(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
 

@@ -40,7 +40,7 @@ def finished(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
 
-def _complete(checkpoint: Path) -> bool:
+def complete(checkpoint: Path) -> bool:
     """A checkpoint is complete once the Trainer wrote trainer_state.json, its last file."""
     try:
         return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
@@ -170,7 +170,7 @@ def resume_point(run_dir: Path, run: DictConfig) -> str | None:
     if run.resume != "auto":
         return str(run.resume)
     for checkpoint in reversed(checkpoints(run_dir)):
-        if _complete(checkpoint):
+        if complete(checkpoint):
             print(f"resuming from {checkpoint}")
             return str(checkpoint)
         print(f"skipping {checkpoint}: incomplete (the run stopped while writing it)", file=sys.stderr)

@@ -83,16 +83,7 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
                 f"train.max_length={max_length}; {fix}",
                 file=sys.stderr,
             )
-        numbers = {
-            k: v for k, v in counts.items() if isinstance(v, int) and (v or k != "rows_held_out_for_eval")
-        }
-        print(
-            f"{split} data: "
-            + ", ".join(
-                f"{v} {k.removeprefix('rows_').replace('_', ' ').replace('trl', 'TRL')}"
-                for k, v in numbers.items()
-            )
-        )
+        print(f"{split} data: {data.counts_line(counts)}")
     injected = tokenize.template_system_prompt(tokenizer)
     data_report["train"]["template_system_prompt"] = injected
     if trainer.is_world_process_zero():

@@ -1,0 +1,167 @@
+"""Export a run as a standalone model: a LoRA run merged into its base weights (safetensors, sharded, in
+the base's dtype), a full run copied as is; with the tokenizer, its chat template and a model card.
+
+python -m dpo_recipes.export <run dir> [--out DIR] [--max-shard-size 5GB] [--force] [--push-to-hub REPO]
+"""
+
+import argparse
+import fnmatch
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from dpo_recipes import data, trained
+
+# What a run or checkpoint folder holds besides the model and its tokenizer.
+TRAINING_FILES = [
+    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+    "train.log", "changes_*.yaml", "README.md",
+]  # fmt: skip
+CARD_METRICS = ["rewards/accuracies", "rewards/margins", "loss"]
+
+
+def merged(run: trained.Run, out: Path, max_shard_size: str) -> str:
+    """Merge the run's adapter into its base and save the result; returns what was done, in words."""
+    from peft import PeftModel
+
+    model = run.config["model"]
+    quantized = model.get("load_in_4bit") or model.get("load_in_8bit")
+    dtype = "bfloat16" if quantized else model["dtype"]
+    base = trained.base(run, dtype)
+    PeftModel.from_pretrained(base, run.weights).merge_and_unload().save_pretrained(
+        out, max_shard_size=max_shard_size
+    )
+    if quantized:
+        return "the adapter merged into the base loaded in bf16 (not into its quantized weights)"
+    return f"the adapter merged into the base, in {dtype}"
+
+
+def copied(run: trained.Run, out: Path) -> str:
+    for file in run.weights.iterdir():
+        if file.is_file() and not any(fnmatch.fnmatch(file.name, p) for p in TRAINING_FILES):
+            shutil.copy2(file, out / file.name)
+    return "the fine-tuned weights, copied as they are"
+
+
+def card(run: trained.Run, how: str) -> str:
+    """The model card: what was trained on what, its final and best metrics, and how to train it again."""
+    summary, model = run.summary, run.config["model"]
+    overrides = " ".join(summary.get("overrides", []))
+    command = f"make train RECIPE={summary['recipe']}" + (
+        f" ARGS={shlex.quote(overrides)}" if overrides else ""
+    )
+    lines = [
+        "---",
+        f"base_model: {model['model_name_or_path']}",
+        "library_name: transformers",
+        "tags: [dpo, trl, dpo-recipes]",
+        "---",
+        "",
+        f"# {summary['recipe']}: {Path(model['model_name_or_path']).name} trained with DPO",
+        "",
+        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. Loss: {run.config['train']['loss_type']}, "
+        f"beta {run.config['train']['beta']}; reference: {summary['reference']['strategy']}. "
+        f"Run status: {summary['status']}, {summary.get('steps')} steps.",
+        "",
+        "## Data",
+        "",
+    ]
+    for split, counts in summary.get("dataset", {}).items():
+        source = summary.get("eval_source") if split == "eval" else run.config["dataset"]["path"] or "a mix"
+        lines.append(f"- {split} ({source}): {data.counts_line(counts)}")
+    lines += ["", "## Metrics", "", "| metric | final | best (step) |", "| --- | --- | --- |"]
+    final, best = summary.get("final", {}), summary.get("best", {})
+    for name in [p + m for p in ("eval_", "") for m in CARD_METRICS]:
+        if name in final:
+            top = best.get(name)
+            lines.append(
+                f"| {name} | {final[name]:.4g} | " + (f"{top['value']:.4g} ({top['step']}) |" if top else "|")
+            )
+    lines += [
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(run: trained.Run, out: Path, max_shard_size: str) -> str:
+    """Write the model, tokenizer and card into `out` through a staging folder: no partial export."""
+    from transformers import AutoTokenizer
+
+    if out.exists():
+        raise trained.RunError(
+            f"{out} already exists and an export is never overwritten: remove it or pass --out"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out.parent))
+    try:
+        how = merged(run, staging, max_shard_size) if run.lora else copied(run, staging)
+        AutoTokenizer.from_pretrained(run.weights).save_pretrained(staging)
+        curves = run.dir / "dpo_metrics" / "training_curves.png"
+        if curves.exists():
+            shutil.copy2(curves, staging / curves.name)
+        (staging / "README.md").write_text(card(run, how))
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return how
+
+
+def push(out: Path, repo: str) -> bool:
+    """Upload the export to the Hub; False, said why, when it cannot be reached."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo)
+    except Exception as err:  # offline mode, no network, no token, no rights: all end here the same way
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"not pushed to {repo}: the Hub cannot be reached or refused ({cause}). The export is complete in "
+            f"{out}; push it later with `hf upload {repo} {out}`",
+            file=sys.stderr,
+        )
+        return False
+    print(f"pushed to https://huggingface.co/{repo}")
+    return True
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_recipes.export", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("run", help="the run dir (or its name under outputs/<recipe>/)")
+    parser.add_argument(
+        "--out", help="where to write the model (default: <run dir>/export); never overwritten"
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument(
+        "--force", action="store_true", help="export a stopped run from its newest checkpoint"
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this Hub repo")
+    options = parser.parse_args(argv)
+    try:
+        run = trained.open_run(options.run, options.force)
+        out = Path(options.out) if options.out else run.dir / "export"
+        how = export(run, out, options.max_shard_size)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {run.dir} to {out}: {how}")
+    if options.push_to_hub and not push(out, options.push_to_hub):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

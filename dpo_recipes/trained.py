@@ -1,0 +1,102 @@
+"""A trained run loaded back for `export` and `samples`: its summary, the folder its weights are in, and
+the policy and reference models as the run's reference strategy had them."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo_recipes import ROOT, hub, runs
+
+
+class RunError(ValueError):
+    """Not a run that can be used: the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+    summary: dict
+    weights: Path  # the run dir for a finished run; its newest complete checkpoint for a stopped one
+
+    @property
+    def config(self) -> dict:
+        return self.summary["config"]
+
+    @property
+    def lora(self) -> bool:
+        return (self.weights / "adapter_config.json").exists()
+
+
+def open_run(run_dir: str | Path, force: bool = False) -> Run:
+    """The run in `run_dir` (or named so under outputs/<recipe>/); one that did not finish only with
+    `force`, from its newest complete checkpoint."""
+    named = sorted((ROOT / "outputs").glob(f"*/{run_dir}"))
+    run_dir = Path(run_dir) if Path(run_dir).exists() or len(named) != 1 else named[0]
+    summary_file = run_dir / "dpo_metrics" / "summary.json"
+    if not summary_file.exists():
+        raise RunError(
+            f"{run_dir}: no dpo_metrics/summary.json, so not a run dir (or one that never trained)"
+        )
+    summary = json.loads(summary_file.read_text())
+    if summary.get("status") == "finished":
+        return Run(run_dir, summary, run_dir)
+    done = [c for c in runs.checkpoints(run_dir) if runs.complete(c)]
+    if not force or not done:
+        hint = f"; --force uses its newest checkpoint, {done[-1].name}" if done else ""
+        raise RunError(
+            f"{run_dir}: the run is {summary.get('status')!r}, not finished: resume it first{hint}"
+        )
+    print(f"note: {run_dir} is {summary.get('status')!r}: using {done[-1]}")
+    return Run(run_dir, summary, done[-1])
+
+
+def _load(path: str, dtype: str, key: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with hub.fetching("model", path, key):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype, "auto"))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def base(run: Run, dtype: str | None = None):
+    """The model the run started from, in `dtype` (default: the run's `model.dtype`)."""
+    model = run.config["model"]
+    return _load(model["model_name_or_path"], dtype or model["dtype"], "model.model_name_or_path")
+
+
+def policy(run: Run):
+    """The trained model: the base with the run's adapter, or the run's own weights."""
+    if not run.lora:
+        return _load(str(run.weights), run.config["model"]["dtype"], "RUN")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base(run), run.weights).eval()
+
+
+class AdapterOff:
+    """The policy with its adapter disabled: the base, as the `adapter` strategy's reference is."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model.generate(*args, **kwargs)
+
+
+def reference(run: Run, trained):
+    """The reference the run trained against: a `reference.path` model (with the SFT adapter for
+    `sft_adapter`), the policy with its adapter off, or the base model."""
+    strategy, path = run.summary["reference"]["strategy"], run.summary["reference"]["path"]
+    if strategy == "path":
+        return _load(path, run.config["model"]["dtype"], "reference.path")
+    if strategy == "sft_adapter":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base(run), path).eval()
+    return AdapterOff(trained) if run.lora else base(run)

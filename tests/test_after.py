@@ -1,0 +1,176 @@
+"""After training: `samples` shows what DPO changed in the answers, `export` writes a standalone model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import run, tiny_overrides
+
+from dpo_recipes import ROOT, export, samples
+
+pytestmark = pytest.mark.slow
+
+# Measured on the default run: the policy answers in the asked-for mood for 64 of 64 held-out prompts,
+# the reference (the pre-trained tiny base, which learned both moods for every prompt) for about half.
+MOOD_MARGIN = 0.3
+
+
+@pytest.fixture(scope="module")
+def sampled(default_run):
+    _, metrics = default_run
+    assert samples.main([str(metrics.parent), "--n", "64"]) == 0
+    rows = [json.loads(line) for line in (metrics / "samples.jsonl").read_text().splitlines()]
+    return rows, (metrics / "samples.md").read_text()
+
+
+def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampled):
+    rows, page = sampled
+    assert len(rows) == 64
+    eval_rows = [json.loads(line) for line in (ROOT / "data/toy/eval.jsonl").read_text().splitlines()]
+    words = samples.mood_words(eval_rows)
+    assert words["cheerful"] >= {"wonderful", "love", "delight"} and words["gloomy"] >= {
+        "dull",
+        "dread",
+        "burden",
+    }
+    rates = samples.mood_rates(rows, words)
+    assert rates["policy"] >= rates["reference"] + MOOD_MARGIN
+    # The reference writes remarks in either mood, not noise: nearly every answer has one.
+    assert sum(samples.mood_of(r["reference"]["text"], words) is not None for r in rows) >= 0.9 * len(rows)
+    assert 0.2 <= rates["reference"] <= 0.8
+    assert f"reference {rates['reference']:.0%}, policy {rates['policy']:.0%}" in page
+
+
+def test_samples_md_sets_the_answers_side_by_side_with_their_rewards(sampled, default_run):
+    rows, page = sampled
+    table = [line for line in page.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == 64
+    first = rows[0]
+    assert samples.cell(first["policy"]["text"]) in table[0] and samples.cell(first["chosen"]) in table[0]
+    # The policy's own answers are the ones it now prefers over the reference: positive implicit reward.
+    mean = {
+        name: sum(r[name]["implicit_reward"] for r in rows) / len(rows) for name in ("reference", "policy")
+    }
+    assert mean["policy"] > max(0.0, mean["reference"])
+
+
+def test_an_implicit_reward_is_beta_times_the_log_ratio(sampled, default_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer, metrics = default_run
+    rows, _ = sampled
+    run_dir = metrics.parent
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    base_path = trainer.model.peft_config["default"].base_model_name_or_path
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    row = rows[0]
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)["input_ids"]
+    answer = tokenizer(row["policy"]["text"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    logps = [samples.completion_logp(m, prompt, answer, "cpu") for m in (policy, reference)]
+    beta = trainer.args.beta
+    assert row["policy"]["implicit_reward"] == pytest.approx(beta * (logps[0] - logps[1]), abs=1e-3)
+
+
+def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer, metrics = default_run
+    out = tmp_path / "export"
+    assert export.main([str(metrics.parent), "--out", str(out)]) == 0
+    assert not (out / "adapter_config.json").exists() and list(out.glob("*.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float32  # the base's dtype
+    base_path = trainer.model.peft_config["default"].base_model_name_or_path
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_path), metrics.parent
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me something cheerful about a glacier."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+    )["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(metrics.parent).chat_template
+    card = (out / "README.md").read_text()
+    summary = json.loads((metrics / "summary.json").read_text())
+    for expected in (
+        "tiny_lora_dpo",
+        f"base_model: {base_path}",
+        "1000 read, 1000 kept by conversion, 1000 kept by TRL",
+        f"{summary['final']['eval_rewards/accuracies']:.4g}",
+        "make train RECIPE=tiny_lora_dpo",
+        "training_curves.png",
+    ):
+        assert expected in card
+    assert (out / "training_curves.png").exists()
+
+
+def test_an_export_is_never_overwritten(default_run, tmp_path, capsys):
+    _, metrics = default_run
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert export.main([str(metrics.parent), "--out", str(out)]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert not list(tmp_path.glob(".exporting-*"))
+
+
+def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsys):
+    _, metrics = default_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(metrics.parent, stopped, ignore=shutil.ignore_patterns("export", "samples.*"))
+    summary = json.loads((stopped / "dpo_metrics/summary.json").read_text())
+    (stopped / "dpo_metrics/summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    for module in (export, samples):
+        assert module.main([str(stopped)]) == 2
+        assert "'interrupted', not finished" in capsys.readouterr().err
+    assert not (stopped / "export").exists() and not (stopped / "dpo_metrics/samples.md").exists()
+    assert export.main([str(stopped), "--force"]) == 0
+    assert f"using {stopped / 'checkpoint-150'}" in capsys.readouterr().out
+    assert (stopped / "export" / "model.safetensors").exists()
+
+
+def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path):
+    _, metrics = run(tmp_path, tiny_overrides("tiny_full_dpo"))
+    run_dir = metrics.parent
+    assert samples.main([str(run_dir), "--n", "2", "--max-new-tokens", "8"]) == 0
+    rows = [json.loads(line) for line in (metrics / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["reference"]["text"] and r["policy"]["text"] for r in rows)
+    assert export.main([str(run_dir)]) == 0
+    copied = run_dir / "export"
+    assert (copied / "model.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
+    assert not (copied / "training_args.bin").exists() and (copied / "tokenizer.json").exists()
+
+
+def test_push_without_the_hub_says_so_and_keeps_the_export(default_run, tmp_path):
+    _, metrics = default_run
+    out = tmp_path / "export"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_recipes.export",
+            str(metrics.parent),
+            "--out",
+            str(out),
+            "--push-to-hub",
+            "me/tiny",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "not pushed to me/tiny" in done.stderr and "hf upload me/tiny" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (out / "README.md").exists()
