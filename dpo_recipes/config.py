@@ -436,6 +436,12 @@ def check(cfg: DictConfig, *, machine: bool = True) -> None:
             problems.append(
                 f"train.loss_type: unknown loss {loss!r}; {hint}TRL has {', '.join(sorted(known_losses))}"
             )
+    weights = train.get("loss_weights")
+    if weights is not None and len(weights) != len(losses):
+        problems.append(
+            f"train.loss_weights: {len(weights)} weights for {len(losses)} loss {losses}; switch losses "
+            f"with loss=<option>, which sets both (loss={losses[0]}), or set both keys"
+        )
     path = None if OmegaConf.is_missing(cfg.reference, "path") else cfg.reference.path
     strategy = reference.resolve(cfg.reference.strategy, bool(model.get("use_peft")))
     if strategy in reference.STRATEGIES:  # an unknown one is reported with the choices above

@@ -42,7 +42,7 @@ def prompts(run: trained.Run, path: str | None) -> list[dict]:
             raise trained.RunError("the run has no eval data: name prompts with --prompts FILE")
     missing = [i for i, row in enumerate(rows) if "prompt" not in row]
     if missing:
-        raise trained.RunError(f"{path}: row {missing[0]} has no 'prompt' field")
+        raise trained.RunError(f"{path or 'the eval data'}: row {missing[0]} has no 'prompt' field")
     return list(rows)
 
 
@@ -92,8 +92,6 @@ def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) ->
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                 **decoding,
             )[0, len(ids) :].tolist()
-            if decoding["pad_token_id"] in generated:  # padding after the end of the answer
-                generated = generated[: generated.index(decoding["pad_token_id"]) + 1]
             logps = [completion_logp(m, ids, generated, device) for m in (policy, reference)]
             reward = beta * (logps[0] - logps[1])
             answer = tokenizer.decode(generated, skip_special_tokens=True).strip()

@@ -44,9 +44,17 @@ def test_label_smoothing_where_trl_ignores_it_is_refused():
 
 
 def test_a_loss_type_given_as_one_name_is_a_list_of_one(tmp_path):
-    cfg, _ = config.compose(["train.loss_type=robust", "train.label_smoothing=0.1"])
+    cfg, _ = config.compose(["loss=sigmoid", "train.loss_type=robust", "train.label_smoothing=0.1"])
     config.check(cfg)  # "robust" is not the letters r, o, b, u, s, t
     assert config.build(cfg, tmp_path).args.loss_type == ["robust"]
+
+
+def test_a_loss_type_that_leaves_the_weights_of_another_is_refused_with_the_fix():
+    cfg, _ = config.compose(["loss=rpo", "train.loss_type=robust"])
+    with pytest.raises(
+        config.ConfigError, match=r"train.loss_weights: 2 weights for 1 loss \['robust'\]; .*loss=robust"
+    ):
+        config.check(cfg)
 
 
 def run(tmp_path, *overrides):

@@ -11,7 +11,8 @@ from dpo_recipes.config import ConfigError
 
 
 def run(tmp_path, recipe, *overrides):
-    cfg, name = config.compose(tiny_overrides(recipe, *overrides))
+    """Sigmoid DPO, whose first loss is exactly ln 2 when policy and reference agree."""
+    cfg, name = config.compose(tiny_overrides(recipe, "loss=sigmoid", *overrides))
     return train.run(cfg, tmp_path / "run", name)
 
 

@@ -224,7 +224,7 @@ def test_a_relaunch_keeps_the_runs_overrides_and_refuses_changes_unless_allowed(
     assert "++train.max_steps=40" in merged and merged[-1] == f"hydra.run.dir={run_dir}"
     assert "++run.resume=never" not in merged  # the first launch's run.* steered that launch alone
     assert "++train.max_steps=40" in runs.relaunch([*hint, "++train.max_steps=40"])  # repeating is no change
-    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.001 -> 0.0005; train.max_steps: 40 -> 60"):
+    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.002 -> 0.0005; train.max_steps: 40 -> 60"):
         runs.relaunch([*hint, "++train.max_steps=60", "++train.learning_rate=5e-4"])
     assert not list(run_dir.glob("changes_*"))
     allowed = runs.relaunch([*hint, "++train.max_steps=60", "++run.allow_changes=true"])
