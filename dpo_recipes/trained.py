@@ -30,8 +30,10 @@ class Run:
 def open_run(run_dir: str | Path, force: bool = False) -> Run:
     """The run in `run_dir` (or named so under outputs/<recipe>/); one that did not finish only with
     `force`, from its newest complete checkpoint."""
-    named = sorted((ROOT / "outputs").glob(f"*/{run_dir}"))
-    run_dir = Path(run_dir) if Path(run_dir).exists() or len(named) != 1 else named[0]
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        named = sorted((ROOT / "outputs").glob(f"*/{run_dir.name}"))
+        run_dir = named[0] if len(named) == 1 else run_dir
     summary_file = run_dir / "dpo_metrics" / "summary.json"
     if not summary_file.exists():
         raise RunError(

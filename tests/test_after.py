@@ -12,10 +12,8 @@ from conftest import run, tiny_overrides
 
 from dpo_recipes import ROOT, export, samples
 
-pytestmark = pytest.mark.slow
-
-# Measured on the default run: the policy answers in the asked-for mood for 64 of 64 held-out prompts,
-# the reference (the pre-trained tiny base, which learned both moods for every prompt) for about half.
+# Measured on the default run: the policy answers in the asked-for mood for 63 of 64 held-out prompts,
+# the reference (the pre-trained tiny base, which learned both moods for every prompt) for 31 (48%).
 MOOD_MARGIN = 0.3
 
 
@@ -27,6 +25,7 @@ def sampled(default_run):
     return rows, (metrics / "samples.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampled):
     rows, page = sampled
     assert len(rows) == 64
@@ -45,6 +44,7 @@ def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampl
     assert f"reference {rates['reference']:.0%}, policy {rates['policy']:.0%}" in page
 
 
+@pytest.mark.slow
 def test_samples_md_sets_the_answers_side_by_side_with_their_rewards(sampled, default_run):
     rows, page = sampled
     table = [line for line in page.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -58,6 +58,7 @@ def test_samples_md_sets_the_answers_side_by_side_with_their_rewards(sampled, de
     assert mean["policy"] > max(0.0, mean["reference"])
 
 
+@pytest.mark.slow
 def test_an_implicit_reward_is_beta_times_the_log_ratio(sampled, default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,6 +78,7 @@ def test_an_implicit_reward_is_beta_times_the_log_ratio(sampled, default_run):
     assert row["policy"]["implicit_reward"] == pytest.approx(beta * (logps[0] - logps[1]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,6 +116,7 @@ def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_
     assert (out / "training_curves.png").exists()
 
 
+@pytest.mark.slow
 def test_an_export_is_never_overwritten(default_run, tmp_path, capsys):
     _, metrics = default_run
     out = tmp_path / "export"
@@ -125,6 +128,7 @@ def test_an_export_is_never_overwritten(default_run, tmp_path, capsys):
     assert not list(tmp_path.glob(".exporting-*"))
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsys):
     _, metrics = default_run
     stopped = tmp_path / "stopped"
@@ -140,6 +144,7 @@ def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsy
     assert (stopped / "export" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path):
     _, metrics = run(tmp_path, tiny_overrides("tiny_full_dpo"))
     run_dir = metrics.parent
@@ -152,6 +157,7 @@ def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path):
     assert not (copied / "training_args.bin").exists() and (copied / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_push_without_the_hub_says_so_and_keeps_the_export(default_run, tmp_path):
     _, metrics = default_run
     out = tmp_path / "export"
@@ -174,3 +180,28 @@ def test_push_without_the_hub_says_so_and_keeps_the_export(default_run, tmp_path
     assert "not pushed to me/tiny" in done.stderr and "hf upload me/tiny" in done.stderr
     assert "Traceback" not in done.stderr
     assert (out / "README.md").exists()
+
+
+@pytest.mark.parametrize("target", ["samples", "export"])
+def test_make_targets_take_the_run_and_say_how_without_one(target):
+    cmd = ["make", "--no-print-directory", "-n", target, "RUN=outputs/r/t", "N=3", "ARGS=--force"]
+    line = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.splitlines()[-1]
+    assert line.endswith(
+        f"-m dpo_recipes.{target} outputs/r/t" + (" --n 3" if target == "samples" else "") + " --force"
+    )
+    missing = subprocess.run(
+        ["make", "--no-print-directory", target], capture_output=True, text=True, cwd=ROOT
+    )
+    assert missing.returncode == 2 and f"usage: make {target} RUN=" in missing.stdout
+
+
+def test_a_run_is_found_by_its_name_under_outputs(tmp_path, monkeypatch):
+    from dpo_recipes import trained
+
+    monkeypatch.setattr(trained, "ROOT", tmp_path)
+    metrics = tmp_path / "outputs" / "tiny_lora_dpo" / "mine" / "dpo_metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "summary.json").write_text(json.dumps({"status": "finished"}))
+    assert trained.open_run("mine").dir == metrics.parent
+    with pytest.raises(trained.RunError, match="theirs: no dpo_metrics/summary.json"):
+        trained.open_run("theirs")
