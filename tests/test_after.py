@@ -205,3 +205,19 @@ def test_a_run_is_found_by_its_name_under_outputs(tmp_path, monkeypatch):
     assert trained.open_run("mine").dir == metrics.parent
     with pytest.raises(trained.RunError, match="theirs: no dpo_metrics/summary.json"):
         trained.open_run("theirs")
+
+
+@pytest.mark.slow
+def test_a_qlora_run_is_merged_into_the_base_in_bf16(default_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    _, metrics = default_run
+    qlora = tmp_path / "qlora"
+    shutil.copytree(metrics.parent, qlora, ignore=shutil.ignore_patterns("export", "checkpoint-*"))
+    summary = json.loads((qlora / "dpo_metrics/summary.json").read_text())
+    summary["config"]["model"]["load_in_4bit"] = True  # as the QLoRA recipe trains: 4-bit base, bf16 compute
+    (qlora / "dpo_metrics/summary.json").write_text(json.dumps(summary))
+    assert export.main([str(qlora)]) == 0
+    assert "merged into the base loaded in bf16 (not into its quantized weights)" in capsys.readouterr().out
+    weights = load_file(qlora / "export" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
