@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from data_prep import io
 from data_prep.io import write_text
 from dpo_recipes import trained
 from dpo_recipes.config import DatasetSchema
@@ -23,26 +24,20 @@ MOODS = ("cheerful", "gloomy")
 
 def prompts(run: trained.Run, path: str | None) -> list[dict]:
     """Rows with a `prompt` (and `chosen` where known): the run's eval set, or a file of TRL-format rows
-    (.json/.jsonl) or of one prompt a line (.txt)."""
+    (.json, .jsonl, .parquet, a saved dataset) or of one user message a line (.txt)."""
     if path and Path(path).suffix == ".txt":
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
         return [{"prompt": [{"role": "user", "content": line}]} for line in lines]
     if path:
-        text = Path(path).read_text()
-        rows = (
-            json.loads(text)
-            if path.endswith(".json")
-            else [json.loads(line) for line in text.splitlines() if line.strip()]
-        )
+        rows = io.read(path)
     else:
         from dpo_recipes import data
 
         _, rows, _ = data.load(DatasetSchema(**run.config["dataset"]), run.config["train"]["seed"])
         if rows is None:
             raise trained.RunError("the run has no eval data: name prompts with --prompts FILE")
-    missing = [i for i, row in enumerate(rows) if "prompt" not in row]
-    if missing:
-        raise trained.RunError(f"{path or 'the eval data'}: row {missing[0]} has no 'prompt' field")
+    if "prompt" not in rows.column_names:
+        raise trained.RunError(f"{path or 'the eval data'}: no 'prompt' column (has {rows.column_names})")
     return list(rows)
 
 

@@ -17,6 +17,16 @@ from dpo_recipes import ROOT, export, samples
 MOOD_MARGIN = 0.3
 
 
+def copy_of(run_dir, dest, edit, *leave_out):
+    """A copy of a run with its summary changed by `edit`, without its export and samples."""
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("export", "samples.*", *leave_out))
+    path = dest / "dpo_metrics/summary.json"
+    summary = json.loads(path.read_text())
+    edit(summary)
+    path.write_text(json.dumps(summary))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def sampled(default_run):
     _, metrics = default_run
@@ -85,8 +95,9 @@ def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_
 
     trainer, metrics = default_run
     out = tmp_path / "export"
-    assert export.main([str(metrics.parent), "--out", str(out)]) == 0
-    assert not (out / "adapter_config.json").exists() and list(out.glob("*.safetensors"))
+    assert export.main([str(metrics.parent), "--out", str(out), "--max-shard-size", "4MB"]) == 0
+    assert not (out / "adapter_config.json").exists()
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.dtype == torch.float32  # the base's dtype
     base_path = trainer.model.peft_config["default"].base_model_name_or_path
@@ -131,10 +142,7 @@ def test_an_export_is_never_overwritten(default_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsys):
     _, metrics = default_run
-    stopped = tmp_path / "stopped"
-    shutil.copytree(metrics.parent, stopped, ignore=shutil.ignore_patterns("export", "samples.*"))
-    summary = json.loads((stopped / "dpo_metrics/summary.json").read_text())
-    (stopped / "dpo_metrics/summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    stopped = copy_of(metrics.parent, tmp_path / "stopped", lambda s: s.update(status="interrupted"))
     for module in (export, samples):
         assert module.main([str(stopped)]) == 2
         assert "'interrupted', not finished" in capsys.readouterr().err
@@ -145,12 +153,25 @@ def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path):
+def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path, capsys):
     _, metrics = run(tmp_path, tiny_overrides("tiny_full_dpo"))
     run_dir = metrics.parent
-    assert samples.main([str(run_dir), "--n", "2", "--max-new-tokens", "8"]) == 0
+    asked = tmp_path / "prompts.txt"
+    asked.write_text("Tell me something cheerful about a kettle.\n\nDescribe a pond in a gloomy way.\n")
+    options = ["--prompts", str(asked), "--temperature", "0.7", "--max-new-tokens", "8"]
+    assert samples.main([str(run_dir), *options]) == 0
     rows = [json.loads(line) for line in (metrics / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["reference"]["text"] and r["policy"]["text"] for r in rows)
+    assert [r["prompt"][0]["content"] for r in rows] == asked.read_text().split("\n")[::2][:2]
+    assert all(r["reference"]["text"] and r["policy"]["text"] and r["chosen"] is None for r in rows)
+    assert "2 prompts, temperature 0.7, seed 0" in (metrics / "samples.md").read_text()
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text((ROOT / "data/toy/eval.jsonl").read_text().splitlines()[0] + "\n")
+    assert samples.main([str(run_dir), "--prompts", str(rows_file), "--max-new-tokens", "8"]) == 0
+    (row,) = [json.loads(line) for line in (metrics / "samples.jsonl").read_text().splitlines()]
+    assert row["chosen"] == json.loads(rows_file.read_text())["chosen"]
+    rows_file.write_text('{"question": "hi"}\n')
+    assert samples.main([str(run_dir), "--prompts", str(rows_file)]) == 2
+    assert "no 'prompt' column (has ['question'])" in capsys.readouterr().err
     assert export.main([str(run_dir)]) == 0
     copied = run_dir / "export"
     assert (copied / "model.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
@@ -212,11 +233,13 @@ def test_a_qlora_run_is_merged_into_the_base_in_bf16(default_run, tmp_path, caps
     from safetensors.torch import load_file
 
     _, metrics = default_run
-    qlora = tmp_path / "qlora"
-    shutil.copytree(metrics.parent, qlora, ignore=shutil.ignore_patterns("export", "checkpoint-*"))
-    summary = json.loads((qlora / "dpo_metrics/summary.json").read_text())
-    summary["config"]["model"]["load_in_4bit"] = True  # as the QLoRA recipe trains: 4-bit base, bf16 compute
-    (qlora / "dpo_metrics/summary.json").write_text(json.dumps(summary))
+    # As the QLoRA recipe trains: a 4-bit base with bf16 compute.
+    qlora = copy_of(
+        metrics.parent,
+        tmp_path / "qlora",
+        lambda s: s["config"]["model"].update(load_in_4bit=True),
+        "checkpoint-*",
+    )
     assert export.main([str(qlora)]) == 0
     assert "merged into the base loaded in bf16 (not into its quantized weights)" in capsys.readouterr().out
     weights = load_file(qlora / "export" / "model.safetensors")
