@@ -22,6 +22,7 @@ RULES = {
     "prompt_mismatch": "chosen and rejected carry different prompts, or `prompt` differs from the last user turn",
     "score_tie": "score_chosen equals score_rejected (--drop-ties)",
     "low_margin": "score_chosen - score_rejected is below --min-score-margin",
+    "unpaired_surrogate": "a text holds half of a UTF-16 surrogate pair (an escape like \\ud800 alone)",
     "duplicate": "an exact duplicate of an earlier pair",
 }
 ROLES = {
@@ -45,6 +46,9 @@ class Messages:
     content_key: str | None = None  # default: `content` (`value` in sharegpt)
     roles: dict[str, str] = field(default_factory=dict)  # their role name -> system, user or assistant
     text_key: str | None = None  # the text of a typed content part; default: `text`, else `value`
+
+    def __post_init__(self):  # role name (lower case) -> ours, looked up for every message
+        object.__setattr__(self, "role_names", {**ROLES, **{k.lower(): v for k, v in self.roles.items()}})
 
     def keys(self, format: str) -> tuple[str, str]:
         role, content = KEYS.get(format, ("role", "content"))
@@ -72,42 +76,50 @@ def _field(row: dict, name: str, *types: type, required: bool = True) -> Any:
     return value
 
 
-def _text(value: Any, where: str, text_key: str | None) -> str:
-    """Message content: a string, or a list of typed parts whose text parts are joined."""
-    if isinstance(value, str):
-        return value
-    texts = []
-    for part in value if isinstance(value, list) else [None]:
-        if not isinstance(part, dict):
-            break
-        if part.get("type", "text") == "text":
-            text = part.get(text_key) if text_key else part.get("text", part.get("value"))
-            if not isinstance(text, str):
-                break
-            texts.append(text)
-    else:
-        return "".join(texts)
-    key = f"`{text_key}`" if text_key else "`text` or `value`"
-    raise Invalid("wrong_type", f"{where} content should be a string or a list of text parts (their {key})")
+def _text(parts: Any, name: str, index: int | None, text_key: str | None) -> str:
+    """Content that is not a string: a list of typed parts, whose text parts are joined."""
+    try:  # a part that is not an object, or a text that is not a string, fails here
+        return "".join(
+            [
+                part.get(text_key) if text_key else part.get("text", part.get("value"))
+                for part in parts
+                if part.get("type", "text") == "text"
+            ]
+        )
+    except (AttributeError, TypeError):
+        key = f"`{text_key}`" if text_key else "`text` or `value`"
+        raise Invalid(
+            "wrong_type",
+            f"{_where(name, index)} content should be a string or a list of text parts (their {key})",
+        ) from None
 
 
-def _message(obj: Any, where: str, keys: tuple[str, str], spelled: "Messages") -> dict:
-    if not isinstance(obj, dict):
-        raise Invalid("wrong_type", f"{where} should be a message object, got {type(obj).__name__}")
-    for key in keys:
-        if obj.get(key) is None:
-            raise Invalid("missing_field", f"{where} has no `{key}`")
-    role = obj[keys[0]]
-    roles = {**ROLES, **{k.lower(): v for k, v in spelled.roles.items()}} if spelled.roles else ROLES
-    if not isinstance(role, str) or role.lower() not in roles:
+def _where(name: str, index: int | None) -> str:
+    return f"`{name}`" if index is None else f"`{name}`[{index}]"
+
+
+def _message(
+    obj: Any, name: str, keys: tuple[str, str], spelled: "Messages", index: int | None = None
+) -> dict:
+    """Message `index` of the list `name` (or the message `name` itself) in our form."""
+    role, content = (obj.get(keys[0]), obj.get(keys[1])) if isinstance(obj, dict) else (None, None)
+    canonical = spelled.role_names.get(role.lower()) if isinstance(role, str) else None
+    if canonical is None or content is None:  # rare: find out what is wrong, and say where
+        where = _where(name, index)
+        if not isinstance(obj, dict):
+            raise Invalid("wrong_type", f"{where} should be a message object, got {type(obj).__name__}")
+        if role is None or content is None:
+            raise Invalid("missing_field", f"{where} has no `{keys[0] if role is None else keys[1]}`")
         raise Invalid("unknown_role", f"{where} has role {role!r}")
-    return {"role": roles[role.lower()], "content": _text(obj[keys[1]], where, spelled.text_key)}
+    if not isinstance(content, str):
+        content = _text(content, name, index, spelled.text_key)
+    return {"role": canonical, "content": content}
 
 
 def _messages(value: Any, name: str, keys: tuple[str, str], spelled: "Messages") -> list[dict]:
     if not isinstance(value, list):
         raise Invalid("wrong_type", f"`{name}` should be a list of messages, got {type(value).__name__}")
-    return [_message(m, f"`{name}`[{i}]", keys, spelled) for i, m in enumerate(value)]
+    return [_message(m, name, keys, spelled, i) for i, m in enumerate(value)]
 
 
 def objects_in(row: dict):
@@ -125,11 +137,7 @@ def check(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> dict:
     """Validate a converted pair: role order, empty text, identical answers."""
     roles = [m["role"] for m in prompt]
     turns = roles[1:] if roles[:1] == ["system"] else roles
-    if (
-        not turns
-        or turns[-1] != "user"
-        or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(turns))
-    ):
+    if turns != ["user", "assistant"] * (len(turns) // 2) + ["user"]:
         raise Invalid("bad_role_order", f"prompt roles {roles}")
     for i, m in enumerate(prompt):
         if not m["content"].strip() and m["role"] != "system":
@@ -180,7 +188,11 @@ def ultrafeedback(row: dict, spelled: Messages = Messages()) -> dict:
     """`chosen` and `rejected` are whole conversations that differ only in the last assistant answer."""
     keys = spelled.keys("ultrafeedback")
     chosen = _messages(_field(row, "chosen", list), "chosen", keys, spelled)
-    rejected = _messages(_field(row, "rejected", list), "rejected", keys, spelled)
+    given = _field(row, "rejected", list)
+    if chosen and given and given[:-1] == row["chosen"][:-1]:  # the shared turns, converted once
+        rejected = [*chosen[:-1], _message(given[-1], "rejected", keys, spelled, len(given) - 1)]
+    else:
+        rejected = _messages(given, "rejected", keys, spelled)
     if not chosen or not rejected:
         raise Invalid("empty_completion", "`chosen` or `rejected` has no messages")
     if chosen[:-1] != rejected[:-1]:
@@ -197,8 +209,8 @@ def sharegpt(row: dict, spelled: Messages = Messages()) -> dict:
     """`conversations` of {from, value} plus `chosen` / `rejected` as single {from, value} messages."""
     keys = spelled.keys("sharegpt")
     prompt = _messages(_field(row, "conversations", list), "conversations", keys, spelled)
-    chosen = _message(_field(row, "chosen", dict), "`chosen`", keys, spelled)
-    rejected = _message(_field(row, "rejected", dict), "`rejected`", keys, spelled)
+    chosen = _message(_field(row, "chosen", dict), "chosen", keys, spelled)
+    rejected = _message(_field(row, "rejected", dict), "rejected", keys, spelled)
     return check(prompt, [chosen], [rejected])
 
 

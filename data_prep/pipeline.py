@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset, Features, Json, List, Value
 
 from data_prep import io
@@ -60,6 +61,7 @@ class Options:
         wrong = {k: v for k, v in self.messages.roles.items() if v not in set(ROLES.values())}
         if wrong:
             raise ValueError(f"roles {wrong}: map a role name to system, user or assistant")
+        self.rename = {theirs: ours for ours, theirs in self.columns.items()}  # read for every row
 
 
 def read(path: str, split: str = "train", subset: str | None = None) -> Dataset:
@@ -113,10 +115,13 @@ def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features
 
 def _scores(row: dict, options: Options) -> dict:
     scores = {k: row.get(k) for k in ("score_chosen", "score_rejected") if k in row}
+    for name, value in scores.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise Invalid("wrong_type", f"`{name}` should be a number, got {type(value).__name__}")
     if options.min_score_margin is None and not options.drop_ties:
         return scores
     for name in ("score_chosen", "score_rejected"):
-        if not isinstance(row.get(name), int | float):
+        if scores.get(name) is None:
             raise Invalid("missing_field", f"`{name}` is needed for score filtering")
     margin = row["score_chosen"] - row["score_rejected"]
     if options.drop_ties and margin == 0:
@@ -135,46 +140,56 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
             raise Invalid("malformed_line", f"line {index + 1}: {err.msg}") from None
     if not isinstance(source, dict):
         raise Invalid("wrong_type", f"a row should be an object, got {type(source).__name__}")
-    rename = {theirs: ours for ours, theirs in options.columns.items()}
-    row = {rename.get(k, k): v for k, v in source.items()}
+    row = {options.rename.get(k, k): v for k, v in source.items()} if options.rename else source
     pair = CONVERTERS[options.format](row, options.messages)
     pair.update(_scores(row, options))
-    return (to_standard(pair) if options.style == "standard" else pair), source
+    return pair, source
 
 
-def _convert_batch(batch: dict, indices: list[int], options: Options, scores: list[str], code: str) -> dict:
-    """`code` (CODE) only keys the cache."""
-    names = ["prompt", "chosen", "rejected", *scores, *options.keep_columns, *WHY]
-    out = {name: [] for name in names}
-    raw = batch.get("_raw")
+def _key(pair: dict) -> str:
+    """The pair's digest for finding duplicates: every role and text, each behind its length, so that
+    no two different pairs give the same string."""
+    texts = [t for side in ("prompt", "chosen", "rejected") for m in pair[side] for t in m.values()]
+    joined = "".join([f"{len(t)}:{t}" for t in texts])
+    try:
+        return hashlib.sha1(joined.encode()).hexdigest()
+    except UnicodeEncodeError as err:  # Arrow would fail the whole file on it
+        bad = err.object[err.start : err.end].encode("unicode_escape").decode()
+        raise Invalid("unpaired_surrogate", f"a text holds {bad}, which UTF-8 cannot store") from None
+
+
+def _convert_batch(batch: dict, indices: list[int], options: Options, features: Features, code: str):
+    """The batch as an Arrow table of `features`, so that `datasets` infers no types from the rows.
+    `code` (CODE) only keys the cache."""
+    scores = [name for name in ("score_chosen", "score_rejected") if name in features]
+    raw, line_errors = batch.get("_raw"), batch.get("_line_error")
     empty = "" if options.style == "standard" else []
+    columns = ("prompt", "chosen", "rejected", *scores)
+    dropped = (empty, empty, empty) + (None,) * (len(scores) + len(options.keep_columns))
+    out = []
     for j, index in enumerate(indices):
         given = raw[j] if raw is not None else {k: batch[k][j] for k in batch}
-        pair, source = {"prompt": empty, "chosen": empty, "rejected": empty}, {}
-        rule, detail, excerpt, key = "", "", "", ""
-        line_error = batch["_line_error"][j] if "_line_error" in batch else ""
-        if line_error:
-            rule, detail = "malformed_line", line_error
-        elif raw is not None and not given.strip():
-            rule = BLANK
-        else:
-            try:
-                pair, source = _convert_row(given, index, options)
-                text = repr((pair["prompt"], pair["chosen"], pair["rejected"]))  # our dicts: fixed key order
-                key = hashlib.sha1(text.encode()).hexdigest()
-            except Invalid as err:
-                pair = {"prompt": empty, "chosen": empty, "rejected": empty}
-                rule, detail = err.rule, err.detail
-                excerpt = (given if raw is not None else json.dumps(given, default=str, ensure_ascii=False))[
-                    :160
-                ]
-        for name in ("prompt", "chosen", "rejected", *scores):
-            out[name].append(pair.get(name))
-        for name in options.keep_columns:
-            out[name].append(source.get(name))
-        for name, value in zip(WHY, (rule, detail, excerpt, key), strict=True):
-            out[name].append(value)
-    return out
+        if line_errors and line_errors[j]:
+            out.append((*dropped, "malformed_line", line_errors[j], "", ""))
+            continue
+        if raw is not None and not given.strip():
+            out.append((*dropped, BLANK, "", "", ""))
+            continue
+        try:
+            pair, source = _convert_row(given, index, options)
+            key = _key(pair)
+        except Invalid as err:
+            text = given if raw is not None else json.dumps(given, default=str, ensure_ascii=False)
+            out.append((*dropped, err.rule, err.detail, text[:160], ""))
+            continue
+        if options.style == "standard":
+            pair = to_standard(pair)
+        kept = [pair.get(name) for name in columns] + [source.get(name) for name in options.keep_columns]
+        out.append((*kept, "", "", "", key))
+    table = {name: [row[i] for row in out] for i, name in enumerate(features)}
+    for name in options.keep_columns:  # the input's own types (JSON text where it is read raw)
+        table[name] = features.encode_column(table[name], name)
+    return pa.Table.from_pydict(table, schema=features.arrow_schema)
 
 
 def _sample(dataset: Dataset, n: int = 1000) -> list[dict]:
@@ -234,13 +249,14 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     sample = _sample(dataset)
     found = shape(sample, options.messages.keys(options.format)[0])
     _check_names(options, found)
+    features = _features(dataset, options, scores)
     converted = dataset.map(
         _convert_batch,
         batched=True,
         with_indices=True,
-        fn_kwargs={"options": options, "scores": scores, "code": CODE},
+        fn_kwargs={"options": options, "features": features, "code": CODE},
         remove_columns=dataset.column_names,
-        features=_features(dataset, options, scores),
+        features=features,
         num_proc=options.num_proc,
         desc=desc,
     )

@@ -132,6 +132,7 @@ BROKEN = {
     "identical_pair": ok(rejected=answer("Hello!")),
     "unknown_role": ok(prompt=[{"role": "wizard", "content": "Hi."}]),
     "bad_role_order": ok(prompt=[user("Hi."), {"role": "assistant", "content": "Hello."}]),
+    "unpaired_surrogate": ok(chosen=answer("Hello \ud800!")),  # valid JSON, yet no UTF-8 file holds it
 }
 
 
@@ -155,6 +156,20 @@ def test_prompt_mismatch_between_chosen_and_rejected_or_the_prompt_field():
         )
 
 
+def test_turns_shared_by_chosen_and_rejected_are_compared_after_conversion():
+    """The same prompt spelled with other keys or role aliases is one prompt; other text is not."""
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "Hi.", "w": 1}]
+    again = [turns[0], {"role": "user", "content": [{"type": "text", "text": "Hi."}], "w": 0}]
+    pair = rows.ultrafeedback({"chosen": [*turns, *answer("a")], "rejected": [*again, *answer("b")]})
+    assert pair["prompt"] == [{"role": "system", "content": "Be brief."}, user("Hi.")]
+    assert pair["chosen"] == answer("a") and pair["rejected"] == answer("b")
+    other = [turns[0], user("Hello.")]
+    with pytest.raises(Invalid, match="prompt_mismatch"):
+        rows.ultrafeedback({"chosen": [*turns, *answer("a")], "rejected": [*other, *answer("b")]})
+    with pytest.raises(Invalid, match=r"`rejected`\[2\] has no `content`"):
+        rows.ultrafeedback({"chosen": [*turns, *answer("a")], "rejected": [*turns, {"role": "assistant"}]})
+
+
 def test_score_ties_and_low_margins_when_asked():
     data = read(str(FIXTURES / "ultrafeedback.jsonl"))
     _, report = convert(data, Options(format="ultrafeedback", drop_ties=True))
@@ -162,6 +177,23 @@ def test_score_ties_and_low_margins_when_asked():
     _, report = convert(data, Options(format="ultrafeedback", min_score_margin=1.0))
     assert report["dropped"] == {"low_margin": 2}
     assert [e["row"] for e in report["examples"]["low_margin"]] == [2, 3]
+
+
+def test_a_score_that_is_not_a_number_drops_its_row_not_the_file(tmp_path):
+    src = tmp_path / "in.jsonl"
+    scored = [
+        ok(score_chosen=8, score_rejected=3),
+        ok(chosen=answer("Hey!"), score_chosen="8", score_rejected=3),
+    ]
+    scored.append(ok(chosen=answer("Yo!"), score_chosen=9.5, score_rejected=True))
+    src.write_text("".join(json.dumps(row) + "\n" for row in scored))
+    kept, report = convert(read(str(src)), Options(format="trl"))
+    assert kept["score_chosen"] == [8.0] and report["dropped"] == {"wrong_type": 2}
+    details = [e["detail"] for e in report["examples"]["wrong_type"]]
+    assert details == [
+        "`score_chosen` should be a number, got str",
+        "`score_rejected` should be a number, got bool",
+    ]
 
 
 def test_exact_duplicates_are_dropped_and_point_to_the_first():
