@@ -34,16 +34,21 @@ def read(path: str, split: str = "train", subset: str | None = None) -> Dataset:
 
 
 @contextmanager
-def atomic_path(target: Path):
-    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
+def atomic_path(target: Path, existing: str = "replace"):
+    """Yield a temporary path beside `target`, moved to `target` only if the block succeeds: nobody sees
+    a partial file or folder. A folder already at `target` is replaced, or (`keep`: another process
+    built the same one first) kept; `refuse` raises OSError rather than touch it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
     try:
         yield tmp
-        if target.is_dir() and tmp.is_dir():
+        if existing == "replace" and target.is_dir() and tmp.is_dir():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # onto a folder that is not empty: OSError
+    except OSError:
+        if existing != "keep" or not target.exists():
+            raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 

@@ -5,9 +5,9 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from data_prep.io import atomic_path
 from dpo_recipes import ROOT
 
 
@@ -38,19 +38,11 @@ def unpacked(relative: str) -> Path:
     target = home / source.name
     if target.exists():
         return target
-    home.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=home))
-    try:
-        folder = staging / source.name if source.is_dir() else staging
+    with atomic_path(target, existing="keep") as staging:  # parallel first uses cannot clash
+        folder = staging if source.is_dir() else staging.parent
         folder.mkdir(exist_ok=True)
         for name, path in files.items():
             opener = gzip.open if path.suffix == ".gz" else open
             with opener(path, "rb") as f, open(folder / name.removesuffix(".gz"), "wb") as out:
                 shutil.copyfileobj(f, out)
-        os.replace(staging / source.name, target)  # atomic: parallel first uses cannot clash
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,5 +1,7 @@
 """Load the dataset a `dataset:` option names, convert it with data_prep's converters, split off eval."""
 
+from collections import Counter
+
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
@@ -70,17 +72,9 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
             rows = rows.select(np.sort(drawn))
         parts.append(rows)
         reports.append({"path": source.path, "format": source.format, **report, "rows_mixed": len(rows)})
-    dropped = {}
-    for report in reports:
-        for rule, n in report["dropped"].items():
-            dropped[rule] = dropped.get(rule, 0) + n
-    total = {
-        "rows_in": sum(r["rows_in"] for r in reports),
-        "rows_out": sum(r["rows_out"] for r in reports),
-        "dropped": dropped,
-        "rows_mixed": sum(r["rows_mixed"] for r in reports),
-        "sources": reports,
-    }
+    total = {key: sum(r[key] for r in reports) for key in ("rows_in", "rows_out", "rows_mixed")}
+    total["dropped"] = dict(sum((Counter(r["dropped"]) for r in reports), Counter()))
+    total["sources"] = reports
     print(
         f"mixed {total['rows_mixed']} rows from {len(parts)} sources: "
         + ", ".join(f"{r['rows_mixed']} of {r['path']}" for r in reports)
@@ -111,14 +105,7 @@ def load(
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
         parts = train.train_test_split(test_size=size, seed=seed)
         train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
-        n = len(evaluation)
-        source = f"{n} rows held out of {source_name}"
-        reports["eval"] = {
-            "rows_in": n,
-            "rows_out": n,
-            "dropped": {},
-            "held_out_from_train": True,
-            "source": source,
-        }
+        n, source = len(evaluation), f"{len(evaluation)} rows held out of {source_name}"
+        reports["eval"] = dict(rows_in=n, rows_out=n, dropped={}, held_out_from_train=True, source=source)
         print(f"eval data: {source}")
     return train, evaluation, reports

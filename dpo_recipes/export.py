@@ -9,10 +9,10 @@ import fnmatch
 import shlex
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from dpo_recipes import data, trained
+from data_prep.io import atomic_path
+from dpo_recipes import data, hub, trained
 
 # What a run or checkpoint folder holds besides the model and its tokenizer.
 TRAINING_FILES = [
@@ -101,18 +101,14 @@ def export(run: trained.Run, out: Path, max_shard_size: str) -> str:
         raise trained.RunError(
             f"{out} already exists and an export is never overwritten: remove it or pass --out"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out.parent))
-    try:
+    with atomic_path(out, existing="refuse") as staging:
+        staging.mkdir()
         how = merged(run, staging, max_shard_size) if run.lora else copied(run, staging)
         AutoTokenizer.from_pretrained(run.weights).save_pretrained(staging)
         curves = run.dir / "dpo_metrics" / "training_curves.png"
         if curves.exists():
             shutil.copy2(curves, staging / curves.name)
         (staging / "README.md").write_text(card(run, how))
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return how
 
 
@@ -125,9 +121,8 @@ def push(out: Path, repo: str) -> bool:
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(folder_path=str(out), repo_id=repo)
     except Exception as err:  # offline mode, no network, no token, no rights: all end here the same way
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(
-            f"not pushed to {repo}: the Hub cannot be reached or refused ({cause}). The export is complete in "
+            f"not pushed to {repo}: the Hub cannot be reached or refused ({hub.cause(err)}). The export is complete in "
             f"{out}; push it later with `hf upload {repo} {out}`",
             file=sys.stderr,
         )

@@ -11,6 +11,11 @@ class Unreachable(ValueError):
     """Not on this machine, and the Hub did not give it (no network, a typo, a gated or private repo)."""
 
 
+def cause(err: Exception) -> str:
+    """The first line of what the Hub client said, for a one-line message."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def missing_local(path: str, key: str) -> str | None:
     """A problem line for a path meant to be local (it starts with . / ~, has more than one /, or ends
     in a data file's suffix) that does not exist; a hub id has at most one /."""
@@ -29,9 +34,8 @@ def fetching(what: str, repo: str, key: str):
         if Path(repo).expanduser().exists():
             raise
         dataset = what == "dataset"
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise Unreachable(
-            f"cannot fetch the {what} {repo!r} from the Hugging Face Hub ({cause}). Either download it "
+            f"cannot fetch the {what} {repo!r} from the Hugging Face Hub ({cause(err)}). Either download it "
             f"first: `hf download {repo}{' --repo-type dataset' if dataset else ''}` (then it is found in "
             f"the cache, also offline), or set {key} to a local {'file or folder' if dataset else 'folder'}"
         ) from None

@@ -15,9 +15,9 @@ Each is saved once to a cache folder whose name carries its version, so old buil
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
+from data_prep.io import atomic_path
 from dpo_recipes import ROOT, assets
 
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
@@ -176,14 +176,6 @@ def build_qwen(target: Path, seed: int = SEED, device: str = "cpu", **shape) -> 
 
 def _save(target: Path, model, save_tokenizer) -> None:
     """Save model and tokenizer; atomic, so that parallel builders cannot clash."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+    with atomic_path(target, existing="keep") as staging:
         model.save_pretrained(staging)
         save_tokenizer(staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

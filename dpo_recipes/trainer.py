@@ -54,9 +54,8 @@ class Trainer(DPOTrainer):
     def _prepare(self, dataset, processing_class, args, dataset_name):
         start, path = time.perf_counter(), "trl"
         if tokenize.eligible(dataset, processing_class):
-            with (
-                trl_utils.global_then_local_main_first()
-            ):  # as in TRL: the main process first, the others read its cache
+            # As in TRL: the main process tokenizes first, the others then read its cache.
+            with trl_utils.global_then_local_main_first():
                 prepared = tokenize.prepare(
                     dataset,
                     processing_class,

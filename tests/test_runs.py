@@ -158,6 +158,22 @@ def test_atomic_writes_keep_the_previous_version(tmp_path):
     assert target.read_text() == "previous" and os.listdir(tmp_path) == ["summary.json"]
 
 
+def test_an_atomic_folder_replaces_keeps_or_refuses_one_already_there(tmp_path):
+    def build(mode, text):
+        with atomic_path(tmp_path / "model", existing=mode) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text(text)
+
+    build("replace", "first")
+    build("keep", "second")  # a parallel builder finished first: its folder stays
+    assert (tmp_path / "model" / "config.json").read_text() == "first"
+    with pytest.raises(OSError):
+        build("refuse", "third")
+    build("replace", "fourth")
+    assert (tmp_path / "model" / "config.json").read_text() == "fourth"
+    assert os.listdir(tmp_path) == ["model"]  # no staging folder left behind
+
+
 def test_recipes_load_safetensors_only_and_no_remote_code(tmp_path):
     for recipe in config.recipes():
         cfg, _ = config.compose([f"recipes={recipe}", "hardware=cpu"])
