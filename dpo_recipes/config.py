@@ -207,9 +207,7 @@ def compose(overrides: list[str] = ()) -> tuple[DictConfig, str]:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("train", overrides=plain_keys(overrides), return_hydra_config=True)
     recipe = cfg.hydra.runtime.choices.recipes
-    HydraConfig.instance().set_config(
-        cfg
-    )  # option names for messages, as under `python -m dpo_recipes.train`
+    HydraConfig.instance().set_config(cfg)  # option names for messages, as under dpo_recipes.train
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, recipe
@@ -255,8 +253,13 @@ def _unknown_keys(node: str, keys, cls) -> list[str]:
 SPELLING = {f.name for f in dataclasses.fields(Messages)}  # the keys of dataset.messages
 
 
-def _dataset_problems(dataset: DictConfig) -> list[str]:
-    problems, sources = [], OmegaConf.to_container(dataset.sources, resolve=True) or []
+def _choice(group: str, default: str | None = None) -> str | None:
+    """The option the config took for `group`, for messages; `default` outside a Hydra compose."""
+    return HydraConfig.get().runtime.choices.get(group, default) if HydraConfig.initialized() else default
+
+
+def _dataset_problems(dataset: DictConfig, sources: list) -> list[str]:
+    problems = []
     if not dataset.path and not sources:
         problems.append(
             "dataset.path: missing; name a file, a saved dataset folder or a hub id (or dataset.sources)"
@@ -272,7 +275,7 @@ def _dataset_problems(dataset: DictConfig) -> list[str]:
         problems += [f"{node}.messages.{k}: unknown" for k in set(source.get("messages") or {}) - SPELLING]
         if source.get("fraction") is not None and not 0 < source["fraction"] <= 1:
             problems.append(f"{node}.fraction: a share of the source's rows, in (0, 1]")
-    option = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
+    option = _choice("dataset")
     shipped = OmegaConf.load(CONF_DIR / "dataset" / f"{option}.yaml") if option else {}
     moved = shipped and (sources or dataset.path != shipped.get("path"))
     for key in ("eval_path", "eval_split"):  # an eval source of the option's own data, not of the new path
@@ -296,27 +299,12 @@ def _dataset_problems(dataset: DictConfig) -> list[str]:
     return problems
 
 
-def _run_problems(cfg: DictConfig) -> list[str]:
-    problems, run = [], cfg.run
-    if run.resume not in ("auto", "never") and not (Path(str(run.resume)) / "trainer_state.json").is_file():
-        problems.append(
-            f"run.resume: {run.resume!r} is not auto, never or a checkpoint dir with trainer_state.json"
-        )
-    return problems
-
-
 SECRET = re.compile(r"token|secret|password|api_key", re.I)
-
-
-def _option(cfg: DictConfig) -> str:
-    """The hardware option's name, for messages."""
-    engine = cfg.hardware.engine
-    return HydraConfig.get().runtime.choices.get("hardware", engine) if HydraConfig.initialized() else engine
 
 
 def _scale_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
     """Distributed engines and secrets: what would otherwise fail minutes into a launch."""
-    engine, option, problems = cfg.hardware.engine, _option(cfg), []
+    engine, option, problems = cfg.hardware.engine, _choice("hardware", cfg.hardware.engine), []
     if engine in ("deepspeed", "fsdp") and train.get("use_cpu"):
         problems.append(
             f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
@@ -338,7 +326,12 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
 
 def _machine_problems(cfg: DictConfig, train: dict) -> list[str]:
     """What this machine and launch lack for the run: extras, GPUs, processes, a wandb login."""
-    engine, option, logger, problems = cfg.hardware.engine, _option(cfg), cfg.logger, []
+    engine, option, logger, problems = (
+        cfg.hardware.engine,
+        _choice("hardware", cfg.hardware.engine),
+        cfg.logger,
+        [],
+    )
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
     wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
@@ -426,7 +419,13 @@ def check(cfg: DictConfig, *, machine: bool = True) -> None:
     for node, cls in OURS.items():
         values = OmegaConf.to_container(cfg[node], resolve=True, throw_on_missing=False)
         problems += _unknown_keys(node, values, cls) + _wrong_types(node, values, cls)
-    problems += _dataset_problems(cfg.dataset) + _run_problems(cfg) + _scale_problems(cfg, train, model)
+    sources = OmegaConf.to_container(cfg.dataset.sources, resolve=True) or []
+    problems += _dataset_problems(cfg.dataset, sources) + _scale_problems(cfg, train, model)
+    resume = cfg.run.resume
+    if resume not in ("auto", "never") and not (Path(str(resume)) / "trainer_state.json").is_file():
+        problems.append(
+            f"run.resume: {resume!r} is not auto, never or a checkpoint dir with trainer_state.json"
+        )
     losses = train.get("loss_type", ["sigmoid"])
     known_losses = loss_types()
     for loss in losses:
@@ -446,15 +445,11 @@ def check(cfg: DictConfig, *, machine: bool = True) -> None:
     strategy = reference.resolve(cfg.reference.strategy, bool(model.get("use_peft")))
     if strategy in reference.STRATEGIES:  # an unknown one is reported with the choices above
         problems += reference.problems(strategy, path, train, bool(model.get("use_peft")))
-    paths = {
-        "model.model_name_or_path": model.get("model_name_or_path"),
-        "reference.path": cfg.reference.path,
+    paths = {"model.model_name_or_path": model.get("model_name_or_path"), "reference.path": path}
+    paths |= {f"dataset.{k}": cfg.dataset.get(k) for k in ("path", "eval_path")}
+    paths |= {
+        f"dataset.sources[{i}].path": s.get("path") for i, s in enumerate(sources) if isinstance(s, dict)
     }
-    paths.update({f"dataset.{k}": cfg.dataset.get(k) for k in ("path", "eval_path")})
-    sources = OmegaConf.to_container(cfg.dataset.sources, resolve=True) or []
-    paths.update(
-        {f"dataset.sources[{i}].path": s.get("path") for i, s in enumerate(sources) if isinstance(s, dict)}
-    )
     problems += [p for key, value in paths.items() if value and (p := hub.missing_local(str(value), key))]
     if train.get("label_smoothing") and not set(losses) & LABEL_SMOOTHING_LOSSES:
         problems.append(

@@ -56,21 +56,18 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def guard(run_dir: Path, run: DictConfig, before_record: bool = False) -> None:
     """Refuse to touch a dir that holds a finished run (unless overwrite) or any run (resume=never).
     An overwritten run's record goes too."""
+    another = "pick another name (RUN=...)"
     if finished(run_dir):
         if not run.overwrite:
             raise ConfigError(
-                [
-                    f"{run_dir} already holds a finished run; pick another name (RUN=...) or pass run.overwrite=true"
-                ]
+                [f"{run_dir} already holds a finished run; {another} or pass run.overwrite=true"]
             )
         # Hydra wrote this launch's record over the replaced run's in .hydra/, unless it has not yet.
         record = run_dir / RECORD if before_record else run_dir / RECORD / "relaunched"
         for old in [*checkpoints(run_dir), run_dir / "dpo_metrics", record]:
             shutil.rmtree(old, ignore_errors=True)
     elif run.resume == "never" and (checkpoints(run_dir) or (run_dir / "dpo_metrics").exists()):
-        raise ConfigError(
-            [f"{run_dir} holds an earlier run and run.resume=never; pick another name (RUN=...)"]
-        )
+        raise ConfigError([f"{run_dir} holds an earlier run and run.resume=never; {another}"])
 
 
 def record_dir(run_dir: str, overwrite: bool = False) -> str | None:
@@ -138,12 +135,12 @@ def relaunch(overrides: list[str]) -> list[str]:
         yaml.safe_load((record / "config.yaml").read_text()), OmegaConf.to_container(resumed)
     )
     if differences and not resumed.run.allow_changes:
+        kept = " ".join(o.removeprefix("++") for o in first)
         raise ConfigError(
             [
                 f"{run_dir} holds an unfinished run; resuming it with these overrides would change what it "
-                f"trains: {'; '.join(differences)}. Resume without them (its own overrides are kept: "
-                f"{' '.join(o.removeprefix('++') for o in first)}), pass run.allow_changes=true to resume with the changes recorded, or "
-                "pick another name (RUN=...)"
+                f"trains: {'; '.join(differences)}. Resume without them (its own overrides are kept: {kept}), "
+                "pass run.allow_changes=true to resume with the changes recorded, or pick another name (RUN=...)"
             ]
         )
     if differences:

@@ -34,6 +34,11 @@ def _overrides(job_dir: Path) -> dict:
     }
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The dirs Hydra recorded a job's launch in."""
+    return [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+
+
 def job(job_dir: Path) -> dict:
     """One row: overrides, status, final and best metrics, runtime."""
     row = {"job": int(job_dir.name.split("_", 1)[0]), "dir": str(job_dir), "overrides": _overrides(job_dir)}
@@ -41,15 +46,10 @@ def job(job_dir: Path) -> dict:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         tokenize = summary.get("tokenize", {}).get("train", {})
-        finished = summary.get("status") == "finished"
-        row.update(
-            status="ok" if finished else summary.get("status"),
-            error=""
-            if finished
-            else f"{summary.get('status')} at step {summary.get('steps')}: re-run the sweep",
-            runtime_s=summary.get("runtime_s"),
-            tokenize_s=tokenize.get("seconds"),
-        )
+        status = summary.get("status")
+        error = "" if status == "finished" else f"{status} at step {summary.get('steps')}: re-run the sweep"
+        row.update(status="ok" if status == "finished" else status, error=error)
+        row.update(runtime_s=summary.get("runtime_s"), tokenize_s=tokenize.get("seconds"))
         row["peak_rss_mb"] = summary.get("peak_rss_mb")
         for metric in BEST:
             row[f"final_{metric}"] = summary["final"].get(metric)
@@ -160,11 +160,7 @@ def write_report(
 ) -> dict:
     """Write sweep_summary.csv, sweep_summary.json and sweep_curves.png into `sweep_dir`."""
     sweep_dir = Path(sweep_dir)
-    job_dirs = sorted(
-        (d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()),
-        key=lambda d: int(d.name.split("_", 1)[0]),
-    )
-    rows = [job(d) for d in job_dirs]
+    rows = sorted((job(d) for d in job_dirs(sweep_dir)), key=lambda row: row["job"])
     best = pick_best(rows, metric, higher, tie_break)
     report = {
         "sweep_dir": str(sweep_dir),
@@ -216,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lower", action="store_true", help="lower values of --metric are better")
     parser.add_argument("--tie-break", default="eval_loss", help="lowest value wins a tie")
     args = parser.parse_args(argv)
-    jobs = [d for d in args.sweep_dir.iterdir() if (d / ".hydra").is_dir()] if args.sweep_dir.is_dir() else []
+    jobs = job_dirs(args.sweep_dir)
     if not jobs:
         print(f"error: {args.sweep_dir} is not a sweep dir (no job dirs with .hydra/ in it)", file=sys.stderr)
         return 2
