@@ -9,7 +9,6 @@ unknown key, wrong type and impossible combination is reported together.
 
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import os
 import re
@@ -134,21 +133,13 @@ OURS = {
 }
 
 
-def _defaults(cls) -> dict:
-    no_factory = dataclasses.MISSING
-    return {
-        f.name: f.default if f.default_factory is no_factory else f.default_factory()
-        for f in dataclasses.fields(cls)
-    }
-
-
 # The primary config's schema: TRL's nodes as open dicts (check() reads them against TRL's dataclasses),
 # ours with their defaults.
 Schema = dataclasses.make_dataclass(
     "Schema",
     [(name, dict[str, Any], field(default_factory=dict)) for name in ("model", "train")]
     + [
-        (name, dict[str, Any], field(default_factory=functools.partial(_defaults, cls)))
+        (name, dict[str, Any], field(default_factory=lambda cls=cls: dataclasses.asdict(cls())))
         for name, cls in OURS.items()
     ],
 )

@@ -79,18 +79,8 @@ def card(run: trained.Run, how: str) -> str:
             lines.append(
                 f"| {name} | {final[name]:.4g} | " + (f"{top['value']:.4g} ({top['step']}) |" if top else "|")
             )
-    lines += [
-        "",
-        "![training curves](training_curves.png)",
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    lines += ["", "![training curves](training_curves.png)", "", "## Reproduce", "", "```", command, "```"]
+    return "\n".join(lines) + "\n"
 
 
 def export(run: trained.Run, out: Path, max_shard_size: str) -> str:

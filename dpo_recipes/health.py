@@ -102,9 +102,5 @@ CHECKS = {
 
 def check(log_history: list[dict]) -> list[dict]:
     """Flags raised by a run's log history: [{flag, problem, fix}], empty for a healthy run."""
-    flags = []
-    for name, rule in CHECKS.items():
-        found = rule(log_history)
-        if found:
-            flags.append({"flag": name, "problem": found[0], "fix": found[1]})
-    return flags
+    found = {name: rule(log_history) for name, rule in CHECKS.items()}
+    return [{"flag": name, "problem": f[0], "fix": f[1]} for name, f in found.items() if f]

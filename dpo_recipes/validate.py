@@ -34,10 +34,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    print(f"recipe {recipe}: DPOConfig, ModelConfig", end="")
-    print(f", {type(built.peft).__name__}" if built.peft else ", no PEFT", end="")
-    print(f", {type(built.quantization).__name__}" if built.quantization else ", no quantization", end="")
-    print(" built; no weights loaded")
+    peft = type(built.peft).__name__ if built.peft else "no PEFT"
+    quantization = type(built.quantization).__name__ if built.quantization else "no quantization"
+    print(f"recipe {recipe}: DPOConfig, ModelConfig, {peft}, {quantization} built; no weights loaded")
     if here:
         print(
             f"note: no CUDA GPU here, so DPOConfig was built with {' '.join(here)}; to train here add hardware=cpu"
