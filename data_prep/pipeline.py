@@ -401,29 +401,28 @@ def summary_line(report: dict) -> str:
     return f"kept {report['rows_out']} of {report['rows_in']} rows (dropped: {dropped})"
 
 
+def token_ids(tokenizer, prompt, answer=None) -> list[int]:
+    """The ids of a prompt (ending with the generation prompt) or of a prompt and its answer, in either
+    style: plain text, or messages through the chat template."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt + (answer or ""))["input_ids"]
+    messages, generation = (prompt, True) if answer is None else (prompt + answer, False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation, return_dict=True)[
+        "input_ids"
+    ]
+
+
 def token_lengths(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> dict:
     """Token counts after the chat template (prompt, chosen, rejected) and how many rows TRL would drop
     because the prompt alone reaches `max_length`."""
 
     def lengths(row):
-        if isinstance(row["prompt"], str):
-            prompt = len(tokenizer(row["prompt"])["input_ids"])
-            return {
-                "prompt_len": prompt,
-                **{
-                    k + "_len": len(tokenizer(row["prompt"] + row[k])["input_ids"]) - prompt
-                    for k in ("chosen", "rejected")
-                },
-            }
-        template = tokenizer.apply_chat_template
-        prompt = len(
-            template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        )
-        out = {"prompt_len": prompt}
-        for k in ("chosen", "rejected"):
-            whole = template(row["prompt"] + row[k], tokenize=True, return_dict=True)["input_ids"]
-            out[k + "_len"] = len(whole) - prompt
-        return out
+        prompt = len(token_ids(tokenizer, row["prompt"]))
+        answers = {
+            k + "_len": len(token_ids(tokenizer, row["prompt"], row[k])) - prompt
+            for k in ("chosen", "rejected")
+        }
+        return {"prompt_len": prompt, **answers}
 
     counted = dataset.map(
         lengths, remove_columns=dataset.column_names, num_proc=num_proc, desc="Counting tokens"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_prep import io
 from data_prep.io import write_text
+from data_prep.pipeline import token_ids
 from dpo_recipes import trained
 from dpo_recipes.config import DatasetSchema
 
@@ -48,12 +49,6 @@ def text(value) -> str:
     return "\n".join(m["content"] if isinstance(m["content"], str) else str(m["content"]) for m in value)
 
 
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"]
-
-
 def completion_logp(model, prompt: list[int], completion: list[int], device) -> float:
     """log p(completion | prompt), summed over the completion's tokens."""
     import torch
@@ -78,7 +73,7 @@ def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) ->
     )
     out, device = [], policy.device
     for row in tqdm(rows, desc="generating", unit="prompt"):
-        ids = prompt_ids(tokenizer, row["prompt"])
+        ids = token_ids(tokenizer, row["prompt"])
         sample = {"prompt": row["prompt"], "chosen": row.get("chosen")}
         for name, model in models.items():
             torch.manual_seed(options.seed)

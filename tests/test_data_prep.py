@@ -267,6 +267,28 @@ def test_report_location_and_token_statistics(tmp_path, capsys):
     assert f"TRL would drop {stats['trl_would_drop']} of 4 rows" in out and "median tokens: prompt" in out
 
 
+@pytest.mark.parametrize("style", ["conversational", "standard"])
+def test_token_lengths_are_what_trl_tokenizes_in_either_style(style):
+    from transformers import AutoTokenizer
+
+    from dpo_recipes import tiny
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.path())
+    kept, _ = convert(
+        Dataset.from_list([ok(), ok(chosen=answer("Hello there, friend!"))]), Options("trl", style)
+    )
+    stats = pipeline.token_lengths(kept, tokenizer, max_length=None)["token_lengths"]
+    row = kept[1]
+    if style == "standard":
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        chosen = len(tokenizer(row["prompt"] + row["chosen"])["input_ids"]) - prompt
+    else:
+        template = tokenizer.apply_chat_template
+        prompt = len(template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
+        chosen = len(template(row["prompt"] + row["chosen"], return_dict=True)["input_ids"]) - prompt
+    assert stats["prompt"]["max"] == prompt and stats["chosen"]["max"] == chosen > 3
+
+
 def test_real_data_in_three_layouts_converts_to_the_same_pairs():
     files = {
         "alpaca": "dpo_en_demo.alpaca.json",
