@@ -56,13 +56,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def report_path(output: Path) -> Path:
-    return output.with_name(output.name + ".report.json")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    report_to = args.report or report_path(args.output)
+    report_to = args.report or args.output.with_name(args.output.name + ".report.json")
     for path in (args.output, report_to):
         if path.exists() and not args.force:
             print(f"error: {path} exists; pass --force to overwrite it", file=sys.stderr)

@@ -246,8 +246,8 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
     if len(dataset) == 0:
         raise ValueError("the input holds no rows")
-    sample = _sample(dataset)
-    found = shape(sample, options.messages.keys(options.format)[0])
+    sample, role_and_content = _sample(dataset), options.messages.keys(options.format)
+    found = shape(sample, role_and_content[0])
     _check_names(options, found)
     features = _features(dataset, options, scores)
     converted = dataset.map(
@@ -291,9 +291,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
         },
         # Keys of the messages besides role and content (a loss_weight, say): ignored; rows of the sample.
         "ignored_message_keys": dict(
-            collections.Counter(
-                k for row in sample for k in extra_keys(row, options.messages.keys(options.format))
-            )
+            collections.Counter(k for row in sample for k in extra_keys(row, role_and_content))
         ),
     }
     report["diagnosis"] = diagnose(report, sample, found, options)

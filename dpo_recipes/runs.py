@@ -119,21 +119,16 @@ def relaunch(overrides: list[str]) -> list[str]:
     HydraConfig.instance().set_config(cfg)
     run_dir, record = Path(cfg.hydra.run.dir), Path(cfg.hydra.run.dir) / RECORD
     started = checkpoints(run_dir) or (run_dir / "dpo_metrics").exists()
-    if (
-        not started
-        or finished(run_dir)
-        or cfg.run.resume == "never"
-        or not (record / "overrides.yaml").exists()
-    ):
+    resumable = started and not finished(run_dir) and cfg.run.resume != "never"
+    if not resumable or not (record / "overrides.yaml").exists():
         return overrides
     recorded = yaml.safe_load((record / "overrides.yaml").read_text()) or []
     first = [o for o in recorded if _key(o) not in LAUNCH_ONLY]
     now = {_key(o): o for o in overrides}
     merged = [now.pop(_key(o), o) for o in first] + list(now.values())
     resumed, _ = config.compose(merged)
-    differences = changes(
-        yaml.safe_load((record / "config.yaml").read_text()), OmegaConf.to_container(resumed)
-    )
+    started_with = yaml.safe_load((record / "config.yaml").read_text())
+    differences = changes(started_with, OmegaConf.to_container(resumed))
     if differences and not resumed.run.allow_changes:
         kept = " ".join(o.removeprefix("++") for o in first)
         raise ConfigError(
@@ -174,10 +169,6 @@ def resume_point(run_dir: Path, run: DictConfig) -> str | None:
     return None
 
 
-def resume_hint(run_dir: Path, recipe: str) -> str:
-    return f'make train RECIPE={recipe} RUN={run_dir.name}  (or ARGS="hydra.run.dir={run_dir}")'
-
-
 class RunGuard(Callback):
     """Hydra callback: check the run dir before Hydra writes its .hydra/ files into it."""
 
@@ -206,7 +197,8 @@ def finish(
     metrics.write_summary(trainer.state, status, health=flags)
     if on_non_finite.error:
         raise Stopped(on_non_finite.error)
-    hint = resume_hint(Path(trainer.args.output_dir), recipe)
+    run_dir = Path(trainer.args.output_dir)
+    hint = f'make train RECIPE={recipe} RUN={run_dir.name}  (or ARGS="hydra.run.dir={run_dir}")'
     raise Stopped(
         f"{signal.Signals(on_signal.received).name} at step {trainer.state.global_step}: checkpoint saved; "
         f"resume with {hint}",
