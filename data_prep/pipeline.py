@@ -148,12 +148,13 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
 
 def _key(pair: dict) -> str:
     """The pair's digest for finding duplicates: every role and text, each behind its length, so that
-    no two different pairs give the same string."""
+    no two different pairs give the same string. Encoding every text here is also where a text that
+    UTF-8 cannot hold is found, before Arrow would fail the whole file on it."""
     texts = [t for side in ("prompt", "chosen", "rejected") for m in pair[side] for t in m.values()]
     joined = "".join([f"{len(t)}:{t}" for t in texts])
     try:
         return hashlib.sha1(joined.encode()).hexdigest()
-    except UnicodeEncodeError as err:  # Arrow would fail the whole file on it
+    except UnicodeEncodeError as err:
         bad = err.object[err.start : err.end].encode("unicode_escape").decode()
         raise Invalid("unpaired_surrogate", f"a text holds {bad}, which UTF-8 cannot store") from None
 
@@ -405,9 +406,8 @@ def token_ids(tokenizer, prompt, answer=None) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer(prompt + (answer or ""))["input_ids"]
     messages, generation = (prompt, True) if answer is None else (prompt + answer, False)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation, return_dict=True)[
-        "input_ids"
-    ]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=generation, return_dict=True)
+    return encoded["input_ids"]
 
 
 def token_lengths(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> dict:

@@ -295,7 +295,8 @@ SECRET = re.compile(r"token|secret|password|api_key", re.I)
 
 def _scale_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
     """Distributed engines and secrets: what would otherwise fail minutes into a launch."""
-    engine, option, problems = cfg.hardware.engine, _choice("hardware", cfg.hardware.engine), []
+    engine, problems = cfg.hardware.engine, []
+    option = _choice("hardware", engine)
     if engine in ("deepspeed", "fsdp") and train.get("use_cpu"):
         problems.append(
             f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
@@ -317,12 +318,8 @@ def _scale_problems(cfg: DictConfig, train: dict, model: dict) -> list[str]:
 
 def _machine_problems(cfg: DictConfig, train: dict) -> list[str]:
     """What this machine and launch lack for the run: extras, GPUs, processes, a wandb login."""
-    engine, option, logger, problems = (
-        cfg.hardware.engine,
-        _choice("hardware", cfg.hardware.engine),
-        cfg.logger,
-        [],
-    )
+    engine, logger, problems = cfg.hardware.engine, cfg.logger, []
+    option = _choice("hardware", engine)
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(f'hardware={option} needs DeepSpeed: pip install -e ".[deepspeed]"')
     wants_gpu = cfg.hardware.device == "cuda" or train.get("bf16") or train.get("fp16")
