@@ -444,6 +444,12 @@ def check(cfg: DictConfig, *, machine: bool = True) -> None:
             f"train.label_smoothing: ignored by loss {losses} (TRL 1.16 reads it only in robust and exo_pair; "
             "the label-smoothed sigmoid of cDPO is gone); use loss=robust for noisy labels, or remove it"
         )
+    targets = model.get("lora_target_modules") or []
+    if model.get("use_peft") and "lm_head" in ([targets] if isinstance(targets, str) else targets):
+        problems.append(
+            "model.lora_target_modules: lm_head: TRL's fused log-prob head reads the base weight and "
+            "ignores an adapter there; remove it (all-linear leaves lm_head out)"
+        )
     if machine:
         problems += _machine_problems(cfg, train)
     if problems:

@@ -1,13 +1,16 @@
 """TRL's DPOTrainer with only what it lacks: a faster tokenization path giving the same ids
-(tokenize.py), and a stable fingerprint on the tokenized data, so that later runs (a sweep's jobs) find
-it and any precomputed reference log-probs again, with a note of whether they did."""
+(tokenize.py), a stable fingerprint on the tokenized data, so that later runs (a sweep's jobs) find
+it and any precomputed reference log-probs again, with a note of whether they did, and a CPU log-prob
+head that scores only the positions that have a label, in tiles that fit the cache."""
 
 import inspect
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 import trl
+import trl.kernels.chunked_logprob as trl_chunked
 import trl.trainer.utils as trl_utils
 from datasets.fingerprint import Hasher
 from trl import DPOTrainer
@@ -21,7 +24,30 @@ RELIED_ON = [
     (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
     (DPOTrainer, "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
     (trl_utils, "global_then_local_main_first", None),
+    (trl_utils, "_use_triton", ["device"]),
+    (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None),
+    (trl_chunked, "TOKEN_CHUNK_SIZE", None),
 ]
+# TRL's fused LM head scores only labelled positions where `trl_utils._use_triton` says so (CUDA); elsewhere
+# it scores every position, prompt and padding too, in 4,096 x 32,768 tiles of ~20 fp32 temporaries each,
+# hundreds of MB freshly mapped per tile. On CPU the same arithmetic runs on labelled positions only, in
+# tiles of TOKENS x VOCAB that stay in the cache. TRL's torch fold still computes every value.
+CPU_TILE = {"TOKENS": 256, "VOCAB": 4096}
+
+
+@contextmanager
+def cpu_head():
+    """Within: TRL's fused LM head on a CPU tensor scores only labelled positions, in CPU_TILE tiles."""
+    saved = trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_chunked.TOKEN_CHUNK_SIZE
+    trl_utils._use_triton = lambda device: device.type == "cpu" or saved[0](device)
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_chunked.TOKEN_CHUNK_SIZE = (
+        CPU_TILE["VOCAB"],
+        CPU_TILE["TOKENS"],
+    )
+    try:
+        yield
+    finally:
+        trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_chunked.TOKEN_CHUNK_SIZE = saved
 
 
 def changed_in_trl() -> list[str]:
@@ -45,6 +71,18 @@ class Trainer(DPOTrainer):
                 file=sys.stderr,
             )
         super().__init__(*args, **kwargs)
+
+    def _head(self):
+        """The CPU head while on CPU; TRL's own head elsewhere (on CUDA it already scores only labels)."""
+        return cpu_head() if self.args.device.type == "cpu" and not self.trl_changed else nullcontext()
+
+    def training_step(self, *args, **kwargs):  # the forward and the backward
+        with self._head():
+            return super().training_step(*args, **kwargs)
+
+    def prediction_step(self, *args, **kwargs):
+        with self._head():
+            return super().prediction_step(*args, **kwargs)
 
     def _prepare_dataset(self, *args, **kwargs):
         if self.trl_changed:
@@ -90,4 +128,5 @@ class Trainer(DPOTrainer):
         fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash))
         hit = os.path.exists(dataset._get_cache_file_path(fingerprint))
         self.__dict__.setdefault("ref_logps_cache", {})[name] = "hit" if hit else "computed"
-        return super()._precompute_ref_logps(*args, **kwargs)
+        with self._head():
+            return super()._precompute_ref_logps(*args, **kwargs)
