@@ -29,7 +29,7 @@ from transformers import BitsAndBytesConfig
 from trl import DPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
 from data_prep.convert import FORMATS, Messages
-from dpo_recipes import ROOT, assets, hub, reference, tiny
+from dpo_recipes import ROOT, assets, hub, reference, rundir, tiny
 
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
@@ -148,6 +148,7 @@ Schema = dataclasses.make_dataclass(
 ConfigStore.instance().store(name="schema", node=Schema)
 OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), replace=True)
 OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
+OmegaConf.register_new_resolver("dpo_record", rundir.record_of, replace=True)
 OmegaConf.register_new_resolver("tiny_qwen", lambda: str(tiny.qwen_path()), replace=True)
 OmegaConf.register_new_resolver("asset", lambda relative: str(assets.unpacked(relative)), replace=True)
 OmegaConf.register_new_resolver(

@@ -49,7 +49,8 @@ def card(run: trained.Run, how: str) -> str:
     """The model card: what was trained on what, its final and best metrics, and how to train it again."""
     summary, model = run.summary, run.config["model"]
     overrides = " ".join(summary.get("overrides", []))
-    command = f"make train RECIPE={summary['recipe']}" + (
+    launch = f" {summary['launch']}" if summary.get("launch") else ""  # HARDWARE, NPROC, NNODES
+    command = f"make train RECIPE={summary['recipe']}{launch}" + (
         f" ARGS={shlex.quote(overrides)}" if overrides else ""
     )
     lines = [

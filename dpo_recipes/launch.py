@@ -3,16 +3,31 @@
 
 python -m dpo_recipes.launch --nproc 8 [--nnodes 2 --node-rank 0 --main-addr 10.0.0.1 --main-port 29500] \
     recipes=qwen7b_full_dpo hardware=zero3 [overrides...]
+
+Every process writes into the run dir printed first: the launch time is fixed once (DPO_RUN_STAMP),
+and a launch over several nodes needs a run name, since each node's clock names its own dir. The
+launcher runs in a session of its own: a Ctrl-C or SIGTERM reaches this process, which passes it once
+to each training process (never to torch's launcher, which would kill them SHUTDOWN_TIMEOUT seconds
+later); they stop together at the end of a step, save a checkpoint and exit, and this process exits
+with 128 + the signal's number, printing the command that resumes the run. The same signal again
+(after FORWARDED_WITHIN seconds) stops them at once.
 """
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
 
-from dpo_recipes import config
+from dpo_recipes import config, rundir
+
+# torch's launcher SIGKILLs its workers this many seconds after passing them a signal it received
+# itself (scancel signals every process of a job): 30 by default, too little for a 7B checkpoint.
+SHUTDOWN_TIMEOUT = "900"
 
 
 def scalable() -> list[str]:
@@ -47,6 +62,58 @@ def command(
     return [*launcher, "-m", "dpo_recipes.train", *config.plain_keys(overrides)]
 
 
+def run_dir(overrides: list[str], nnodes: int) -> Path:
+    """The dir every process of the launch writes into; ConfigError where nodes could disagree or the
+    dir's plan refuses the launch."""
+    named = any(rundir.key(o) in ("run.name", "hydra.run.dir") for o in overrides)
+    if nnodes > 1 and not named:
+        raise config.ConfigError(
+            [
+                f"a launch over {nnodes} nodes needs a run name (RUN=<name>): each node's clock would name its own dir"
+            ]
+        )
+    os.environ.setdefault("DPO_RUN_STAMP", rundir.now())
+    plan = rundir.decide(config.plain_keys(overrides))  # refused here, before any process starts
+    if plan.action == "refuse":
+        raise config.ConfigError([plan.message])
+    return plan.dir
+
+
+def outcome(run: Path, code: int, received: list[int]) -> int:
+    """The launch's exit code: the training processes' failure, else what the run's summary says."""
+    summary = rundir.summary(run)
+    status = summary.get("status", "")
+    if code or status == "finished":
+        return code
+    if status == "interrupted":
+        return 128 + signal.Signals[summary.get("signal") or signal.Signals(received[0]).name]
+    return 1 if status else (128 + received[0] if received else code)
+
+
+def launch(cmd: list[str], run: Path, make_vars: str) -> int:
+    """Run torch's launcher in its own session; pass each signal this process receives to the
+    training processes (its children) only."""
+    env = {**os.environ, "DPO_LAUNCH": make_vars}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT)
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received = []
+
+    def forward(signum, frame):
+        import psutil
+
+        received.append(signum)
+        for worker in psutil.Process(process.pid).children():
+            worker.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = process.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return outcome(run, code, received)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpo_recipes.launch", description=__doc__.split("\n")[0])
     parser.add_argument("--nproc", type=int, required=True, help="processes per node")
@@ -56,12 +123,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--main-port", type=int, default=29500)
     args, overrides = parser.parse_known_args(argv)
     try:
+        run = run_dir(overrides, args.nnodes)
         cmd = command(overrides, args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port)
     except config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(" ".join(cmd), flush=True)
-    return subprocess.run(cmd).returncode
+    hardware = HydraConfig.get().runtime.choices.get("hardware")
+    make_vars = f"HARDWARE={hardware} NPROC={args.nproc}" + (
+        f" NNODES={args.nnodes}" if args.nnodes > 1 else ""
+    )
+    print(f"run dir (every process, every node): {run}\n{' '.join(cmd)}", flush=True)
+    return launch(cmd, run, make_vars)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, hub, reference, runs, sweep, tokenize
+from dpo_recipes import ROOT, config, data, hub, reference, rundir, runs, sweep, tokenize
 from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
@@ -137,6 +137,7 @@ def describe(
         "recipe": recipe,
         "run_dir": str(run_dir),
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "launch": runs.launched_with(),  # make's HARDWARE, NPROC, NNODES under several processes
         "dataset": {split: row_counts(r, split == "train" and len(train_set)) for split, r in report.items()},
         "eval_source": report["eval"]["source"] if "eval" in report else None,
         "versions": {name: version(name) for name in LIBRARIES},
@@ -146,11 +147,21 @@ def describe(
     }
 
 
-def run(cfg: DictConfig, run_dir: Path, recipe: str):
-    """Train one recipe into `run_dir`; returns the finished trainer."""
+def launch_record(cfg: DictConfig) -> dict:
+    """How this launch ran, kept beside Hydra's record of it: a relaunch compares its world size."""
+    hardware = HydraConfig.get().runtime.choices.get("hardware") if HydraConfig.initialized() else None
+    return {"world_size": rundir.world(), "hardware": hardware, "make": runs.launched_with()}
+
+
+def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = None):
+    """Train one recipe into `run_dir` as the launch's plan (rundir.py) says, or as one made now from
+    what the dir holds; returns the finished trainer."""
     threads = share_cores()
     built = config.build(cfg, run_dir, recipe)
-    runs.guard(run_dir, built.run)
+    plan = plan or rundir.fresh(run_dir, built.run)
+    if plan.action in ("refuse", "skip"):
+        raise config.ConfigError([plan.message])
+    rundir.start(plan, launch_record(cfg))
     use_logger(built.logger, run_dir)
 
     from dpo_recipes import models
@@ -180,7 +191,12 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
             callbacks=[metrics, on_signal, on_non_finite],
         )
     note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
-    trainer.train(resume_from_checkpoint=runs.resume_point(run_dir, built.run))
+    if plan.message and plan.action != "replace":
+        print(plan.message, file=sys.stderr)
+    if plan.checkpoint:
+        print(f"resuming from {plan.checkpoint}")
+    rundir.TRAINED.add(plan.dir)
+    trainer.train(resume_from_checkpoint=plan.checkpoint)
     runs.finish(trainer, metrics, on_signal, on_non_finite, recipe)
     return trainer
 
@@ -189,12 +205,13 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str):
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    if hc.mode == RunMode.MULTIRUN and runs.finished(run_dir) and not cfg.run.overwrite:
-        print(f"job {hc.job.num}: finished in an earlier launch, skipped ({run_dir})")
+    plan = rundir.planned(run_dir, cfg.run, sweep=hc.mode == RunMode.MULTIRUN)
+    if plan.action == "skip":
+        print(f"job {hc.job.num}: {plan.message} ({run_dir})")
         return
     trained = False
     try:
-        run(cfg, run_dir, hc.runtime.choices["recipes"])
+        run(cfg, run_dir, hc.runtime.choices["recipes"], plan)
         trained = True
     except Exception as err:
         if hc.mode == RunMode.MULTIRUN:  # one failed job must not stop the sweep: the report lists it
@@ -207,8 +224,9 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(code)
     finally:  # jobs of one sweep share the process: free this job's model before the next one loads
-        if not trained and hc.mode == RunMode.RUN:
-            runs.discard_unstarted(run_dir)
+        if not trained and hc.mode == RunMode.RUN and plan.dir not in rundir.TRAINED:
+            rundir.discard(plan)
+        rundir.PLANS.pop(plan.dir, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -216,9 +234,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.argv[1:] = runs.relaunch(config.plain_keys(sys.argv[1:]))
-    except runs.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    overrides = config.plain_keys(sys.argv[1:])
+    if not any(o in ("-m", "--multirun") for o in overrides):  # a sweep's jobs plan their own dirs
+        launch = rundir.decide(overrides)
+        if launch.action == "refuse":
+            print(f"error: invalid config:\n  - {launch.message}", file=sys.stderr)
+            sys.exit(2)
+        sys.argv[1:] = launch.overrides
     main()

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_recipes import ROOT, hub, runs
+from dpo_recipes import ROOT, hub, rundir
 
 
 class RunError(ValueError):
@@ -24,7 +24,8 @@ class Run:
 
     @property
     def lora(self) -> bool:
-        return (self.weights / "adapter_config.json").exists()
+        """What this run trained, from its own record: files an earlier run left cannot change it."""
+        return bool(self.config["model"].get("use_peft"))
 
 
 def open_run(run_dir: str | Path, force: bool = False) -> Run:
@@ -42,7 +43,7 @@ def open_run(run_dir: str | Path, force: bool = False) -> Run:
     summary = json.loads(summary_file.read_text())
     if summary.get("status") == "finished":
         return Run(run_dir, summary, run_dir)
-    done = [c for c in runs.checkpoints(run_dir) if runs.complete(c)]
+    done = [c for c in rundir.checkpoints(run_dir) if rundir.complete(c)]
     if not force or not done:
         hint = f"; --force uses its newest checkpoint, {done[-1].name}" if done else ""
         raise RunError(

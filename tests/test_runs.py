@@ -11,13 +11,10 @@ import sys
 import time
 
 import pytest
-import yaml
 from conftest import tiny_overrides
-from omegaconf import OmegaConf
 
 from data_prep.io import atomic_path
-from dpo_recipes import ROOT, config, runs, train
-from dpo_recipes.config import ConfigError
+from dpo_recipes import ROOT, config, rundir, runs, train
 
 RESUMABLE = [
     "recipes=tiny_lora_dpo",
@@ -60,7 +57,7 @@ def test_killed_run_resumes_with_the_hint_to_the_same_losses_and_schedule(tmp_pa
     wait_for(run_dir / "checkpoint-10" / "trainer_state.json", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not runs.finished(run_dir)
+    assert rundir.summary(run_dir).get("status") != "finished"
     first_record = (run_dir / ".hydra" / "overrides.yaml").read_text()
     partial = run_dir / "checkpoint-990"  # a checkpoint the process died while writing
     partial.mkdir()
@@ -97,7 +94,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM
     assert "SIGTERM at step" in err and f"make train RECIPE=tiny_lora_dpo RUN={run_dir.name}" in err
-    saved = runs.checkpoints(run_dir)
+    saved = rundir.checkpoints(run_dir)
     assert saved and (saved[-1] / "trainer_state.json").exists()
     summary = json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == int(saved[-1].name.split("-")[1])
@@ -124,16 +121,6 @@ def test_finished_run_is_never_overwritten_and_resume_never_refuses(tmp_path):
     never = launch(run_dir, "train.max_steps=2", "run.resume=never")
     _, err = never.communicate(timeout=300)
     assert never.returncode == 2 and "run.resume=never" in err
-
-
-def test_overwrite_clears_the_old_run(tmp_path):
-    run_dir = tmp_path / "old"
-    (run_dir / "dpo_metrics").mkdir(parents=True)
-    (run_dir / "dpo_metrics" / "summary.json").write_text(json.dumps({"status": "finished"}))
-    (run_dir / "checkpoint-5").mkdir()
-    cfg, _ = config.compose(["run.overwrite=true"])
-    runs.guard(run_dir, cfg.run)
-    assert not (run_dir / "dpo_metrics").exists() and not runs.checkpoints(run_dir)
 
 
 @pytest.mark.slow
@@ -210,44 +197,15 @@ def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
     reference = losses(train.run(cfg, run_dir, recipe).state.log_history)
     # Back to the state of a run that died after checkpoint-10: no summary, no later checkpoint.
     (run_dir / "dpo_metrics" / "summary.json").unlink()
-    for checkpoint in runs.checkpoints(run_dir)[1:]:
+    for checkpoint in rundir.checkpoints(run_dir)[1:]:
         shutil.rmtree(checkpoint)
-    assert [c.name for c in runs.checkpoints(run_dir)] == ["checkpoint-10"]
+    assert [c.name for c in rundir.checkpoints(run_dir)] == ["checkpoint-10"]
     capsys.readouterr()
     resumed = losses(train.run(cfg, run_dir, recipe).state.log_history)
     assert f"resuming from {run_dir / 'checkpoint-10'}" in capsys.readouterr().out
     assert max(resumed) == 20  # and Adam's moments and the schedule came back, or later losses would differ
     for step in (s for s in reference if s > 10):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4)
-
-
-def started_run(tmp_path, *overrides):
-    """A run dir as a run that died after its first checkpoint leaves it: Hydra's record, a checkpoint."""
-    run_dir = tmp_path / "run"
-    cfg, _ = config.compose([*RESUMABLE, *overrides])
-    (run_dir / "checkpoint-10").mkdir(parents=True)
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    first = config.plain_keys([*RESUMABLE, *overrides, "run.resume=never"])  # how that launch ran
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(first))
-    return run_dir
-
-
-def test_a_relaunch_keeps_the_runs_overrides_and_refuses_changes_unless_allowed(tmp_path):
-    run_dir = started_run(tmp_path)
-    hint = ["recipes=tiny_lora_dpo", f"hydra.run.dir={run_dir}"]
-    merged = runs.relaunch(hint)
-    assert "++train.max_steps=40" in merged and merged[-1] == f"hydra.run.dir={run_dir}"
-    assert "++run.resume=never" not in merged  # the first launch's run.* steered that launch alone
-    assert "++train.max_steps=40" in runs.relaunch([*hint, "++train.max_steps=40"])  # repeating is no change
-    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.002 -> 0.0005; train.max_steps: 40 -> 60"):
-        runs.relaunch([*hint, "++train.max_steps=60", "++train.learning_rate=5e-4"])
-    assert not list(run_dir.glob("changes_*"))
-    allowed = runs.relaunch([*hint, "++train.max_steps=60", "++run.allow_changes=true"])
-    assert "++train.max_steps=60" in allowed and "++train.max_steps=40" not in allowed
-    (record,) = run_dir.glob("changes_*.yaml")
-    assert yaml.safe_load(record.read_text())["changes"] == ["train.max_steps: 40 -> 60"]
-    assert runs.relaunch(["recipes=tiny_lora_dpo"]) == ["recipes=tiny_lora_dpo"]  # a new launch-time dir
 
 
 def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path):
@@ -259,17 +217,6 @@ def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path):
     )
     assert out.returncode == 2 and "did you mean 'beta'" in out.stderr
     assert not (tmp_path / "typo").exists()
-
-
-def test_a_second_interrupt_stops_at_once(monkeypatch, capsys):
-    exits = []
-    monkeypatch.setattr(runs.os, "_exit", exits.append)
-    stop = runs.StopOnSignal()
-    stop._handle(signal.SIGINT, None)
-    assert stop.received == signal.SIGINT and exits == []  # the first one saves after this step
-    stop._handle(signal.SIGINT, None)
-    assert exits == [130]
-    assert "a checkpoint being written may be incomplete" in capsys.readouterr().err
 
 
 @pytest.mark.slow

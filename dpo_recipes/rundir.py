@@ -1,0 +1,336 @@
+"""The run dir: where everything in it lives, what it holds (read once), and what a launch does with it
+(decided once, by `plan`, a pure function). Whatever acts on a run dir reads that plan: the relaunch
+that continues a run, Hydra's record of the launch, replacing a run, skipping a sweep's finished job,
+the checkpoint to resume from, and cleaning up after a launch that failed before training.
+
+Each launch of a run is recorded in its own folder: the first in `.hydra/`, later ones in
+`.hydra/relaunched/<time>/`, each with Hydra's files (the overrides it ran with, its composed config)
+and `launch.yaml` (processes, nodes, hardware option). A relaunch starts from the newest record, so a
+change once allowed stays allowed.
+"""
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CHECKPOINT = "checkpoint-"
+METRICS = "dpo_metrics"
+RECORD = ".hydra"
+RELAUNCHED = f"{RECORD}/relaunched"
+LAUNCH = "launch.yaml"  # in each record, beside Hydra's files
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+LAUNCH_ONLY = ("run.resume", "run.overwrite", "run.allow_changes")  # how a launch ran, not the run
+
+
+def key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / METRICS / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob(f"{CHECKPOINT}*") if p.is_dir() and p.name[len(CHECKPOINT) :].isdigit()]
+    return sorted(found, key=step)
+
+
+def step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT) :])
+
+
+def complete(checkpoint: Path) -> bool:
+    """A checkpoint is complete once the Trainer wrote trainer_state.json, its last file."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def records(run_dir: Path) -> list[Path]:
+    """The records of the run's launches, oldest first."""
+    first = [run_dir / RECORD] if (run_dir / RECORD / "overrides.yaml").exists() else []
+    later = sorted(p.parent for p in (run_dir / RELAUNCHED).glob("*/overrides.yaml"))
+    return first + later
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded launch: its overrides, its composed config, its processes x nodes."""
+
+    overrides: list[str]
+    config: dict
+    world: int
+
+
+def read_launch(record: Path) -> Launch:
+    launch = yaml.safe_load((record / LAUNCH).read_text()) if (record / LAUNCH).exists() else {}
+    config = yaml.safe_load((record / "config.yaml").read_text()) if (record / "config.yaml").exists() else {}
+    overrides = yaml.safe_load((record / "overrides.yaml").read_text()) or []
+    return Launch(overrides, config or {}, int((launch or {}).get("world_size", 1)))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a run dir holds, read once."""
+
+    dir: Path
+    status: str | None = None  # summary.json's; None before the run ended once
+    started: bool = False  # a checkpoint or metrics exist: the run trained
+    complete: tuple[Path, ...] = ()  # complete checkpoints, oldest first
+    incomplete: tuple[Path, ...] = ()
+    latest: Launch | None = None  # the newest recorded launch
+    recorded: bool = False  # the first record exists
+
+
+def snapshot(run_dir: Path) -> Snapshot:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return Snapshot(run_dir)
+    found = checkpoints(run_dir)
+    done = tuple(c for c in found if complete(c))
+    launches = records(run_dir)
+    return Snapshot(
+        dir=run_dir,
+        status=summary(run_dir).get("status"),
+        started=bool(found) or (run_dir / METRICS).exists(),
+        complete=done,
+        incomplete=tuple(c for c in found if c not in done),
+        latest=read_launch(launches[-1]) if launches else None,
+        recorded=(run_dir / RECORD / "config.yaml").exists(),
+    )
+
+
+@dataclass(frozen=True)
+class Flags:
+    resume: str = "auto"  # auto | never | a checkpoint dir
+    overwrite: bool = False
+    allow_changes: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this launch does with its run dir."""
+
+    action: str  # new | resume | replace | skip | refuse
+    dir: Path
+    overrides: list[str] = field(default_factory=list)  # the overrides to run with
+    record: str | None = None  # where Hydra records this launch, relative to the dir; None: nowhere
+    checkpoint: str | None = None  # to resume from
+    message: str = ""  # refuse: why and the fix; otherwise what the launch should say
+    changes: list[str] = field(default_factory=list)  # allowed changes, recorded in changes_<time>.yaml
+
+
+def leaves(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for name, value in node.items() for k, v in leaves(value, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def changes(first: dict, now: dict) -> list[str]:
+    """What `now` trains differently from `first` (two composed configs): every leaf but `run.*` and the
+    logger, which steer the launch and not what is trained."""
+    old, new = leaves(first), leaves(now)
+    keys = [k for k in {**old, **new} if not k.startswith(("run.", "logger."))]
+    missing = "(unset)"
+    return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys if old.get(k) != new.get(k)]
+
+
+def global_batch(config: dict, world: int) -> int:
+    train = config.get("train") or {}
+    return (
+        int(train.get("per_device_train_batch_size", 8))
+        * int(train.get("gradient_accumulation_steps", 1))
+        * world
+    )
+
+
+def plan(
+    snap: Snapshot,
+    flags: Flags,
+    overrides: list[str],
+    compose: Callable[[list[str]], dict] | None = None,
+    world: int = 1,
+    sweep: bool = False,
+    stamp: str = "",
+) -> Plan:
+    """The one decision about a run dir. `compose` gives the composed config of a list of overrides (None:
+    compare nothing, as a sweep's job or a rank other than the first does); `world` is processes x nodes."""
+    another = "pick another name (RUN=...)"
+    if flags.overwrite and (snap.started or snap.status):
+        return Plan(
+            "replace", snap.dir, overrides, RECORD, message=f"replacing the earlier run in {snap.dir}"
+        )
+    if snap.status == "finished":
+        if sweep:
+            return Plan("skip", snap.dir, overrides, message="finished in an earlier launch, skipped")
+        return Plan(
+            "refuse",
+            snap.dir,
+            overrides,
+            message=f"{snap.dir} already holds a finished run; {another} or pass run.overwrite=true",
+        )
+    explicit = flags.resume not in ("auto", "never")
+    if not snap.started:
+        return Plan("new", snap.dir, overrides, RECORD, flags.resume if explicit else None)
+    if flags.resume == "never":
+        return Plan(
+            "refuse",
+            snap.dir,
+            overrides,
+            message=f"{snap.dir} holds an earlier run and run.resume=never; {another}",
+        )
+    checkpoint = flags.resume if explicit else (str(snap.complete[-1]) if snap.complete else None)
+    newest = step(snap.complete[-1]) if snap.complete else -1
+    skipped = [c for c in snap.incomplete if step(c) > newest]
+    notes = [f"skipping {c}: incomplete (the run stopped while writing it)" for c in skipped]
+    record = f"{RELAUNCHED}/{stamp}" if snap.recorded else RECORD
+    latest = snap.latest
+    if latest is None:
+        return Plan("resume", snap.dir, overrides, record, checkpoint, "\n".join(notes))
+    started_with = [o for o in latest.overrides if key(o) not in LAUNCH_ONLY]
+    now = {key(o): o for o in overrides}
+    merged = [now.pop(key(o), o) for o in started_with] + list(now.values())
+    found = []
+    if compose is not None:
+        composed = compose(merged)
+        found = changes(latest.config, composed)
+        if world != latest.world:
+            found.append(
+                f"processes x nodes: {latest.world} -> {world} (global batch {global_batch(latest.config, latest.world)} "
+                f"-> {global_batch(composed, world)})"
+            )
+    if found and not flags.allow_changes:
+        kept = " ".join(o.removeprefix("++") for o in started_with)
+        return Plan(
+            "refuse",
+            snap.dir,
+            merged,
+            message=(
+                f"{snap.dir} holds an unfinished run; resuming it with these overrides would change what it "
+                f"trains: {'; '.join(found)}. Resume without them (its own overrides are kept: {kept}), "
+                "pass run.allow_changes=true to resume with the changes recorded, or pick another name (RUN=...)"
+            ),
+        )
+    return Plan("resume", snap.dir, merged, record, checkpoint, "\n".join(notes), found)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def clear(run_dir: Path) -> None:
+    """Remove everything an earlier run wrote (weights, tokenizer, checkpoints, metrics, exports, its
+    records), keeping only the record Hydra has just written for this launch in `.hydra/`."""
+    for path in run_dir.iterdir():
+        inside = list(path.iterdir()) if path.name == RECORD else [path]
+        for old in (p for p in inside if not (path.name == RECORD and p.name in HYDRA_FILES)):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def start(plan: Plan, launch: dict) -> None:
+    """Act on the plan once Hydra recorded the launch (the first process only): replace the earlier run,
+    note this launch's processes, record allowed changes."""
+    if rank() != 0:
+        return
+    if plan.action == "replace":
+        clear(plan.dir)
+    if plan.record:
+        (plan.dir / plan.record).mkdir(parents=True, exist_ok=True)
+        (plan.dir / plan.record / LAUNCH).write_text(yaml.safe_dump(launch, sort_keys=False))
+    if plan.changes:
+        record = plan.dir / f"changes_{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml"
+        record.write_text(
+            yaml.safe_dump({"overrides": plan.overrides, "changes": plan.changes}, sort_keys=False)
+        )
+        print(f"resuming {plan.dir} with run.allow_changes=true; the changes are in {record}")
+
+
+def discard(plan: Plan) -> None:
+    """A launch that failed before training leaves nothing behind: a new run's dir holding only its
+    record goes, and so does a relaunch's record (the next relaunch chains from the one before)."""
+    if rank() != 0 or not plan.record or not plan.dir.is_dir():
+        return
+    if plan.action == "resume" and plan.record != RECORD:
+        shutil.rmtree(plan.dir / plan.record, ignore_errors=True)
+        return
+    files = {p.relative_to(plan.dir).as_posix() for p in plan.dir.rglob("*") if p.is_file()}
+    if files <= {f"{RECORD}/{name}" for name in (*HYDRA_FILES, LAUNCH)}:
+        shutil.rmtree(plan.dir)
+
+
+# The plan of each run dir this process launches into, made once: by decide() before Hydra starts a run,
+# or by Hydra's record resolver for a sweep's job; main() and train.run() read it from here.
+PLANS: dict[Path, Plan] = {}
+TRAINED: set[Path] = set()  # run dirs whose training began in this process
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def decide(overrides: list[str]) -> Plan:
+    """The plan of `python -m dpo_recipes.train` with these overrides (one run, not a sweep): the run dir
+    they name (one launch time for every process), compared with what it holds."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dpo_recipes import config
+
+    os.environ.setdefault("DPO_RUN_STAMP", now())  # this compose and Hydra's name the same dir
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    first = rank() == 0  # the others follow its record and its refusal
+    composed = (lambda o: OmegaConf.to_container(config.compose(o)[0])) if first else None
+    run_dir = Path(cfg.hydra.run.dir).absolute()
+    flags = Flags(str(cfg.run.resume), bool(cfg.run.overwrite), bool(cfg.run.allow_changes))
+    PLANS[run_dir] = plan(snapshot(run_dir), flags, overrides, composed, world(), stamp=now())
+    return PLANS[run_dir]
+
+
+def fresh(run_dir: Path, run, sweep: bool = False) -> Plan:
+    """A plan made now from what the dir holds, comparing nothing (a sweep's job, a run from Python)."""
+    flags = Flags(str(run.resume), bool(run.overwrite), bool(run.allow_changes))
+    return plan(snapshot(Path(run_dir).absolute()), flags, [], None, world(), sweep, now())
+
+
+def planned(run_dir: Path, run, sweep: bool = False) -> Plan:
+    """This launch's plan for `run_dir`: the one made before Hydra started, else one made now."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir not in PLANS:
+        PLANS[run_dir] = fresh(run_dir, run, sweep)
+    return PLANS[run_dir]
+
+
+def record_of(run_dir: str, overwrite: bool, resume: str) -> str | None:
+    """Where Hydra records this launch (`hydra.output_subdir`): the plan's record, on the first process
+    only, so that ranks never race on it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return planned(Path(run_dir), Flags(str(resume), bool(overwrite)), sweep).record if rank() == 0 else None
+
+
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def missing_weights(run_dir: Path) -> list[str]:
+    """What a finished run must hold and does not: its weights (adapter or model) and its tokenizer."""
+    missing = [] if any((run_dir / name).exists() for name in WEIGHTS) else ["weights"]
+    return missing + ([] if (run_dir / "tokenizer_config.json").exists() else ["tokenizer"])

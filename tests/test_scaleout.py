@@ -1,0 +1,164 @@
+"""Several processes keep what a run promises: a Ctrl-C under `make train NPROC=2` stops every rank at
+one step with a checkpoint and a hint that resumes the same launch to the uninterrupted run's losses;
+a signal to one rank stops them all; an overwritten run is replaced whole."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from dpo_recipes import ROOT, config, export, rundir, train
+
+SMALL = (
+    "dataset.max_samples=256 dataset.eval_path=null train.max_steps=24 train.save_steps=1000 "
+    "train.logging_steps=1 train.eval_strategy=no train.disable_tqdm=true"
+)
+
+
+def make_train(name: str, *extra: str) -> subprocess.Popen:
+    """`make train NPROC=2` in a process group of its own, as a terminal runs it."""
+    cmd = ["make", "--no-print-directory", "train", "NPROC=2", "HARDWARE=cpu", f"RUN={name}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "DPO_RUN_STAMP"}  # each launch its own time
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def losses(run_dir) -> dict:
+    history = json.loads((run_dir / "dpo_metrics/log_history.json").read_text())
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+def wait_for_steps(run_dir, process, steps: int = 3, timeout: float = 300) -> None:
+    csv = run_dir / "dpo_metrics/training_metrics.csv"
+    deadline = time.monotonic() + timeout
+    while not (csv.exists() and len(csv.read_text().splitlines()) > steps):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def names():
+    made = []
+    yield lambda: made.append(f"test-{uuid.uuid4().hex[:8]}") or made[-1]
+    for name in made:
+        shutil.rmtree(ROOT / "outputs/tiny_lora_dpo" / name, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_nproc_stops_every_rank_at_one_step_and_the_hint_resumes_the_same_launch(names):
+    whole, stopped = names(), names()
+    uninterrupted = make_train(whole, f"ARGS={SMALL}")
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()[-3000:]
+    run_dir = ROOT / "outputs/tiny_lora_dpo" / stopped
+    process = make_train(stopped, f"ARGS={SMALL}")
+    wait_for_steps(run_dir, process)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = process.communicate(timeout=300)
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    steps = re.findall(r"SIGINT at step (\d+): checkpoint saved", err)
+    assert len(steps) == 2 and len(set(steps)) == 1, err[-3000:]  # both ranks, the same step
+    step = int(steps[0])
+    assert rundir.complete(run_dir / f"checkpoint-{step}") and step < 24
+    assert (
+        rundir.summary(run_dir)["status"] == "interrupted" and rundir.summary(run_dir)["signal"] == "SIGINT"
+    )
+    hint = err.split("resume with ")[1].split("  (or")[0]
+    assert hint == f"make train RECIPE=tiny_lora_dpo RUN={stopped} HARDWARE=cpu NPROC=2"
+    resumed = subprocess.run(shlex.split(hint), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rundir.summary(run_dir)["status"] == "finished"
+    got, reference = losses(run_dir), losses(ROOT / "outputs/tiny_lora_dpo" / whole)
+    assert max(got) == max(reference) == 24
+    for s in range(step + 1, 25):
+        assert got[s] == pytest.approx(reference[s], abs=1e-4), s
+    records = rundir.records(run_dir)
+    assert len(records) == 2 and not (run_dir / rundir.RELAUNCHED).glob("*/relaunched")
+    assert all(rundir.read_launch(r).world == 2 for r in records)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(names):
+    name = names()
+    run_dir = ROOT / "outputs/tiny_lora_dpo" / name
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpo_recipes.launch",
+        "--nproc",
+        "2",
+        "recipes=tiny_lora_dpo",
+        "hardware=cpu",
+    ]
+    cmd += [f"run.name={name}", *SMALL.split()]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(run_dir, process)
+    (accelerate,) = psutil.Process(process.pid).children()
+    workers = accelerate.children()
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGTERM)  # one rank only, as a node's scheduler might
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    steps = re.findall(r"SIGTERM at step (\d+): checkpoint saved", err)
+    assert len(steps) == 2 and len(set(steps)) == 1, err[-3000:]
+    assert f"run dir (every process, every node): {run_dir}" in out
+    assert rundir.complete(run_dir / f"checkpoint-{steps[0]}")
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_a_lora_run_with_a_full_run_that_export_and_samples_use(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_recipes import trained
+
+    run_dir = tmp_path / "run"
+    for recipe, extra in (("tiny_lora_dpo", []), ("tiny_full_dpo", ["run.overwrite=true"])):
+        cfg, name = config.compose(tiny_overrides(recipe, *extra))
+        trainer = train.run(cfg, run_dir, name)
+    assert not (run_dir / "adapter_config.json").exists() and (run_dir / "model.safetensors").exists()
+    run = trained.open_run(run_dir)
+    assert not run.lora
+    out = tmp_path / "export"
+    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        policy = trained.policy(run)(ids).logits
+        assert torch.allclose(exported, policy, atol=1e-5)
+        assert torch.allclose(policy, trainer.model.eval()(ids).logits, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_an_fsdp_run_saves_full_weights_that_load(names):
+    """On a CUDA machine: `HARDWARE=fsdp NPROC=1` on the tiny Qwen for 2 steps ends with a model in the
+    run dir that from_pretrained loads, its tokenizer beside it, and a finished summary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = names()
+    cmd = [sys.executable, "-m", "dpo_recipes.launch", "--nproc", "1", "recipes=qwen7b_full_dpo"]
+    cmd += ["+smoke=tiny_qwen", "hardware=fsdp", "train.max_steps=2", f"run.name={name}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = ROOT / "outputs/qwen7b_full_dpo" / name
+    assert rundir.summary(run_dir)["status"] == "finished" and rundir.missing_weights(run_dir) == []
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    assert model.num_parameters() > 0 and AutoTokenizer.from_pretrained(run_dir).eos_token == "<|im_end|>"
+    shutil.rmtree(run_dir, ignore_errors=True)
