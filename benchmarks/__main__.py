@@ -11,7 +11,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from benchmarks import data_prep, gpu, jobs, memory, overhead, sweep, tokenization
+from benchmarks import data_prep, gpu, jobs, memory, overhead, spread, step, sweep, tokenization
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
@@ -26,8 +26,11 @@ BENCHMARKS = {
     "sweep": ("Sweep jobs reuse the first job's tokenization", sweep),
     "jobs": ("Sweep jobs side by side (joblib) vs one after the other", jobs),
     "gpu": ("GPU: `qwen7b_lora_dpo` at Qwen2.5-7B's shape vs a plain TRL script (`make bench-gpu`)", gpu),
+    "step": ("Step: the CPU log-prob head vs TRL's as shipped", step),
+    "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
 }
-ON_REQUEST = {"gpu"}  # run only when named: `make bench-gpu` is `python -m benchmarks gpu`
+# Run only when named: `make bench-gpu` is `python -m benchmarks gpu`; the spread takes about 40 minutes.
+ON_REQUEST = {"gpu", "spread"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 

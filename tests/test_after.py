@@ -12,9 +12,27 @@ from conftest import run, tiny_overrides
 
 from dpo_recipes import ROOT, export, samples
 
-# Measured on the default run: the policy answers in the asked-for mood for 63 of 64 held-out prompts,
-# the reference (the pre-trained tiny base, which learned both moods for every prompt) for 31 (48%).
-MOOD_MARGIN = 0.3
+# The proof: how often each model answers the first 64 eval prompts in the asked-for mood (greedy, as
+# `make samples N=64`), and the final eval accuracy. Its bounds come from the spread's worst cells
+# (`python -m benchmarks spread`, BENCHMARKS.md: 3 instruction sets, 1 and 2 threads, 5 seeds of the base
+# and the run): the policy in the asked mood for 56-100% of the prompts, the reference for 39-75%, the
+# policy ahead by +0.06 to +0.56, eval accuracy 0.95-1.00. Greedy rates rest on one answer per mood (the
+# tiny model writes the same remark whatever the topic), so the policy is only asserted ahead of the
+# reference; eval accuracy, the steady measure, is asserted well clear of chance.
+BOUNDS = {"policy": 0.45, "reference": (0.25, 0.85), "margin": 0.0, "accuracy": 0.9}
+
+
+def proof(rates: dict, accuracy: float) -> list[str]:
+    """What fails of the learning proof, for a run's greedy mood rates and its final eval accuracy."""
+    low, high = BOUNDS["reference"]
+    margin = rates["policy"] - rates["reference"]
+    checks = {
+        f"policy {rates['policy']:.2f} < {BOUNDS['policy']:.2f}": rates["policy"] >= BOUNDS["policy"],
+        f"reference {rates['reference']:.2f} outside {low:.2f}-{high:.2f}": low <= rates["reference"] <= high,
+        f"margin {margin:.2f} <= {BOUNDS['margin']:.2f}": margin > BOUNDS["margin"],
+        f"eval accuracy {accuracy:.2f} < {BOUNDS['accuracy']:.2f}": accuracy >= BOUNDS["accuracy"],
+    }
+    return [what for what, ok in checks.items() if not ok]
 
 
 def copy_of(run_dir, dest, edit, *leave_out):
@@ -36,7 +54,7 @@ def sampled(default_run):
 
 
 @pytest.mark.slow
-def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampled):
+def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampled, default_run):
     rows, page = sampled
     assert len(rows) == 64
     eval_rows = [json.loads(line) for line in (ROOT / "data/toy/eval.jsonl").read_text().splitlines()]
@@ -46,12 +64,23 @@ def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampl
         "dread",
         "burden",
     }
-    rates = samples.mood_rates(rows, words)
-    assert rates["policy"] >= rates["reference"] + MOOD_MARGIN
+    greedy = samples.mood_rates(rows, words)
+    assert f"reference {greedy['reference']:.0%}, policy {greedy['policy']:.0%}" in page
     # The reference writes remarks in either mood, not noise: nearly every answer has one.
     assert sum(samples.mood_of(r["reference"]["text"], words) is not None for r in rows) >= 0.9 * len(rows)
-    assert 0.2 <= rates["reference"] <= 0.8
-    assert f"reference {rates['reference']:.0%}, policy {rates['policy']:.0%}" in page
+    trainer, _ = default_run
+    accuracy = [e["eval_rewards/accuracies"] for e in trainer.state.log_history if "eval_loss" in e][-1]
+    assert proof(greedy, accuracy) == []
+
+
+@pytest.mark.slow
+def test_the_proof_holds_on_avx2_kernels():
+    """The default run on a machine without AVX-512: ATen, oneDNN and MKL capped at AVX2 in a fresh
+    process, which builds its own tiny base, trains and samples 64 prompts."""
+    from benchmarks import spread
+
+    cell = spread.cell("avx2", 2, 0)
+    assert proof(cell, cell["eval_accuracy"]) == []
 
 
 @pytest.mark.slow

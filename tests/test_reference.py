@@ -74,16 +74,25 @@ def test_copy_is_a_frozen_copy_of_the_starting_weights(tmp_path):
 
 @pytest.mark.slow
 def test_path_uses_the_other_weights(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # A reference that differs by construction: the tiny base with its output layer zeroed predicts the
+    # uniform distribution, log p_ref(y) = -len(y) * ln(vocab), far below the pre-trained policy's.
     other = tmp_path / "other"
-    tiny.build(other, seed=1)
+    uniform = AutoModelForCausalLM.from_pretrained(tiny.path())
+    torch.nn.init.zeros_(uniform.lm_head.weight)
+    uniform.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny.path()).save_pretrained(other)
     trainer = run(tmp_path, "tiny_full_dpo", "reference=path", f"reference.path={other}")
     expected = weights(type(trainer.ref_model).from_pretrained(other))
     got = trainer.ref_model.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in got.items())
-    assert not torch.equal(
-        got["model.embed_tokens.weight"], trainer.model.state_dict()["model.embed_tokens.weight"]
-    )
-    assert first_loss(trainer) != pytest.approx(math.log(2), abs=1e-3)  # policy and reference differ
+    assert not torch.equal(got["lm_head.weight"], trainer.model.state_dict()["lm_head.weight"])
+    first = next(e for e in trainer.state.log_history if "loss" in e)
+    # Each answer token is worth ln(vocab) ~ 6.9 nats under the reference and well under 1 under the
+    # policy, so beta * (log p - log p_ref) is positive by several nats per token for every answer.
+    per_token = trainer.args.beta * (math.log(len(trainer.processing_class)) - 1.0)
+    assert first["rewards/chosen"] > per_token and first["rewards/rejected"] > per_token
 
 
 @pytest.mark.slow
