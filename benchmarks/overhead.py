@@ -4,7 +4,8 @@ the same settings as a plain TRL script (benchmarks/plain_trl.py), each in fresh
 The headline is the whole process's wall time, start-up to exit, as a user waits for it (both run
 under the same timing wrapper, benchmarks/timed.py). The wrapper also gives the time to the first
 optimizer step, the median step time, peak RSS, and the logged loss and grad-norm trajectories, which
-must be identical.
+must be equal (within float rounding: on CPU the recipe layer's log-prob head folds TRL's arithmetic in
+another order).
 """
 
 import json
@@ -69,8 +70,11 @@ def run(repeats: int = REPEATS) -> dict:
         "wall_time_ratio": round(rows[0]["wall_s"] / rows[1]["wall_s"], 3),
         "step_time_ratio": round(rows[0]["step_ms"] / rows[1]["step_ms"], 3),
         "first_step_delta_s": round(rows[0]["first_step_s"] - rows[1]["first_step_s"], 2),
-        "identical_loss": ours["loss"] == plain["loss"],
-        "identical_grad_norm": ours["grad_norm"] == plain["grad_norm"],
+        # The CPU log-prob head folds TRL's arithmetic in another order: equal within float rounding.
+        **{
+            f"max_{k}_diff": max(abs(a - b) for a, b in zip(ours[k], plain[k], strict=True))
+            for k in ("loss", "grad_norm")
+        },
         "logged_steps": len(ours["loss"]),
     }
 
@@ -89,8 +93,8 @@ def table(result: dict) -> str:
     lines += [
         "",
         f"**Wall time ratio {result.get('wall_time_ratio', '-')}** (whole process, `make train` / plain TRL). Step time ratio {result['step_time_ratio']}, time to first step {result['first_step_delta_s']:+} s; "
-        f"loss trajectory identical: {result['identical_loss']}, grad-norm trajectory identical: "
-        f"{result['identical_grad_norm']} ({result['logged_steps']} logged steps). Median of {result['repeats']} runs.",
+        f"largest difference over the {result['logged_steps']} logged steps: loss {result['max_loss_diff']:.1e}, "
+        f"grad-norm {result['max_grad_norm_diff']:.1e}. Median of {result['repeats']} runs.",
     ]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ RECIPES = {
             loss_type=["sigmoid", "sft"],  # loss=rpo
             loss_weights=[1.0, 1.0],
             beta=1.0,
-            learning_rate=2e-3,
+            learning_rate=5e-3,
             max_steps=150,
             max_length=256,
             logging_steps=5,

@@ -62,7 +62,7 @@ def command(
     return [*launcher, "-m", "dpo_recipes.train", *config.plain_keys(overrides)]
 
 
-def run_dir(overrides: list[str], nnodes: int) -> Path:
+def run_dir(overrides: list[str], nnodes: int, nproc: int = 1) -> Path:
     """The dir every process of the launch writes into; ConfigError where nodes could disagree or the
     dir's plan refuses the launch."""
     named = any(rundir.key(o) in ("run.name", "hydra.run.dir") for o in overrides)
@@ -73,7 +73,7 @@ def run_dir(overrides: list[str], nnodes: int) -> Path:
             ]
         )
     os.environ.setdefault("DPO_RUN_STAMP", rundir.now())
-    plan = rundir.decide(config.plain_keys(overrides))  # refused here, before any process starts
+    plan = rundir.decide(config.plain_keys(overrides), nproc * nnodes)  # refused before any process starts
     if plan.action == "refuse":
         raise config.ConfigError([plan.message])
     return plan.dir
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--main-port", type=int, default=29500)
     args, overrides = parser.parse_known_args(argv)
     try:
-        run = run_dir(overrides, args.nnodes)
+        run = run_dir(overrides, args.nnodes, args.nproc)
         cmd = command(overrides, args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port)
     except config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -282,9 +282,10 @@ def now() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def decide(overrides: list[str]) -> Plan:
+def decide(overrides: list[str], processes: int | None = None) -> Plan:
     """The plan of `python -m dpo_recipes.train` with these overrides (one run, not a sweep): the run dir
-    they name (one launch time for every process), compared with what it holds."""
+    they name (one launch time for every process), compared with what it holds. `processes`: the
+    launch's processes x nodes, where this process is not one of them (the launcher)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -299,7 +300,7 @@ def decide(overrides: list[str]) -> Plan:
     composed = (lambda o: OmegaConf.to_container(config.compose(o)[0])) if first else None
     run_dir = Path(cfg.hydra.run.dir).absolute()
     flags = Flags(str(cfg.run.resume), bool(cfg.run.overwrite), bool(cfg.run.allow_changes))
-    PLANS[run_dir] = plan(snapshot(run_dir), flags, overrides, composed, world(), stamp=now())
+    PLANS[run_dir] = plan(snapshot(run_dir), flags, overrides, composed, processes or world(), stamp=now())
     return PLANS[run_dir]
 
 

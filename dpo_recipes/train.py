@@ -234,8 +234,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    overrides = config.plain_keys(sys.argv[1:])
-    if not any(o in ("-m", "--multirun") for o in overrides):  # a sweep's jobs plan their own dirs
+    sys.argv[1:] = overrides = config.plain_keys(sys.argv[1:])
+    if not any(o.startswith("-") for o in overrides):  # a sweep's jobs plan their own dirs; --cfg, --help
         launch = rundir.decide(overrides)
         if launch.action == "refuse":
             print(f"error: invalid config:\n  - {launch.message}", file=sys.stderr)
