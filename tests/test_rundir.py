@@ -248,3 +248,23 @@ def test_several_nodes_need_one_run_name():
     with pytest.raises(config.ConfigError, match=r"over 2 nodes needs a run name \(RUN=<name>\)"):
         launch.run_dir(["recipes=tiny_lora_dpo"], 2)
     assert launch.main(["--nproc", "2", "--nnodes", "2", "hardware=ddp"]) == 2
+
+
+def test_a_signal_during_the_final_save_lets_the_save_finish(tmp_path, monkeypatch):
+    exits = []
+    monkeypatch.setattr(runs.os, "_exit", exits.append)
+    stop, written = runs.StopOnSignal(), []
+    previous = signal.getsignal(signal.SIGINT)
+    stop.on_train_begin(None, None, None)
+
+    def save_model(out):  # Ctrl-C arrives while the weights are being written
+        signal.raise_signal(signal.SIGINT)
+        for name in ("model.safetensors", "tokenizer_config.json"):
+            (Path(out) / name).write_text("x")
+
+    trainer = FakeTrainer(tmp_path, False, ())
+    trainer.save_model, trainer.state = save_model, SimpleNamespace(log_history=[], global_step=4)
+    metrics = SimpleNamespace(write_summary=lambda state, status, **extra: written.append(status))
+    runs.finish(trainer, metrics, stop, runs.StopOnNonFinite(), "tiny_lora_dpo")
+    assert written == ["finished"] and exits == [] and stop.received == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is previous  # the handlers go back once the run has ended
