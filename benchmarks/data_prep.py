@@ -90,7 +90,7 @@ sources, out, procs = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 procs = procs if procs > 1 else None
 alone = 0.0
 if len(sources) > 1:  # a mix, as training builds it: data.load with dataset.sources
-    from dpo_recipes.config import DatasetSchema
+    from dpo_recipes.schema import DatasetSchema
     from dpo_recipes.data import load
     for source in sources:  # each source alone first, in this same process, for the comparison
         start = time.perf_counter()

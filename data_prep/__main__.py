@@ -14,7 +14,7 @@ from datasets.exceptions import DatasetGenerationError
 from pyarrow import ArrowException
 
 from data_prep import io
-from data_prep.convert import FORMATS, RULES, Messages
+from data_prep.convert import FORMATS, RULES, STYLES, Messages
 from data_prep.pipeline import Options, convert, describe, read, summary_line, token_lengths
 
 
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="file, dataset folder or hub id")
     p.add_argument("output", type=Path, help=".jsonl, .parquet or a folder")
     p.add_argument("--split", default="train", help="split of a hub id or saved DatasetDict (default: train)")
-    p.add_argument("--style", choices=["conversational", "standard"], default="conversational")
+    p.add_argument("--style", choices=STYLES, default="conversational", help="auto: as the rows are")
     p.add_argument(
         "--columns", type=mapping, default={}, help="remap: chosen=chosen_messages,rejected=rejected_messages"
     )

@@ -35,6 +35,9 @@ ROLES = {
     "model": "assistant",
 }
 FORMATS = ("alpaca", "ultrafeedback", "sharegpt", "trl")
+# conversational: messages (plain strings become user/assistant turns); standard: plain text (messages
+# become a transcript, see to_text); auto: standard where the rows are plain strings, else conversational.
+STYLES = ("auto", "conversational", "standard")
 KEYS = {"sharegpt": ("from", "value")}  # a message's role and content keys; the others: role, content
 
 
@@ -133,8 +136,17 @@ def extra_keys(row: dict, keys: tuple[str, str]) -> set[str]:
     return {key for message in objects_in(row) if keys[0] in message for key in message if key not in keys}
 
 
-def check(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> dict:
-    """Validate a converted pair: role order, empty text, identical answers."""
+def check(prompt: list[dict], chosen: list[dict], rejected: list[dict], system: str | None = None) -> dict:
+    """Validate a converted pair: role order, empty text, identical answers. `system`, a row's own system
+    column (sharegpt's, or any mapped with --columns system=...), opens the prompt; a conversation that
+    opens with another system message is a mismatch."""
+    if system and prompt[:1] and prompt[0]["role"] == "system":
+        if prompt[0]["content"] != system:
+            raise Invalid(
+                "prompt_mismatch", "the `system` column differs from the conversation's system turn"
+            )
+    elif system:
+        prompt = [{"role": "system", "content": system}, *prompt]
     roles = [m["role"] for m in prompt]
     turns = roles[1:] if roles[:1] == ["system"] else roles
     if turns != ["user", "assistant"] * (len(turns) // 2) + ["user"]:
@@ -155,6 +167,10 @@ def check(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _system(row: dict) -> str | None:
+    return _field(row, "system", str, required=False)
+
+
 def _answer(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
@@ -166,9 +182,6 @@ def alpaca(row: dict, spelled: Messages = Messages()) -> dict:
     extra = _field(row, "input", str, required=False)
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
     prompt = []
-    system = _field(row, "system", str, required=False)
-    if system:
-        prompt.append({"role": "system", "content": system})
     for i, turn in enumerate(_field(row, "history", list, required=False) or []):
         if not (isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise Invalid("wrong_type", f"`history`[{i}] should be a [user, assistant] pair of strings")
@@ -181,7 +194,7 @@ def alpaca(row: dict, spelled: Messages = Messages()) -> dict:
         chosen, rejected = pair
     else:
         chosen, rejected = _field(row, "chosen", str), _field(row, "rejected", str)
-    return check(prompt, _answer(chosen), _answer(rejected))
+    return check(prompt, _answer(chosen), _answer(rejected), _system(row))
 
 
 def ultrafeedback(row: dict, spelled: Messages = Messages()) -> dict:
@@ -202,7 +215,7 @@ def ultrafeedback(row: dict, spelled: Messages = Messages()) -> dict:
     last_user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
     if stated is not None and last_user is not None and stated.strip() != last_user.strip():
         raise Invalid("prompt_mismatch", "`prompt` differs from the last user turn")
-    return check(prompt, chosen[-1:], rejected[-1:])
+    return check(prompt, chosen[-1:], rejected[-1:], _system(row))
 
 
 def sharegpt(row: dict, spelled: Messages = Messages()) -> dict:
@@ -211,7 +224,7 @@ def sharegpt(row: dict, spelled: Messages = Messages()) -> dict:
     prompt = _messages(_field(row, "conversations", list), "conversations", keys, spelled)
     chosen = _message(_field(row, "chosen", dict), "chosen", keys, spelled)
     rejected = _message(_field(row, "rejected", dict), "rejected", keys, spelled)
-    return check(prompt, [chosen], [rejected])
+    return check(prompt, [chosen], [rejected], _system(row))
 
 
 def trl(row: dict, spelled: Messages = Messages()) -> dict:
@@ -227,10 +240,19 @@ def trl(row: dict, spelled: Messages = Messages()) -> dict:
     rejected = (
         _answer(rejected) if isinstance(rejected, str) else _messages(rejected, "rejected", keys, spelled)
     )
-    return check(prompt, chosen, rejected)
+    return check(prompt, chosen, rejected, _system(row))
 
 
 CONVERTERS = {"alpaca": alpaca, "ultrafeedback": ultrafeedback, "sharegpt": sharegpt, "trl": trl}
+
+
+def to_text(pair: dict, row: dict) -> dict:
+    """The standard style of a converted pair: a row given as plain strings (TRL's standard form) keeps
+    them as they are; messages become a transcript (to_standard)."""
+    sides = ("prompt", "chosen", "rejected")
+    if all(isinstance(row.get(k), str) for k in sides) and [m["role"] for m in pair["prompt"]] == ["user"]:
+        return {**pair, **{k: row[k] for k in sides}}
+    return to_standard(pair)
 
 
 def to_standard(row: dict) -> dict:

@@ -18,11 +18,12 @@ from data_prep.convert import (
     CONVERTERS,
     ROLES,
     RULES,
+    STYLES,
     Invalid,
     Messages,
     extra_keys,
     objects_in,
-    to_standard,
+    to_text,
 )
 
 EXAMPLES_PER_RULE = 5
@@ -42,7 +43,7 @@ CODE = source_hash(Path(__file__), Path(__file__).with_name("convert.py"))
 @dataclass
 class Options:
     format: str
-    style: str = "conversational"  # or "standard": plain strings
+    style: str = "conversational"  # or standard (plain strings), or auto (as the rows are): STYLES
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the input's column name
     keep_columns: list[str] = field(default_factory=list)
     messages: Messages = field(default_factory=Messages)  # how the input spells its messages
@@ -56,8 +57,8 @@ class Options:
         clash = set(self.keep_columns) & {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
         if clash:
             raise ValueError(f"keep-columns cannot name {sorted(clash)}: the conversion writes them")
-        if self.style not in ("conversational", "standard"):
-            raise ValueError(f"unknown style {self.style!r}; choose conversational or standard")
+        if self.style not in STYLES:
+            raise ValueError(f"unknown style {self.style!r}; choose one of {', '.join(STYLES)}")
         wrong = {k: v for k, v in self.messages.roles.items() if v not in set(ROLES.values())}
         if wrong:
             raise ValueError(f"roles {wrong}: map a role name to system, user or assistant")
@@ -143,14 +144,19 @@ def _convert_row(source, index: int, options: Options) -> tuple[dict, dict]:
     row = {options.rename.get(k, k): v for k, v in source.items()} if options.rename else source
     pair = CONVERTERS[options.format](row, options.messages)
     pair.update(_scores(row, options))
-    return pair, source
+    return (to_text(pair, row) if options.style == "standard" else pair), source
 
 
 def _key(pair: dict) -> str:
     """The pair's digest for finding duplicates: every role and text, each behind its length, so that
     no two different pairs give the same string. Encoding every text here is also where a text that
     UTF-8 cannot hold is found, before Arrow would fail the whole file on it."""
-    texts = [t for side in ("prompt", "chosen", "rejected") for m in pair[side] for t in m.values()]
+    sides = [pair[side] for side in ("prompt", "chosen", "rejected")]
+    texts = [
+        t
+        for side in sides
+        for t in ([side] if isinstance(side, str) else (v for m in side for v in m.values()))
+    ]
     joined = "".join([f"{len(t)}:{t}" for t in texts])
     try:
         return hashlib.sha1(joined.encode()).hexdigest()
@@ -183,8 +189,6 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, features: 
             text = given if raw is not None else json.dumps(given, default=str, ensure_ascii=False)
             out.append((*dropped, err.rule, err.detail, text[:160], ""))
             continue
-        if options.style == "standard":
-            pair = to_standard(pair)
         kept = [pair.get(name) for name in columns] + [source.get(name) for name in options.keep_columns]
         out.append((*kept, "", "", "", key))
     table = {name: [row[i] for row in out] for i, name in enumerate(features)}
@@ -248,6 +252,10 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     if len(dataset) == 0:
         raise ValueError("the input holds no rows")
     sample, role_and_content = _sample(dataset), options.messages.keys(options.format)
+    if options.style == "auto":  # plain strings stay plain text; anything else is conversational
+        first = {options.rename.get(k, k): v for k, v in (sample[:1] or [{}])[0].items()}
+        plain = options.format == "trl" and isinstance(first.get("prompt"), str)
+        options = dataclasses.replace(options, style="standard" if plain else "conversational")
     found = shape(sample, role_and_content[0])
     _check_names(options, found)
     features = _features(dataset, options, scores)

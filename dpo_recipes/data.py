@@ -10,7 +10,7 @@ from pyarrow import ArrowException
 from data_prep.convert import Messages
 from data_prep.pipeline import Options, convert, describe, read, summary_line
 from dpo_recipes import hub
-from dpo_recipes.config import DatasetSchema, SourceSchema
+from dpo_recipes.schema import DatasetSchema, SourceSchema
 
 
 class DataError(ValueError):
@@ -29,14 +29,16 @@ def _head(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
 
 
-def _convert(path: str, split: str, limit: int | None, rules, name: str, num_proc, key: str) -> tuple:
-    """Read and convert one source by its `rules` (format, columns, messages, subset); `key` names it in
-    messages."""
+def _convert(
+    path: str, split: str, limit: int | None, rules, name: str, num_proc, key: str, style: str
+) -> tuple:
+    """Read and convert one source by its `rules` (format, columns, messages, subset) in `style`; `key`
+    names it in messages."""
     try:
         with hub.fetching("dataset", path, key):
             raw = read(path, split, rules.subset)
         spelled = Messages(**rules.messages)
-        options = Options(rules.format, columns=rules.columns, messages=spelled, num_proc=num_proc)
+        options = Options(rules.format, style, rules.columns, messages=spelled, num_proc=num_proc)
         rows, report = convert(_head(raw, limit), options, name)
     except hub.Unreachable:
         raise
@@ -62,7 +64,7 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
     for i, source in enumerate(SourceSchema(**s) for s in cfg.sources):
         key = f"dataset.sources[{i}].path"
         rows, report = _convert(
-            source.path, source.split, source.max_samples, source, f"train ({key})", num_proc, key
+            source.path, source.split, source.max_samples, source, f"train ({key})", num_proc, key, cfg.style
         )
         rows = rows.select_columns(["prompt", "chosen", "rejected"])  # what every converter writes
         if source.fraction is not None:  # a seeded draw, kept in file order
@@ -72,9 +74,15 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
             rows = rows.select(np.sort(drawn))
         parts.append(rows)
         reports.append({"path": source.path, "format": source.format, **report, "rows_mixed": len(rows)})
+    styles = {r["path"]: r["style"] for r in reports}
+    if len(set(styles.values())) > 1:
+        raise DataError(
+            f"the sources of the mix come in different styles ({styles}): set dataset.style=conversational "
+            "or standard to convert them all one way"
+        )
     total = {key: sum(r[key] for r in reports) for key in ("rows_in", "rows_out", "rows_mixed")}
     total["dropped"] = dict(sum((Counter(r["dropped"]) for r in reports), Counter()))
-    total["sources"] = reports
+    total["sources"], total["style"] = reports, reports[0]["style"]
     print(
         f"mixed {total['rows_mixed']} rows from {len(parts)} sources: "
         + ", ".join(f"{r['rows_mixed']} of {r['path']}" for r in reports)
@@ -90,15 +98,15 @@ def load(
         train, report = _mix(cfg, seed, num_proc)
     else:
         train, report = _convert(
-            cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc, "dataset.path"
+            cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc, "dataset.path", cfg.style
         )
     reports = {"train": report}
     evaluation, source_name = None, cfg.path or "the mix"
     if cfg.eval_path or cfg.eval_split:
         path = cfg.eval_path or cfg.path
         split = cfg.eval_split or "train"
-        evaluation, reports["eval"] = _convert(
-            path, split, cfg.max_eval_samples, cfg, "eval", num_proc, "dataset.eval_path"
+        evaluation, reports["eval"] = _convert(  # in the style the training rows took
+            path, split, cfg.max_eval_samples, cfg, "eval", num_proc, "dataset.eval_path", report["style"]
         )
         reports["eval"]["source"] = f"{path}, split {split}"
     elif cfg.eval_size:

@@ -10,7 +10,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from dpo_recipes import config
+from dpo_recipes import config, rules
 
 # TRL's DPOConfig refuses bf16 where no GPU is visible: a GPU recipe is built here as on a CPU, said so.
 CPU_STAND_IN = ["train.bf16=false", "train.fp16=false"]
@@ -18,7 +18,7 @@ CPU_STAND_IN = ["train.bf16=false", "train.fp16=false"]
 
 def overrides_here(cfg) -> list[str]:
     """CPU_STAND_IN when `cfg` trains on a GPU and this machine has none."""
-    gpu = cfg.hardware.device == "cuda" or cfg.train.get("bf16") or cfg.train.get("fp16")
+    gpu = rules.on_gpu(cfg.hardware.device, cfg.train)
     return CPU_STAND_IN if gpu and not torch.cuda.is_available() else []
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hydra.errors import HydraException
 
-from dpo_recipes import ROOT, config, validate
+from dpo_recipes import ROOT, config, schema, validate
 from dpo_recipes.config import ConfigError
 
-RECIPES = config.recipes()
+RECIPES = schema.recipes()
 
 
 def test_recipes_are_found():
@@ -36,7 +36,7 @@ def test_every_recipe_composes_and_builds_on_cpu(recipe, tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_header_gives_its_launch_command(recipe):
-    header = (config.RECIPES_DIR / f"{recipe}.yaml").read_text().split("defaults:")[0]
+    header = (schema.RECIPES_DIR / f"{recipe}.yaml").read_text().split("defaults:")[0]
     assert "# @package _global_" in header
     assert f"make train RECIPE={recipe}" in header or (recipe == "tiny_lora_dpo" and "make train" in header)
 
@@ -84,7 +84,7 @@ def test_unknown_loss_type_is_rejected_before_training():
 
 
 def test_loss_names_come_from_trl():
-    assert {"sigmoid", "ipo", "hinge", "sft"} <= config.loss_types()
+    assert {"sigmoid", "ipo", "hinge", "sft"} <= schema.loss_types()
 
 
 def test_output_dir_is_owned_by_the_run():
@@ -196,7 +196,7 @@ def test_one_key_one_home():
     assert not loss_keys & hardware_keys and not reference_keys & (loss_keys | hardware_keys)
     hardware_keys |= reference_keys
     others = [
-        *config.RECIPES_DIR.glob("*.yaml"),
+        *schema.RECIPES_DIR.glob("*.yaml"),
         *(conf / "model").glob("*.yaml"),
         *(conf / "dataset").glob("*.yaml"),
     ]

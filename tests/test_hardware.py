@@ -200,7 +200,7 @@ def test_zero3_lora_with_non_reentrant_checkpointing_is_refused():
 
 
 def test_secrets_stay_out_of_the_config():
-    assert "secrets go in the environment" in problems(["+train.hub_token=hf_abc"])
+    assert "train.hub_token: holds a secret" in problems(["+train.hub_token=hf_abc"])
 
 
 def test_wandb_online_without_login_gives_a_hint(tmp_path):

@@ -3,21 +3,21 @@
 import math
 
 import pytest
-import yaml
 from conftest import tiny_overrides
+from omegaconf import OmegaConf
 
-from dpo_recipes import config, train
+from dpo_recipes import config, schema, train
 
 LOSS_DIR = config.CONF_DIR / "loss"
 LOSSES = sorted(p.stem for p in LOSS_DIR.glob("*.yaml"))
 
 
 def loss_keys(option: str) -> dict:
-    return yaml.safe_load((LOSS_DIR / f"{option}.yaml").read_text())
+    return OmegaConf.to_container(OmegaConf.load(LOSS_DIR / f"{option}.yaml"), resolve=True)
 
 
 def test_every_trl_loss_type_has_an_option():
-    assert config.loss_types() <= set(LOSSES)
+    assert schema.loss_types() <= set(LOSSES)
     for option in LOSSES:
         header = (LOSS_DIR / f"{option}.yaml").read_text().splitlines()
         assert header[0] == "# @package train" and header[1].startswith("# ")
@@ -83,14 +83,24 @@ def test_first_loss_matches_the_closed_form_at_policy_equals_reference(option, e
     assert first_loss(run(tmp_path, f"loss={option}")) == pytest.approx(expected, rel=1e-3)
 
 
-def test_cdpo_combination_is_exactly_the_label_smoothed_sigmoid():
+@pytest.mark.parametrize("epsilon", [0.1, 0.2, 0.35])
+def test_cdpo_is_the_label_smoothed_sigmoid_at_any_label_smoothing(epsilon, tmp_path):
+    """TRL's robust loss (as dpo_trainer.py writes it) and sigmoid, weighted as loss=cdpo builds them, equal
+    -(1-e) log s(bh) - e log s(-bh) at margins -3, 0 and 2 (to 1e-6)."""
     import torch
     import torch.nn.functional as F
 
-    cdpo = loss_keys("cdpo")
-    eps, (w_robust, w_sigmoid) = cdpo["label_smoothing"], cdpo["loss_weights"]
-    x = torch.linspace(-6, 6, 101)
-    robust = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)  # TRL's robust loss
-    combined = w_robust * robust + w_sigmoid * -F.logsigmoid(x)
-    assert torch.allclose(combined, -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x), atol=1e-6)
-    assert cdpo["loss_type"] == ["robust", "sigmoid"]
+    cfg, _ = config.compose(["loss=cdpo", f"train.label_smoothing={epsilon}"])
+    args = config.build(cfg, tmp_path).args
+    assert args.loss_type == ["robust", "sigmoid"] and args.label_smoothing == epsilon
+    x = torch.tensor([-3.0, 0.0, 2.0])
+    robust = (-(1 - epsilon) * F.logsigmoid(x) + epsilon * F.logsigmoid(-x)) / (1 - 2 * epsilon)
+    combined = args.loss_weights[0] * robust + args.loss_weights[1] * -F.logsigmoid(x)
+    closed = -(1 - epsilon) * F.logsigmoid(x) - epsilon * F.logsigmoid(-x)
+    assert torch.allclose(combined, closed, atol=1e-6)
+
+
+def test_cdpo_weights_that_do_not_match_its_label_smoothing_are_refused():
+    cfg, _ = config.compose(["loss=cdpo", "train.label_smoothing=0.2", "train.loss_weights=[-0.8,1.8]"])
+    with pytest.raises(config.ConfigError, match=r"not cDPO at label_smoothing 0.2 .*leave loss_weights out"):
+        config.check(cfg)

@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dpo_recipes import config, tiny, train
+from dpo_recipes import config, schema, tiny, train
 
-QWEN_RECIPES = [r for r in config.recipes() if r.startswith("qwen")]
+QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen")]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 # What the smoke may change: the weights, the device and precision, one pair a step, the data and logger.
 SWAPPED = {"per_device_train_batch_size", "per_device_eval_batch_size", "report_to"}
@@ -42,7 +42,7 @@ def test_the_smoke_keeps_everything_the_recipe_ships_but_weights_hardware_and_da
 
 @pytest.mark.parametrize("recipe", QWEN_RECIPES)
 def test_every_qwen_recipe_header_gives_its_smoke_line(recipe):
-    text = (config.RECIPES_DIR / f"{recipe}.yaml").read_text()
+    text = (schema.RECIPES_DIR / f"{recipe}.yaml").read_text()
     assert f'make train RECIPE={recipe} ARGS="+smoke=tiny_qwen train.max_steps=4"' in text
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_overrides
 
 from data_prep.io import atomic_path
-from dpo_recipes import ROOT, config, rundir, runs, train
+from dpo_recipes import ROOT, config, rundir, runs, schema, train
 
 RESUMABLE = [
     "recipes=tiny_lora_dpo",
@@ -164,7 +164,7 @@ def test_an_atomic_folder_replaces_keeps_or_refuses_one_already_there(tmp_path):
 
 
 def test_recipes_load_safetensors_only_and_no_remote_code(tmp_path):
-    for recipe in config.recipes():
+    for recipe in schema.recipes():
         cfg, _ = config.compose([f"recipes={recipe}", "hardware=cpu"])
         built = config.build(cfg, tmp_path)
         assert built.args.trust_remote_code is False

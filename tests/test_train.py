@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run, tiny_overrides
 
-from dpo_recipes import ROOT, config
+from dpo_recipes import ROOT, config, schema
 from dpo_recipes.data import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -95,7 +95,7 @@ def test_lora_run_saves_the_adapter_and_keeps_no_second_model(default_run):
     assert (run_dir / "adapter_config.json").exists() and (run_dir / "tokenizer_config.json").exists()
 
 
-@pytest.mark.parametrize("recipe", config.recipes())
+@pytest.mark.parametrize("recipe", schema.recipes())
 def test_every_recipe_smoke_trains_on_the_tiny_model(recipe, tmp_path):
     trainer, metrics = run(tmp_path, tiny_overrides(recipe))
     assert trainer.state.global_step == 2
@@ -226,6 +226,7 @@ MIX = [
     "dataset.path=null",
     "dataset.eval_path=null",
     "dataset.eval_size=4",
+    "dataset.max_samples=null",  # a mix takes each source's own
 ]
 
 

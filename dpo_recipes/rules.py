@@ -1,0 +1,342 @@
+"""The rules a composed config must keep, in two tables of named rules: `RULES` read the config alone,
+`MACHINE` this machine and launch. Each is a short function from a `View` (the config read once) to a list
+of problems, testable on a hand-built view; `problems` runs the generic key/type pass, then every rule.
+"""
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from trl import DPOConfig
+
+from data_prep.convert import Messages
+from dpo_recipes import hub, reference, secrets
+from dpo_recipes.schema import (
+    CONF_DIR,
+    OURS,
+    DatasetSchema,
+    HardwareSchema,
+    LoggerSchema,
+    ModelArgs,
+    ReferenceSchema,
+    RunSchema,
+    SourceSchema,
+    cdpo_weights,
+    chat_template,
+    fits,
+    loss_types,
+)
+
+
+@dataclass(frozen=True)
+class View:
+    """The composed config read once; rules read nothing else."""
+
+    nodes: (
+        dict  # node -> its dict as given: train resolved (loss_type a list), model unresolved, ours resolved
+    )
+    dataset: DatasetSchema  # ours, typed (keys the generic pass refuses left out)
+    hardware: HardwareSchema
+    reference: ReferenceSchema
+    run: RunSchema
+    logger: LoggerSchema
+    choices: dict  # the option each group took, for messages: {"hardware": "zero3", ...}
+    shipped: dict  # the dataset option's own file, to tell its eval data from the user's
+    raw: dict  # the whole config unresolved, as the run saves it
+
+    @property
+    def train(self) -> dict:
+        return self.nodes["train"]
+
+    @property
+    def model(self) -> dict:
+        return self.nodes["model"]
+
+    @property
+    def losses(self) -> list:
+        return self.train.get("loss_type", ["sigmoid"])
+
+    @property
+    def lora(self) -> bool:
+        return bool(self.model.get("use_peft"))
+
+    @property
+    def sources(self) -> list:
+        return self.nodes["dataset"].get("sources") or []
+
+
+def _typed(cls, values: dict):
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def _shipped(option: Path) -> dict:
+    """The data a dataset option names itself; a key that resolves only in a whole config is left out."""
+    loaded, found = OmegaConf.load(option) if option.is_file() else {}, {}
+    for key in ("path", "eval_path", "eval_split") if loaded else ():
+        with contextlib.suppress(OmegaConfBaseException):
+            found[key] = OmegaConf.select(loaded, key)
+    return found
+
+
+def read(cfg: DictConfig) -> View:
+    """`cfg` resolved once into a View. The model node stays unresolved: its paths resolve when built."""
+    train = OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=False)
+    if isinstance(train.get("loss_type"), str):  # `loss_type: robust` is TRL's `[robust]`
+        train["loss_type"] = [train["loss_type"]]
+    nodes = {"train": train, "model": OmegaConf.to_container(cfg.model, resolve=False)}
+    nodes |= {name: OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=False) for name in OURS}
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    shipped = _shipped(CONF_DIR / "dataset" / f"{choices.get('dataset')}.yaml")
+    typed = {name: _typed(cls, nodes[name]) for name, cls in OURS.items() if name != "sweep_report"}
+    return View(nodes, **typed, choices=choices, shipped=shipped, raw=OmegaConf.to_container(cfg))
+
+
+def on_gpu(device: str, train: dict) -> bool:
+    """Whether a run trains on a CUDA GPU: its hardware option says so, or it asks for half precision."""
+    return device == "cuda" or bool(train.get("bf16") or train.get("fp16"))
+
+
+# Rules of the config alone: view -> problems.
+def template(v: View) -> list[str]:
+    try:
+        chat_template(v.model["chat_template"]) if v.model.get("chat_template") else None
+    except FileNotFoundError as err:
+        return [f"model.chat_template: {err}"]
+    return []
+
+
+def data_source(v: View) -> list[str]:
+    if not v.dataset.path and not v.sources:
+        return ["dataset.path: missing; name a file, a saved dataset folder or a hub id (or dataset.sources)"]
+    return (
+        ["dataset: set path (one source) or sources (a mix), not both"]
+        if v.dataset.path and v.sources
+        else []
+    )
+
+
+SPELLING = {f.name for f in dataclasses.fields(Messages)}  # the keys of dataset.messages
+
+
+def mix(v: View) -> list[str]:
+    """Each source of a mix, and the keys of one source that a mix would otherwise ignore."""
+    problems = []
+    for i, source in enumerate(v.sources):
+        node = f"dataset.sources[{i}]"
+        if not isinstance(source, dict) or not source.get("path"):
+            problems.append(f"{node}: a source is a mapping with at least a path")
+            continue
+        problems += fits(node, source, SourceSchema)
+        problems += [f"{node}.messages.{k}: unknown" for k in set(source.get("messages") or {}) - SPELLING]
+        if source.get("fraction") is not None and not 0 < source["fraction"] <= 1:
+            problems.append(f"{node}.fraction: a share of the source's rows, in (0, 1]")
+    default, per_source = DatasetSchema(), {"train_split": "split"}
+    for key in ("format", "train_split", "subset", "columns", "messages", "max_samples") if v.sources else ():
+        if getattr(v.dataset, key) != getattr(default, key):
+            problems.append(
+                f"dataset.{key}: a mix reads it from each source; set dataset.sources[i]."
+                f"{per_source.get(key, key)} instead (or remove it)"
+            )
+    return problems
+
+
+def eval_data(v: View) -> list[str]:
+    dataset, option, problems = v.dataset, v.choices.get("dataset"), []
+    moved = v.shipped and (v.sources or dataset.path != v.shipped.get("path"))
+    for key in ("eval_path", "eval_split"):  # an eval source of the option's own data, not of the new path
+        value = getattr(dataset, key)
+        if moved and value and value == v.shipped.get(key):
+            data = "dataset.sources" if v.sources else f"dataset.path={dataset.path}"
+            problems.append(
+                f"dataset.{key}: {value} belongs to dataset={option}, not to {data}; name your eval data "
+                f"(dataset.{key}=...), or hold out part of yours: dataset.{key}=null dataset.eval_size=0.1 "
+                "(a fraction, or a row count)"
+            )
+    if v.sources and dataset.eval_split:
+        problems.append(
+            "dataset.eval_split: a mix has no one split to take; use dataset.eval_path or eval_size"
+        )
+    if dataset.eval_path and dataset.eval_split:
+        problems.append("dataset: set eval_path (a separate file) or eval_split (a split of path), not both")
+    if isinstance(dataset.eval_size, int | float) and dataset.eval_size < 0:
+        problems.append("dataset.eval_size: must be a fraction (< 1) or a row count (>= 1)")
+    unknown = sorted(set(dataset.messages or {}) - SPELLING)
+    return problems + [
+        f"dataset.messages.{k}: unknown; the keys are {', '.join(sorted(SPELLING))}" for k in unknown
+    ]
+
+
+def scale(v: View) -> list[str]:
+    problems, option = [], v.choices.get("hardware", v.hardware.engine)
+    if v.hardware.engine in ("deepspeed", "fsdp") and v.train.get("use_cpu"):
+        problems.append(
+            f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
+            "parallel instead; on CPU use hardware=cpu NPROC=<processes>"
+        )
+    reentrant = (v.train.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
+    if (
+        v.hardware.zero_stage == 3
+        and v.lora
+        and v.train.get("activation_checkpointing")
+        and reentrant is False
+    ):
+        problems.append(
+            "ZeRO-3 with LoRA and gradient checkpointing needs use_reentrant=true (TRL issue 2514)"
+        )
+    return problems
+
+
+def resume(v: View) -> list[str]:
+    value = v.run.resume
+    if value in ("auto", "never") or (Path(str(value)) / "trainer_state.json").is_file():
+        return []
+    return [f"run.resume: {value!r} is not auto, never or a checkpoint dir with trainer_state.json"]
+
+
+def losses(v: View) -> list[str]:
+    problems, known = [], loss_types()
+    for loss in v.losses:
+        if loss not in known:
+            close = difflib.get_close_matches(str(loss), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                f"train.loss_type: unknown loss {loss!r}; {hint}TRL has {', '.join(sorted(known))}"
+            )
+    weights = v.train.get("loss_weights")
+    if weights is not None and len(weights) != len(v.losses):
+        problems.append(
+            f"train.loss_weights: {len(weights)} weights for {len(v.losses)} loss {v.losses}; switch losses "
+            f"with loss=<option>, which sets both (loss={v.losses[0]}), or set both keys"
+        )
+    smoothing = v.train.get("label_smoothing")
+    if smoothing and not set(v.losses) & LABEL_SMOOTHING_LOSSES:
+        problems.append(
+            f"train.label_smoothing: ignored by loss {v.losses} (TRL 1.16 reads it only in robust and exo_pair; "
+            "the label-smoothed sigmoid of cDPO is loss=cdpo); use loss=robust for noisy labels, or remove it"
+        )
+    if v.choices.get("loss") == "cdpo" and v.losses == ["robust", "sigmoid"] and weights is not None:
+        right = cdpo_weights(smoothing or 0.0)
+        if not all(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(weights, right, strict=False)):
+            problems.append(
+                f"train.loss_weights: {weights} is not cDPO at label_smoothing {smoothing} (that is {right}); "
+                "leave loss_weights out: loss=cdpo derives them from train.label_smoothing"
+            )
+    return problems
+
+
+LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
+
+
+def reference_strategy(v: View) -> list[str]:
+    strategy = reference.resolve(v.reference.strategy, v.lora)
+    if strategy not in reference.STRATEGIES:  # an unknown one is reported with the choices
+        return []
+    return reference.problems(strategy, v.reference.path, v.train, v.lora)
+
+
+def local_paths(v: View) -> list[str]:
+    paths = {
+        "model.model_name_or_path": v.model.get("model_name_or_path"),
+        "reference.path": v.reference.path,
+    }
+    paths |= {f"dataset.{k}": getattr(v.dataset, k) for k in ("path", "eval_path")}
+    paths |= {
+        f"dataset.sources[{i}].path": s.get("path") for i, s in enumerate(v.sources) if isinstance(s, dict)
+    }
+    return [p for key, value in paths.items() if value and (p := hub.missing_local(str(value), key))]
+
+
+def lora_targets(v: View) -> list[str]:
+    targets = v.model.get("lora_target_modules") or []
+    if v.lora and "lm_head" in ([targets] if isinstance(targets, str) else targets):
+        return [
+            "model.lora_target_modules: lm_head: TRL's fused log-prob head reads the base weight and "
+            "ignores an adapter there; remove it (all-linear leaves lm_head out)"
+        ]
+    return []
+
+
+RULES = {
+    "template": template,
+    "data_source": data_source,
+    "mix": mix,
+    "eval_data": eval_data,
+    "secrets": lambda v: secrets.found(v.raw),
+    "scale": scale,
+    "resume": resume,
+    "losses": losses,
+    "reference": reference_strategy,
+    "local_paths": local_paths,
+    "lora_targets": lora_targets,
+}
+
+
+# Rules of this machine and launch: extras, GPUs, processes, a wandb login.
+def deepspeed(v: View) -> list[str]:
+    if v.hardware.engine != "deepspeed" or importlib.util.find_spec("deepspeed") is not None:
+        return []
+    return [f'hardware={v.choices.get("hardware")} needs DeepSpeed: pip install -e ".[deepspeed]"']
+
+
+def gpu(v: View) -> list[str]:
+    if not on_gpu(v.hardware.device, v.train) or v.train.get("use_cpu") or torch.cuda.is_available():
+        return []
+    return [
+        "hardware: this recipe trains on a CUDA GPU (bf16) and none is visible here; "
+        "to run it on this machine add the override hardware=cpu"
+    ]
+
+
+def processes(v: View) -> list[str]:
+    engine, world, problems = v.hardware.engine, int(os.environ.get("WORLD_SIZE", "1")), []
+    option = v.choices.get("hardware", engine)
+    if engine != "single" and world == 1:
+        problems.append(
+            f"hardware={option} runs through accelerate: make train HARDWARE={option} NPROC=<processes>"
+        )
+    gpus = torch.cuda.device_count()
+    if engine == "single" and world == 1 and gpus > 1 and not v.train.get("use_cpu"):
+        problems.append(
+            f"{gpus} GPUs are visible to one process: launch with HARDWARE=ddp NPROC=<gpus>, "
+            "or make one visible with CUDA_VISIBLE_DEVICES=0"
+        )
+    if world > 1 and not v.run.name and not os.environ.get("DPO_RUN_STAMP"):
+        problems.append(
+            "several processes need one run dir: set RUN=<name> (or DPO_RUN_STAMP, as make train does)"
+        )
+    return problems
+
+
+def wandb_login(v: View) -> list[str]:
+    if v.logger.name != "wandb" or v.logger.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return []
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text():
+        return []
+    return ["logger=wandb: not logged in; run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"]
+
+
+MACHINE = {"deepspeed": deepspeed, "gpu": gpu, "processes": processes, "wandb_login": wandb_login}
+
+
+def problems(v: View, machine: bool = True) -> list[str]:
+    """The generic pass, then every rule. A rule may trip over a value the generic pass already refused;
+    then that refusal stands for it."""
+    found = fits("train", v.train, DPOConfig) + fits("model", v.model, ModelArgs)
+    found += [p for name, cls in OURS.items() for p in fits(name, v.nodes[name], cls)]
+    for rule in [*RULES.values(), *(MACHINE.values() if machine else ())]:
+        try:
+            found += rule(v)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            if not found:
+                raise
+    return found
