@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from data_prep.io import atomic_path
-from dpo_recipes import data, hub, trained
+from dpo_recipes import data, hub, models, trained
 
 # What a run or checkpoint folder holds besides the model and its tokenizer.
 TRAINING_FILES = [
@@ -25,14 +25,16 @@ CARD_METRICS = ["rewards/accuracies", "rewards/margins", "loss"]
 def merged(run: trained.Run, out: Path, max_shard_size: str) -> str:
     """Merge the run's adapter into its base and save the result; returns what was done, in words."""
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     model = run.config["model"]
     quantized = model.get("load_in_4bit") or model.get("load_in_8bit")
-    dtype = "bfloat16" if quantized else model["dtype"]
+    dtype = "bfloat16" if quantized else run.dtype
     base = trained.base(run, dtype)
-    PeftModel.from_pretrained(base, run.weights).merge_and_unload().save_pretrained(
-        out, max_shard_size=max_shard_size
-    )
+    model = PeftModel.from_pretrained(base, run.weights).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(run.weights)  # its EOS may be the template's end of turn
+    model.generation_config.eos_token_id = models.stops(tokenizer, model.generation_config)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     if quantized:
         return "the adapter merged into the base loaded in bf16 (not into its quantized weights)"
     return f"the adapter merged into the base, in {dtype}"
@@ -62,8 +64,8 @@ def card(run: trained.Run, how: str) -> str:
         "",
         f"# {summary['recipe']}: {Path(model['model_name_or_path']).name} trained with DPO",
         "",
-        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. Loss: {run.config['train']['loss_type']}, "
-        f"beta {run.config['train']['beta']}; reference: {summary['reference']['strategy']}. "
+        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. Loss: {run.config['train'].get('loss_type', ['sigmoid'])}, "
+        f"beta {run.beta}; reference: {summary['reference']['strategy']}. "
         f"Run status: {summary['status']}, {summary.get('steps')} steps.",
         "",
         "## Data",

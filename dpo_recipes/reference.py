@@ -25,10 +25,14 @@ class Strategy:
     no_sync: str | None = None  # why TR-DPO (train.sync_ref_model) cannot update this reference
 
 
-def _create(path: str, built):
+def _create(path: str, built, revision: str | None = None):
+    """A model from `path` loaded as the policy is (dtype, attention, quantization, load flags), at
+    `revision` where it is another model than the policy's."""
     from trl.trainer.utils import create_model_from_path
 
     kwargs = dict(built.args.model_init_kwargs, trust_remote_code=built.args.trust_remote_code)
+    if path != built.model.model_name_or_path:
+        kwargs["revision"] = revision
     if built.quantization is not None:
         kwargs["quantization_config"] = built.quantization
     if built.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
@@ -44,7 +48,9 @@ def _by_trl(built):
 
 def _from_path(built):
     with hub.fetching("reference model", built.reference.path, "reference.path"):
-        reference = _create(built.reference.path, built).eval().requires_grad_(False)
+        reference = (
+            _create(built.reference.path, built, built.reference.revision).eval().requires_grad_(False)
+        )
     return built.model.model_name_or_path, reference, built.peft
 
 

@@ -18,7 +18,8 @@ from data_prep import io
 from data_prep.io import write_text
 from data_prep.pipeline import token_ids
 from dpo_recipes import trained
-from dpo_recipes.config import DatasetSchema
+from dpo_recipes.models import stops
+from dpo_recipes.schema import DatasetSchema
 
 MOODS = ("cheerful", "gloomy")
 
@@ -34,7 +35,7 @@ def prompts(run: trained.Run, path: str | None) -> list[dict]:
     else:
         from dpo_recipes import data
 
-        _, rows, _ = data.load(DatasetSchema(**run.config["dataset"]), run.config["train"]["seed"])
+        _, rows, _ = data.load(DatasetSchema(**run.config["dataset"]), run.seed)
         if rows is None:
             raise trained.RunError("the run has no eval data: name prompts with --prompts FILE")
     if "prompt" not in rows.column_names:
@@ -69,6 +70,7 @@ def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) ->
         max_new_tokens=options.max_new_tokens,
         do_sample=options.temperature > 0,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=stops(tokenizer, policy.generation_config),
         **({"temperature": options.temperature} if options.temperature > 0 else {}),
     )
     out, device = [], policy.device
@@ -136,7 +138,7 @@ def markdown(run: trained.Run, samples: list[dict], rates: dict | None, options)
         "",
         f"{len(samples)} prompts, {decoding}, at most {options.max_new_tokens} new tokens. The reference is "
         f"what the run trained against ({run.summary['reference']['strategy']}); the reward of an answer is "
-        f"beta * (log pi(y|x) - log pi_ref(y|x)) with beta = {run.config['train']['beta']}.",
+        f"beta * (log pi(y|x) - log pi_ref(y|x)) with beta = {run.beta}.",
         "",
     ]
     if rates:
@@ -179,7 +181,7 @@ def main(argv: list[str]) -> int:
         tokenizer = AutoTokenizer.from_pretrained(run.weights)
         policy = trained.policy(run)
         models = {"reference": trained.reference(run, policy), "policy": policy}
-        samples = generate(models, tokenizer, rows, run.config["train"]["beta"], options)
+        samples = generate(models, tokenizer, rows, run.beta, options)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

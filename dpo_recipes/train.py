@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, hub, reference, rundir, runs, sweep, tokenize
+from dpo_recipes import ROOT, config, data, hub, reference, rundir, runs, schema, secrets, sweep, tokenize
 from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
@@ -58,10 +58,10 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
     if hasattr(trainer, "ref_logps_cache"):
         context["reference"]["precomputed"] = trainer.ref_logps_cache
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
-    max_length = trainer.args.max_length
+    max_length = trainer.args.max_length  # None: no truncation, and TRL drops nothing
     limit = getattr(trainer.model.config, "max_position_embeddings", None)
     fix = "raise train.max_length" + (f" (the model takes up to {limit} tokens)" if limit else "")
-    if limit and max_length >= limit:
+    if limit and max_length is not None and max_length >= limit:
         fix = f"train.max_length is at the model's position limit ({limit} tokens): shorten those prompts"
     for split, before, after in (
         ("train", train_set, trainer.train_dataset),
@@ -92,7 +92,7 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
         write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
 
 
-def use_logger(logger: config.LoggerSchema, run_dir: Path) -> None:
+def use_logger(logger: schema.LoggerSchema, run_dir: Path) -> None:
     """Point wandb at the project and into the run dir."""
     if logger.name == "wandb":
         settings = {"WANDB_PROJECT": logger.project, "WANDB_ENTITY": logger.entity, "WANDB_MODE": logger.mode}
@@ -169,8 +169,13 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     from dpo_recipes.trainer import Trainer
 
     tokenizer = models.tokenizer(built)
-    train_set, eval_set, data_report = data.load(built.dataset, built.args.seed, built.args.dataset_num_proc)
-    models.check_template(tokenizer, train_set, built)
+    with built.args.main_process_first(desc="converting the data"):  # the others read its cache
+        train_set, eval_set, data_report = data.load(
+            built.dataset, built.args.seed, built.args.dataset_num_proc
+        )
+    data_report["train"]["template_notes"] = models.check_template(tokenizer, train_set, built)
+    for note in data_report["train"]["template_notes"]:
+        print(f"note: {note}")
     context = {
         **describe(cfg, built, recipe, run_dir, (train_set, eval_set), data_report),
         "torch_threads": threads,
@@ -206,6 +211,9 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     plan = rundir.planned(run_dir, cfg.run, sweep=hc.mode == RunMode.MULTIRUN)
+    if plan.action == "refuse" and hc.mode == RunMode.MULTIRUN:  # the whole sweep stops, nothing written
+        print(f"error: job {hc.job.num}: {plan.message}", file=sys.stderr)
+        sys.exit(2)
     if plan.action == "skip":
         print(f"job {hc.job.num}: {plan.message} ({run_dir})")
         return
@@ -235,6 +243,12 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = overrides = config.plain_keys(sys.argv[1:])
+    if leaked := secrets.in_overrides(overrides):  # before Hydra saves any of them
+        print("error: invalid config:\n" + "\n".join(f"  - {p}" for p in leaked), file=sys.stderr)
+        sys.exit(2)
+    if ("-m" in overrides or "--multirun" in overrides) and (refused := rundir.sweep_changes(overrides)):
+        print(f"error: invalid config:\n  - {refused}", file=sys.stderr)
+        sys.exit(2)
     if not any(o.startswith("-") for o in overrides):  # a sweep's jobs plan their own dirs; --cfg, --help
         launch = rundir.decide(overrides)
         if launch.action == "refuse":

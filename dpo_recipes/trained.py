@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from trl import DPOConfig
+
 from dpo_recipes import ROOT, hub, rundir
 
 
@@ -26,6 +28,28 @@ class Run:
     def lora(self) -> bool:
         """What this run trained, from its own record: files an earlier run left cannot change it."""
         return bool(self.config["model"].get("use_peft"))
+
+    @property
+    def beta(self) -> float:
+        return self.config["train"].get("beta", DPOConfig.beta)  # TRL's default where the run set none
+
+    @property
+    def seed(self) -> int:
+        return self.config["train"].get("seed", DPOConfig.seed)
+
+    @property
+    def dtype(self) -> str:
+        return self.config["model"].get("dtype") or "auto"
+
+    def flags(self, revision: str | None = None) -> dict:
+        """How the run loaded its models: the revision, remote code, safetensors only (or its opt-out)."""
+        train = self.config["train"]
+        safetensors = (train.get("model_init_kwargs") or {}).get("use_safetensors", True)
+        return {
+            "revision": revision,
+            "trust_remote_code": bool(train.get("trust_remote_code")),
+            "use_safetensors": safetensors,
+        }
 
 
 def open_run(run_dir: str | Path, force: bool = False) -> Run:
@@ -53,28 +77,40 @@ def open_run(run_dir: str | Path, force: bool = False) -> Run:
     return Run(run_dir, summary, done[-1])
 
 
-def _load(path: str, dtype: str, key: str):
+def _load(path: str, dtype: str, key: str, flags: dict, quantization=None):
     import torch
     from transformers import AutoModelForCausalLM
 
     with hub.fetching("model", path, key):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype, "auto"))
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype, "auto"), quantization_config=quantization, **flags
+        )
+    return (model if quantization else model.to("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
-def base(run: Run, dtype: str | None = None):
-    """The model the run started from, in `dtype` (default: the run's `model.dtype`)."""
-    model = run.config["model"]
-    return _load(model["model_name_or_path"], dtype or model["dtype"], "model.model_name_or_path")
+def base(run: Run, dtype: str | None = None, as_trained: bool = False):
+    """The model the run started from, at the run's revision, in `dtype` (default: the run's
+    `model.dtype`); `as_trained`: quantized as the run had it (bitsandbytes), as its reference was."""
+    model, quantization = run.config["model"], None
+    if as_trained and (model.get("load_in_4bit") or model.get("load_in_8bit")):
+        from trl import get_quantization_config
+
+        from dpo_recipes.schema import ModelArgs
+
+        quantization = get_quantization_config(ModelArgs(**model))
+    flags = run.flags(model.get("model_revision"))
+    return _load(
+        model["model_name_or_path"], dtype or run.dtype, "model.model_name_or_path", flags, quantization
+    )
 
 
 def policy(run: Run):
-    """The trained model: the base with the run's adapter, or the run's own weights."""
+    """The trained model: the base (as trained) with the run's adapter, or the run's own weights."""
     if not run.lora:
-        return _load(str(run.weights), run.config["model"]["dtype"], "RUN")
+        return _load(str(run.weights), run.dtype, "RUN", run.flags())
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base(run), run.weights).eval()
+    return PeftModel.from_pretrained(base(run, as_trained=True), run.weights).eval()
 
 
 class AdapterOff:
@@ -97,9 +133,10 @@ def reference(run: Run, trained):
     `sft_adapter`), the policy with its adapter off, or the base model."""
     strategy, path = run.summary["reference"]["strategy"], run.summary["reference"]["path"]
     if strategy == "path":
-        return _load(path, run.config["model"]["dtype"], "reference.path")
+        revision = (run.config.get("reference") or {}).get("revision")
+        return _load(path, run.dtype, "reference.path", run.flags(revision))
     if strategy == "sft_adapter":
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base(run), path).eval()
-    return AdapterOff(trained) if run.lora else base(run)
+        return PeftModel.from_pretrained(base(run, as_trained=True), path).eval()
+    return AdapterOff(trained) if run.lora else base(run, as_trained=True)
