@@ -163,12 +163,25 @@ def plan(
     sweep: bool = False,
     stamp: str = "",
 ) -> Plan:
-    """The one decision about a run dir. `compose` gives the composed config of a list of overrides (None:
-    compare nothing, as a sweep's job or a rank other than the first does); `world` is processes x nodes."""
+    """The one decision about a run dir. `compose` gives the composed config of a list of overrides (a
+    sweep's job: its own config; None: compare nothing, as a rank other than the first does); `world` is
+    processes x nodes."""
     another = "pick another name (RUN=...)"
     if flags.overwrite and (snap.started or snap.status):
         return Plan(
             "replace", snap.dir, overrides, RECORD, message=f"replacing the earlier run in {snap.dir}"
+        )
+    sweep_job = sweep and compose is not None and snap.latest is not None and not flags.allow_changes
+    if sweep_job and (found := changes(snap.latest.config, compose(overrides))):
+        return Plan(
+            "refuse",
+            snap.dir,
+            overrides,
+            message=(
+                f"{snap.dir} ran with other settings than this sweep's: {'; '.join(found)}. One report "
+                "would mix two experiments: sweep into a new dir (no SWEEP_DIR), or pass "
+                "run.allow_changes=true to go on with the changes"
+            ),
         )
     if snap.status == "finished":
         if sweep:
@@ -304,28 +317,63 @@ def decide(overrides: list[str], processes: int | None = None) -> Plan:
     return PLANS[run_dir]
 
 
-def fresh(run_dir: Path, run, sweep: bool = False) -> Plan:
-    """A plan made now from what the dir holds, comparing nothing (a sweep's job, a run from Python)."""
+def sweep_changes(overrides: list[str]) -> str | None:
+    """Why a sweep launched into an earlier sweep's dir (`hydra.sweep.dir=...`) must not run: its
+    overrides differ from that launch's (Hydra's multirun.yaml), so new jobs would join the old ones in
+    one report. None when they match, the dir is new, or `run.allow_changes=true` is given."""
+    settings = {key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
+    record = Path(settings.get("hydra.sweep.dir", "")) / "multirun.yaml"
+    if "hydra.sweep.dir" not in settings or not record.is_file():
+        return None
+    earlier = yaml.safe_load(record.read_text())["hydra"]["overrides"]["task"]
+    before = {key(o): o.split("=", 1)[1] for o in earlier if "=" in o}
+    ours = [k for k in {**before, **settings} if not k.startswith(("hydra", "run."))]
+    found = [
+        f"{k}: {before.get(k, '(unset)')} -> {settings.get(k, '(unset)')}"
+        for k in ours
+        if before.get(k) != settings.get(k)
+    ]
+    if not found or settings.get("run.allow_changes", "").lower() == "true":
+        return None
+    return (
+        f"{record.parent} holds a sweep launched with other overrides: {'; '.join(found)}. One report would "
+        "mix two experiments: sweep into a new dir (no SWEEP_DIR), or pass run.allow_changes=true"
+    )
+
+
+def fresh(run_dir: Path, run, sweep: bool = False, compose=None) -> Plan:
+    """A plan made now from what the dir holds: a sweep's job compares its own config (`compose`) with
+    the job's earlier one; a run from Python compares nothing."""
     flags = Flags(str(run.resume), bool(run.overwrite), bool(run.allow_changes))
-    return plan(snapshot(Path(run_dir).absolute()), flags, [], None, world(), sweep, now())
+    return plan(snapshot(Path(run_dir).absolute()), flags, [], compose, world(), sweep, now())
 
 
-def planned(run_dir: Path, run, sweep: bool = False) -> Plan:
+def planned(run_dir: Path, run, sweep: bool = False, compose=None) -> Plan:
     """This launch's plan for `run_dir`: the one made before Hydra started, else one made now."""
     run_dir = Path(run_dir).absolute()
     if run_dir not in PLANS:
-        PLANS[run_dir] = fresh(run_dir, run, sweep)
+        PLANS[run_dir] = fresh(run_dir, run, sweep, compose)
     return PLANS[run_dir]
 
 
-def record_of(run_dir: str, overwrite: bool, resume: str) -> str | None:
+def record_of(run_dir: str, overwrite: bool, resume: str, allow_changes: bool = False, *, _root_=None):
     """Where Hydra records this launch (`hydra.output_subdir`): the plan's record, on the first process
-    only, so that ranks never race on it."""
+    only, so that ranks never race on it. A sweep's job plans with its own composed config (`_root_`,
+    the job's config as OmegaConf hands it to a resolver)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    return planned(Path(run_dir), Flags(str(resume), bool(overwrite)), sweep).record if rank() == 0 else None
+    if rank() != 0:
+        return None
+    compose = None
+    if sweep and _root_ is not None:
+        job = {k: v for k, v in OmegaConf.to_container(_root_, resolve=False).items() if k != "hydra"}
+        compose = lambda _: job  # noqa: E731  (a job compares the config it was composed with)
+    return planned(
+        Path(run_dir), Flags(str(resume), bool(overwrite), bool(allow_changes)), sweep, compose
+    ).record
 
 
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")

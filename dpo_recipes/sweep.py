@@ -39,8 +39,8 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
 
 
-def job(job_dir: Path) -> dict:
-    """One row: overrides, status, final and best metrics, runtime."""
+def job(job_dir: Path, metrics: tuple[str, ...] = ()) -> dict:
+    """One row: overrides, status, final and best values of the usual metrics and of `metrics`, runtime."""
     row = {"job": int(job_dir.name.split("_", 1)[0]), "dir": str(job_dir), "overrides": _overrides(job_dir)}
     summary_path = job_dir / "dpo_metrics" / "summary.json"
     if summary_path.exists():
@@ -51,7 +51,7 @@ def job(job_dir: Path) -> dict:
         row.update(status="ok" if status == "finished" else status, error=error)
         row.update(runtime_s=summary.get("runtime_s"), tokenize_s=tokenize.get("seconds"))
         row["peak_rss_mb"] = summary.get("peak_rss_mb")
-        for metric in BEST:
+        for metric in dict.fromkeys([*BEST, *metrics]):
             row[f"final_{metric}"] = summary["final"].get(metric)
             row[f"best_{metric}"] = summary["best"].get(metric, {}).get("value")
     elif (job_dir / FAILED).exists():
@@ -102,13 +102,15 @@ def _plot(sweep_dir: Path, rows: list[dict], metric: str, target: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8)
     if grid:
-        (x_key, xs), (y_key, ys), values = grid
+        (x_key, xs), (y_key, ys), values, marks = grid
         image = axes[1].imshow(values, cmap="viridis", origin="lower", aspect="auto")
         axes[1].set(xticks=range(len(xs)), xticklabels=xs, yticks=range(len(ys)), yticklabels=ys)
         axes[1].set(xlabel=x_key, ylabel=y_key, title=f"final {metric}")
         for i in range(len(ys)):
             for j in range(len(xs)):
-                if not math.isnan(values[i][j]):
+                if (i, j) in marks:
+                    axes[1].text(j, i, marks[i, j], ha="center", va="center", color="red", fontsize=8)
+                elif not math.isnan(values[i][j]):
                     colour = label_colour(image.cmap(image.norm(values[i][j])))
                     axes[1].text(j, i, f"{values[i][j]:.3g}", ha="center", va="center", color=colour)
         fig.colorbar(image, ax=axes[1])
@@ -139,17 +141,20 @@ def _grid(rows: list[dict], metric: str):
     """(x axis, y axis, values) when the sweep varies exactly beta and learning_rate; else None."""
     if sorted(_varying(rows)) != ["beta", "learning_rate"]:
         return None
-    points = [
-        (r["overrides"]["beta"], r["overrides"]["learning_rate"], r.get(f"final_{metric}")) for r in rows
-    ]
-    points = [p for p in points if all(isinstance(v, int | float) for v in p)]  # failed jobs: no cell
+    points = [(r["overrides"]["beta"], r["overrides"]["learning_rate"], r) for r in rows]
+    points = [p for p in points if all(isinstance(v, int | float) for v in p[:2])]
     xs, ys = sorted({p[0] for p in points}), sorted({p[1] for p in points})
     if not points:
         return None
     values = [[math.nan] * len(xs) for _ in ys]
-    for beta, lr, value in points:
-        values[ys.index(lr)][xs.index(beta)] = value
-    return ("beta", xs), ("learning_rate", ys), values
+    marks = {}  # a cell whose job did not finish: its status, never its last value
+    for beta, lr, row in points:
+        value, at = row.get(f"final_{metric}"), (ys.index(lr), xs.index(beta))
+        if row["status"] == "ok" and isinstance(value, int | float):
+            values[at[0]][at[1]] = value
+        else:
+            marks[at] = row["status"]
+    return ("beta", xs), ("learning_rate", ys), values, marks
 
 
 def write_report(
@@ -158,9 +163,12 @@ def write_report(
     higher: bool = True,
     tie_break: str = "eval_loss",
 ) -> dict:
-    """Write sweep_summary.csv, sweep_summary.json and sweep_curves.png into `sweep_dir`."""
+    """Write sweep_summary.csv, sweep_summary.json and sweep_curves.png into `sweep_dir`; ValueError
+    when no job logged `metric` or `tie_break`."""
     sweep_dir = Path(sweep_dir)
-    rows = sorted((job(d) for d in job_dirs(sweep_dir)), key=lambda row: row["job"])
+    if problem := unlogged(sweep_dir, (metric, tie_break)):
+        raise ValueError(problem)
+    rows = sorted((job(d, (metric, tie_break)) for d in job_dirs(sweep_dir)), key=lambda row: row["job"])
     best = pick_best(rows, metric, higher, tie_break)
     report = {
         "sweep_dir": str(sweep_dir),
@@ -189,14 +197,31 @@ def write_report(
     return report
 
 
+def unlogged(sweep_dir: Path, names) -> str | None:
+    """Why `names` cannot rank the jobs: a name no finished job logged, with the names they did log."""
+    summaries = [d / "dpo_metrics" / "summary.json" for d in job_dirs(sweep_dir)]
+    logged = {key for path in summaries if path.exists() for key in json.loads(path.read_text())["final"]}
+    for name in names:
+        if logged and name not in logged:
+            close = difflib.get_close_matches(name, sorted(logged), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            return f"no job logged {name!r}; {hint}they logged {', '.join(sorted(logged))}"
+    return None
+
+
 class SweepReport(Callback):
-    """Hydra callback: write the sweep report when a multirun ends; exit 1 if any job failed."""
+    """Hydra callback: write the sweep report when a multirun ends; exit 1 if any job failed or the
+    report's metric was never logged."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         options = config.sweep_report
-        report = write_report(
-            Path(config.hydra.sweep.dir), options.metric, options.higher_is_better, options.tie_break
-        )
+        try:
+            report = write_report(
+                Path(config.hydra.sweep.dir), options.metric, options.higher_is_better, options.tie_break
+            )
+        except ValueError as err:
+            print(f"error: sweep_report: {err}", file=sys.stderr)
+            sys.exit(1)
         failed = [r["job"] for r in report["jobs"] if r["status"] != "ok"]
         if failed:
             print(f"error: jobs {failed} failed; see sweep_summary.csv", file=sys.stderr)
@@ -216,18 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs:
         print(f"error: {args.sweep_dir} is not a sweep dir (no job dirs with .hydra/ in it)", file=sys.stderr)
         return 2
-    summaries = [d / "dpo_metrics" / "summary.json" for d in jobs]
-    logged = {key for path in summaries if path.exists() for key in json.loads(path.read_text())["final"]}
-    for name in (args.metric, args.tie_break):
-        if logged and name not in logged:
-            close = difflib.get_close_matches(name, sorted(logged), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            print(
-                f"error: no job logged {name!r}; {hint}they logged {', '.join(sorted(logged))}",
-                file=sys.stderr,
-            )
-            return 2
-    write_report(args.sweep_dir, args.metric, not args.lower, args.tie_break)
+    try:
+        write_report(args.sweep_dir, args.metric, not args.lower, args.tie_break)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

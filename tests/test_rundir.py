@@ -61,7 +61,11 @@ ROWS = [
     (INTERRUPTED, Flags(), [], 1, False, "resume", RELAUNCH, str(CK[10])),
     (FINISHED, Flags(), [], 1, False, "refuse", None, None),
     (FINISHED, Flags(overwrite=True), [], 1, False, "replace", ".hydra", None),
-    (FINISHED, Flags(), [], 1, True, "skip", None, None),
+    (FINISHED, Flags(), ["++train.learning_rate=0.001"], 1, True, "skip", None, None),
+    (FINISHED, Flags(), LR, 1, True, "refuse", None, None),  # a sweep re-run with other settings
+    (FINISHED, Flags(allow_changes=True), LR, 1, True, "skip", None, None),
+    (STARTED, Flags(), LR, 1, True, "refuse", None, None),
+    (STARTED, Flags(allow_changes=True), LR, 1, True, "resume", RELAUNCH, str(CK[20])),
     (FINISHED, Flags(overwrite=True), [], 1, True, "replace", ".hydra", None),
     (CHAINED, Flags(), [], 1, False, "resume", RELAUNCH, str(CK[10])),
     (UNRECORDED, Flags(), LR, 1, False, "resume", ".hydra", str(CK[10])),

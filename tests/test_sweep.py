@@ -95,6 +95,15 @@ def test_report_can_be_rebuilt_with_another_metric(grid):
     assert report["best"]["job"] == min(rows, key=lambda r: r["final_eval_loss"])["job"]
 
 
+def test_any_logged_metric_picks_the_best_job(grid, capsys):
+    assert sweep.main([str(grid), "--metric", "eval_logps/chosen"]) == 0
+    report = json.loads((grid / "sweep_summary.json").read_text())
+    values = {r["job"]: r["final_eval_logps/chosen"] for r in report["jobs"]}
+    assert report["best"]["job"] == max(values, key=values.get) and None not in values.values()
+    assert "best: job" in capsys.readouterr().out
+    sweep.write_report(grid)  # back to the default for the other tests
+
+
 def test_the_report_command_checks_its_sweep_dir_and_metric(grid, tmp_path, capsys):
     assert sweep.main([str(tmp_path)]) == 2  # no job dirs: not a sweep
     assert "is not a sweep dir" in capsys.readouterr().err
@@ -131,6 +140,11 @@ def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == untouched
     assert [r["status"] for r in read_csv(tmp_path / "s" / "sweep_summary.csv")] == ["ok", "ok"]
     assert json.loads((stopped / "dpo_metrics" / "summary.json").read_text())["steps"] == 6
+
+    other = multirun(tmp_path / "s", *grid, "dataset.max_samples=32")  # another experiment, same dirs
+    assert other.returncode == 2 and "dataset.max_samples: 64 -> 32" in other.stderr
+    assert "run.allow_changes=true" in other.stderr and not list((tmp_path / "s").glob("*/job_status.json"))
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == untouched
 
     again = multirun(tmp_path / "s", *grid, "run.overwrite=true")  # both replaced, in the same dirs
     assert again.returncode == 0 and "skipped" not in again.stdout, again.stderr[-3000:]
