@@ -24,6 +24,9 @@ LAUNCHER ?=
 DIR ?=
 ONLY ?=
 N ?= 16
+# ARGS as typed: make would expand `${oc.env:HOME}` (a Hydra interpolation) to nothing, and the shell
+# would then try it; each `$` reaches the shell escaped, so Hydra gets the override intact.
+ARGV = $(subst $$,\$$,$(value ARGS))
 # One launch time for every process of a launch, so all ranks and jobs agree on the run dir.
 export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
@@ -45,34 +48,34 @@ $(STAMP): pyproject.toml
 # NPROC processes per node through accelerate, with the accelerate config the composed hardware option names.
 LAUNCH = $(if $(NPROC),$(PY) -m dpo_recipes.launch --nproc $(NPROC) --nnodes $(NNODES) --node-rank $(NODE_RANK) \
 	--main-addr $(MAIN_ADDR) --main-port $(MAIN_PORT),$(PY) -m dpo_recipes.train)
-TRAIN_ARGS = recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(RUN),run.name=$(RUN)) \
+TRAIN_ARGS = recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(RUN),'run.name=$(RUN)') \
 	$(if $(RESUME),run.resume=$(RESUME))
 
 train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT) via accelerate; RUN=name, RESUME=auto|never|<checkpoint>; ARGS
-	$(LAUNCH) $(TRAIN_ARGS) $(ARGS)
+	$(LAUNCH) $(TRAIN_ARGS) $(ARGV)
 
 sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm; SWEEP_DIR=<an earlier sweep> resumes it
 	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
-		$(if $(SWEEP_DIR),hydra.sweep.dir=$(SWEEP_DIR)) $(ARGS)
+		$(if $(SWEEP_DIR),'hydra.sweep.dir=$(SWEEP_DIR)') $(ARGV)
 
 sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
-	$(PY) -m dpo_recipes.sweep $(DIR) $(ARGS)
+	$(PY) -m dpo_recipes.sweep '$(DIR)' $(ARGV)
 
 samples: setup ## Answers of the reference and the trained policy to N held-out prompts of RUN (a run dir), side by side; ARGS="--temperature 0.7"
 	@test -n "$(RUN)" || { echo 'usage: make samples RUN=outputs/<recipe>/<time> [N=16]'; exit 2; }
-	$(PY) -m dpo_recipes.samples $(RUN) --n $(N) $(ARGS)
+	$(PY) -m dpo_recipes.samples '$(RUN)' --n $(N) $(ARGV)
 
 export: setup ## RUN (a run dir) as a standalone model in <RUN>/export: LoRA merged, with a model card; ARGS="--push-to-hub user/name"
 	@test -n "$(RUN)" || { echo 'usage: make export RUN=outputs/<recipe>/<time> [ARGS="--out DIR"]'; exit 2; }
-	$(PY) -m dpo_recipes.export $(RUN) $(ARGS)
+	$(PY) -m dpo_recipes.export '$(RUN)' $(ARGV)
 
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
-	$(PY) -m dpo_recipes.validate $(TRAIN_ARGS) $(ARGS)
+	$(PY) -m dpo_recipes.validate $(TRAIN_ARGS) $(ARGV)
 
 prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's form in OUT; options in ARGS
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo 'usage: make prep FORMAT=alpaca IN=data.json OUT=prefs.jsonl [ARGS="--strict"]'; exit 2; }
-	$(PY) -m data_prep $(FORMAT) $(IN) $(OUT) $(ARGS)
+	$(PY) -m data_prep $(FORMAT) '$(IN)' '$(OUT)' $(ARGV)
 
 test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part)
 	$(PY) -m pytest $(PYTEST_ARGS)

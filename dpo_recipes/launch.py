@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from hydra.core.hydra_config import HydraConfig
 
-from dpo_recipes import config, rundir
+from dpo_recipes import ROOT, config, rundir
 
 # torch's launcher SIGKILLs its workers this many seconds after passing them a signal it received
 # itself (scancel signals every process of a job): 30 by default, too little for a 7B checkpoint.
@@ -50,6 +50,11 @@ def command(
             [f"hardware={option} runs in one process; to launch {nproc} use one of: {', '.join(scalable())}"]
         )
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+    deepspeed = (yaml.safe_load(Path(accelerate_config).read_text()).get("deepspeed_config") or {}).get(
+        "deepspeed_config_file"
+    )
+    if deepspeed:  # named from the project's root there, as `accelerate launch` run in it reads it
+        launcher += ["--deepspeed_config_file", str(ROOT / deepspeed)]
     launcher += ["--num_processes", str(nproc * nnodes), "--num_machines", str(nnodes)]
     launcher += [
         "--machine_rank",
