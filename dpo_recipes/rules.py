@@ -41,9 +41,8 @@ from dpo_recipes.schema import (
 class View:
     """The composed config read once; rules read nothing else."""
 
-    nodes: (
-        dict  # node -> its dict as given: train resolved (loss_type a list), model unresolved, ours resolved
-    )
+    # node -> its dict as given: train resolved (loss_type a list), model unresolved, ours resolved
+    nodes: dict
     dataset: DatasetSchema  # ours, typed (keys the generic pass refuses left out)
     hardware: HardwareSchema
     reference: ReferenceSchema
@@ -107,8 +106,10 @@ def on_gpu(device: str, train: dict) -> bool:
 
 # Rules of the config alone: view -> problems.
 def template(v: View) -> list[str]:
+    if not v.model.get("chat_template"):
+        return []
     try:
-        chat_template(v.model["chat_template"]) if v.model.get("chat_template") else None
+        chat_template(v.model["chat_template"])
     except FileNotFoundError as err:
         return [f"model.chat_template: {err}"]
     return []
@@ -202,6 +203,9 @@ def resume(v: View) -> list[str]:
     return [f"run.resume: {value!r} is not auto, never or a checkpoint dir with trainer_state.json"]
 
 
+LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
+
+
 def losses(v: View) -> list[str]:
     problems, known = [], loss_types()
     for loss in v.losses:
@@ -231,9 +235,6 @@ def losses(v: View) -> list[str]:
                 "leave loss_weights out: loss=cdpo derives them from train.label_smoothing"
             )
     return problems
-
-
-LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
 
 
 def reference_strategy(v: View) -> list[str]:
