@@ -32,7 +32,7 @@ export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
 IN ?=
 OUT ?=
-.PHONY: help setup train sweep sweep-report samples export validate prep test bench bench-gpu lint format clean
+.PHONY: help setup train sweep sweep-report samples export validate prep test test-fast test-slow test-e2e bench bench-gpu lint format clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
@@ -77,8 +77,17 @@ prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's fo
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo 'usage: make prep FORMAT=alpaca IN=data.json OUT=prefs.jsonl [ARGS="--strict"]'; exit 2; }
 	$(PY) -m data_prep $(FORMAT) '$(IN)' '$(OUT)' $(ARGV)
 
-test: setup ## Run the test suite (PYTEST_ARGS="-m 'not slow'" for the fast part)
+test: setup ## Run every tier of the test suite: default, slow and e2e (what CI runs); PYTEST_ARGS
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## The default tier: rules, converters, plans, reports; no model weights, under 2 minutes
+	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+test-slow: setup ## Training in the test's own process: every recipe for 2 steps, the default run learns
+	$(PY) -m pytest -m "slow and not e2e" $(PYTEST_ARGS)
+
+test-e2e: setup ## Subprocesses and equality: resume, DDP/FSDP vs one process, launchers, samples, export
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 bench: setup ## Run every benchmark (or ONLY="data_prep memory"); writes benchmarks/results.json and BENCHMARKS.md
 	$(PY) -m benchmarks $(ONLY)

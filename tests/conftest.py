@@ -13,6 +13,20 @@ def tiny_cache(tmp_path_factory):
     os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
 
 
+@pytest.fixture(autouse=True)
+def default_tier_loads_no_weights(request, monkeypatch):
+    """The default tier (neither slow nor e2e) runs without model weights: a test there that loads some
+    fails, naming the marker it needs."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("e2e"):
+        return
+    from transformers import PreTrainedModel
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} loads model weights: mark it slow (or e2e)")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
 def pytest_collection_modifyitems(items):
     if not torch.cuda.is_available():
         for item in items:
@@ -36,15 +50,11 @@ def default_run(tmp_path_factory):
 
 
 def tiny_overrides(recipe: str, *extra: str) -> list[str]:
-    """The real recipe with model, dataset, hardware and logger swapped for the tiny offline ones, 2 steps."""
-    cfg, _ = config.compose([f"recipes={recipe}"])
-    model = "tiny_llama_lora" if cfg.model.get("use_peft") else "tiny_llama_full"
+    """The real recipe on the tiny offline Llama, as a user smoke-tests one (+smoke=tiny_llama): 32
+    training rows, 16 eval rows, 2 steps."""
     return [
         f"recipes={recipe}",
-        f"model={model}",
-        "dataset=toy",
-        "hardware=cpu",
-        "logger=none",
+        "+smoke=tiny_llama",
         "dataset.max_samples=32",
         "dataset.max_eval_samples=16",
         "++train.max_steps=2",

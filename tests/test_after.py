@@ -53,7 +53,7 @@ def sampled(default_run):
     return rows, (metrics / "samples.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampled, default_run):
     rows, page = sampled
     assert len(rows) == 64
@@ -73,7 +73,7 @@ def test_the_policy_answers_in_the_asked_mood_where_the_reference_does_not(sampl
     assert proof(greedy, accuracy) == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_proof_holds_on_avx2_kernels():
     """The default run on a machine without AVX-512: ATen, oneDNN and MKL capped at AVX2 in a fresh
     process, which builds its own tiny base, trains and samples 64 prompts."""
@@ -83,7 +83,7 @@ def test_the_proof_holds_on_avx2_kernels():
     assert proof(cell, cell["eval_accuracy"]) == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_samples_md_sets_the_answers_side_by_side_with_their_rewards(sampled, default_run):
     rows, page = sampled
     table = [line for line in page.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -97,7 +97,7 @@ def test_samples_md_sets_the_answers_side_by_side_with_their_rewards(sampled, de
     assert mean["policy"] > max(0.0, mean["reference"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_implicit_reward_is_beta_times_the_log_ratio(sampled, default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,7 +117,7 @@ def test_an_implicit_reward_is_beta_times_the_log_ratio(sampled, default_run):
     assert row["policy"]["implicit_reward"] == pytest.approx(beta * (logps[0] - logps[1]), abs=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,7 +156,7 @@ def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_
     assert (out / "training_curves.png").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_export_is_never_overwritten(default_run, tmp_path, capsys):
     _, metrics = default_run
     out = tmp_path / "export"
@@ -168,7 +168,7 @@ def test_an_export_is_never_overwritten(default_run, tmp_path, capsys):
     assert not list(tmp_path.glob(".exporting-*"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsys):
     _, metrics = default_run
     stopped = copy_of(metrics.parent, tmp_path / "stopped", lambda s: s.update(status="interrupted"))
@@ -181,7 +181,7 @@ def test_an_unfinished_run_is_refused_unless_forced(default_run, tmp_path, capsy
     assert (stopped / "export" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path, capsys):
     _, metrics = run(tmp_path, tiny_overrides("tiny_full_dpo"))
     run_dir = metrics.parent
@@ -207,7 +207,7 @@ def test_a_full_run_exports_as_is_and_samples_against_its_base(tmp_path, capsys)
     assert not (copied / "training_args.bin").exists() and (copied / "tokenizer.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_push_without_the_hub_says_so_and_keeps_the_export(default_run, tmp_path):
     _, metrics = default_run
     out = tmp_path / "export"
@@ -232,6 +232,7 @@ def test_push_without_the_hub_says_so_and_keeps_the_export(default_run, tmp_path
     assert (out / "README.md").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["samples", "export"])
 def test_make_targets_take_the_run_and_say_how_without_one(target):
     cmd = ["make", "--no-print-directory", "-n", target, "RUN=outputs/r/t", "N=3", "ARGS=--force"]
@@ -257,7 +258,7 @@ def test_a_run_is_found_by_its_name_under_outputs(tmp_path, monkeypatch):
         trained.open_run("theirs")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_qlora_run_is_merged_into_the_base_in_bf16(default_run, tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -10,6 +10,7 @@ from benchmarks import gpu
 from dpo_recipes import tiny
 
 
+@pytest.mark.slow
 def test_flop_count_takes_every_weight_that_multiplies_activations():
     model = AutoModelForCausalLM.from_pretrained(tiny.qwen_path())
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -49,6 +50,7 @@ def test_a_partial_bench_keeps_each_sections_own_machine_and_date(tmp_path, monk
     assert f"date {bench.machine()['date']}" in new_section and "value 2" in new_section
 
 
+@pytest.mark.slow
 def test_the_plain_trl_baseline_trains_what_the_default_recipe_does(tmp_path):
     from benchmarks import plain_trl
     from dpo_recipes import config

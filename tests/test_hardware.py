@@ -82,6 +82,7 @@ def make_dry_run(*args) -> str:
     return next(line for line in out.splitlines() if "dpo_recipes." in line)
 
 
+@pytest.mark.e2e
 def test_make_launches_through_the_launcher_with_its_settings():
     line = make_dry_run("HARDWARE=zero3", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MAIN_ADDR=10.1.2.3")
     assert "-m dpo_recipes.launch --nproc 8 --nnodes 2 --node-rank 1 --main-addr 10.1.2.3" in line
@@ -137,6 +138,7 @@ def fsdp_wrapped(monkeypatch) -> list[str]:
     return [type(m).__name__ for m in model.modules() if policy(m)]
 
 
+@pytest.mark.slow
 def test_fsdp_wraps_each_qwen2_decoder_layer(monkeypatch):
     assert fsdp_wrapped(monkeypatch) == ["Qwen2DecoderLayer"] * tiny.QWEN["num_hidden_layers"]
 
@@ -147,7 +149,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process(monkeypatch, tmp_path):
     classes = ",".join(sorted(set(fsdp_wrapped(monkeypatch))))
     results = {}
@@ -236,7 +238,7 @@ def train_cli(run_dir, *overrides, launcher=(), env=None):
     return json.loads((run_dir / "dpo_metrics" / "log_history.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_process_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
     launcher = [
         "-m",
@@ -258,7 +260,7 @@ def test_two_process_data_parallel_matches_one_process_with_the_same_global_batc
     assert list(tmp_path.glob("ddp/**/summary.json")) == [tmp_path / "ddp" / "dpo_metrics" / "summary.json"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_offline_wandb_run_holds_the_dpo_metrics_and_no_secret(tmp_path):
     secret = "sekrit-key-0123456789"
     train_cli(tmp_path / "run", "logger=wandb", env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret})
@@ -269,7 +271,7 @@ def test_offline_wandb_run_holds_the_dpo_metrics_and_no_secret(tmp_path):
             assert secret not in path.read_text(errors="ignore"), path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tensorboard_run_writes_event_files_with_the_dpo_metrics(tmp_path):
     train_cli(tmp_path / "run", "logger=tensorboard")
     events = list((tmp_path / "run").rglob("events.out.tfevents.*"))

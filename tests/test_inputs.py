@@ -128,6 +128,7 @@ def test_trl_fields_named_like_tokens_are_not_secrets():
     config.check(config.compose(fields)[0])
 
 
+@pytest.mark.e2e
 def test_a_secret_on_the_command_line_stops_the_run_before_anything_is_written(tmp_path):
     out = subprocess.run(
         [
@@ -349,6 +350,7 @@ def test_a_run_without_dtype_beta_or_seed_exports_and_samples_with_trls_defaults
     assert "beta 0.1" in export.card(run_, "copied")
 
 
+@pytest.mark.slow
 def test_samples_of_a_quantized_run_score_against_the_base_quantized_as_trained(tmp_path):
     from bitsandbytes.nn import Linear4bit
 
@@ -376,7 +378,7 @@ def hub_cache(root: Path) -> Path:
     return repo / "snapshots"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_pinned_to_a_revision_exports_against_that_revision(tmp_path):
     import torch
     from peft import PeftModel
@@ -423,6 +425,7 @@ def test_the_heat_map_shows_only_finished_jobs_and_marks_the_rest():
     assert values[0][1] != values[0][1]  # NaN: the interrupted job's last value is not a result
 
 
+@pytest.mark.e2e
 def test_make_passes_hydra_interpolations_and_quoted_values_intact():
     args = "ARGS=logger.project=${oc.env:DPO_PROBE} 'train.run_name=a b'"
     out = subprocess.run(
@@ -436,6 +439,7 @@ def test_make_passes_hydra_interpolations_and_quoted_values_intact():
     assert "project: probe" in out.stdout and "run_name: a b" in out.stdout
 
 
+@pytest.mark.e2e
 def test_make_quotes_its_paths(tmp_path):
     source = tmp_path / "my data" / "in.json"
     source.parent.mkdir()

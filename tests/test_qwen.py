@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("recipe", QWEN_RECIPES)
 def test_every_qwen_recipe_trains_four_steps_from_ln2(recipe, runs):
     trainer, run_dir = runs(recipe)
@@ -81,7 +81,7 @@ def test_every_qwen_recipe_trains_four_steps_from_ln2(recipe, runs):
         assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("recipe", [r for r in QWEN_RECIPES if "full" not in r])
 def test_the_saved_adapter_covers_qwens_seven_projections_and_changes_its_logits(recipe, runs):
     _, run_dir = runs(recipe)

@@ -47,7 +47,7 @@ def losses(history, key="loss"):
     return {e["step"]: e[key] for e in history if key in e}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_run_resumes_with_the_hint_to_the_same_losses_and_schedule(tmp_path):
     cfg, recipe = config.compose(RESUMABLE)
     whole = train.run(cfg, tmp_path / "whole", recipe).state.log_history
@@ -85,7 +85,7 @@ def test_killed_run_resumes_with_the_hint_to_the_same_losses_and_schedule(tmp_pa
     assert json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "term"
     process = launch(run_dir, "train.save_steps=1000")
@@ -105,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert json.loads((run_dir / "dpo_metrics" / "summary.json").read_text())["steps"] == 40
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finished_run_is_never_overwritten_and_resume_never_refuses(tmp_path):
     run_dir = tmp_path / "done"
     first = launch(run_dir, "train.max_steps=2")
@@ -191,7 +191,7 @@ def test_pickle_weights_are_refused_by_default(tmp_path):
         train.run(cfg, tmp_path / "run", recipe)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
     overrides = [o.replace("recipes=tiny_lora_dpo", "recipes=tiny_full_dpo") for o in RESUMABLE]
     cfg, recipe = config.compose([*overrides, "train.max_steps=20"])
@@ -210,6 +210,7 @@ def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4)
 
 
+@pytest.mark.e2e
 def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dpo_recipes.train", f"hydra.run.dir={tmp_path / 'typo'}", "train.bta=1"],
@@ -221,7 +222,7 @@ def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_interrupt_during_start_up_exits_130_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "dpo_recipes.train", f"hydra.run.dir={tmp_path}"]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -63,7 +63,7 @@ def names():
         shutil.rmtree(ROOT / "outputs/tiny_lora_dpo" / name, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ctrl_c_under_nproc_stops_every_rank_at_one_step_and_the_hint_resumes_the_same_launch(names):
     whole, stopped = names(), names()
     uninterrupted = make_train(whole, f"ARGS={SMALL}")
@@ -95,7 +95,7 @@ def test_ctrl_c_under_nproc_stops_every_rank_at_one_step_and_the_hint_resumes_th
     assert all(rundir.read_launch(r).world == 2 for r in records)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(names):
     name = names()
     run_dir = ROOT / "outputs/tiny_lora_dpo" / name
@@ -123,7 +123,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(names):
     assert rundir.complete(run_dir / f"checkpoint-{steps[0]}")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_overwrite_replaces_a_lora_run_with_a_full_run_that_export_and_samples_use(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -146,6 +146,7 @@ def test_overwrite_replaces_a_lora_run_with_a_full_run_that_export_and_samples_u
         assert torch.allclose(policy, trainer.model.eval()(ids).logits, atol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 def test_an_fsdp_run_saves_full_weights_that_load(names):
     """On a CUDA machine: `HARDWARE=fsdp NPROC=1` on the tiny Qwen for 2 steps ends with a model in the

@@ -1,5 +1,6 @@
 """The tiny offline model: deterministic, and loaded through the same path as a hub model."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -7,14 +8,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo_recipes import tiny
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_tokenizer(tmp_path):
-    tiny.build(tmp_path / "a")
-    tiny.build(tmp_path / "b")
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    tiny.build(tmp_path / "a")  # the same seed as the session's own tiny model, built apart
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tiny.path() / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tiny.path() / "tokenizer.json").read_text()
 
 
+@pytest.mark.slow
 def test_loads_like_a_hub_model_with_a_chat_template():
     path = tiny.path()
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -30,6 +32,7 @@ def test_loads_like_a_hub_model_with_a_chat_template():
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|pad|>"
 
 
+@pytest.mark.slow
 def test_the_tiny_qwen_has_qwen2_5_7bs_layout_and_real_tokenizer():
     path = tiny.qwen_path()
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -116,6 +116,7 @@ def test_a_finished_run_dir_is_never_overwritten(tmp_path):
     assert (tmp_path / "run" / "dpo_metrics" / "summary.json").read_text() == before
 
 
+@pytest.mark.e2e
 def test_cli_writes_a_self_describing_run_dir(tmp_path):
     import subprocess
     import sys
