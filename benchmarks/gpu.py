@@ -99,9 +99,13 @@ def summarize(name: str, run: dict, shape: dict, passes: int, micro_batch: int, 
 
 
 def run(tiny_shape: bool = False, steps: int = STEPS, accumulation: int = EFFECTIVE_BATCH) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:  # a 7B model's 15 GB: never left
+        return measure(Path(scratch), tiny_shape, steps, accumulation)
+
+
+def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int) -> dict:
     shape = tiny.QWEN if tiny_shape else {**tiny.QWEN, **QWEN2_5_7B}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scratch = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     model, rows = scratch / "model", scratch / "rows.jsonl"
     tiny.build_qwen(model, device=device, **({} if tiny_shape else QWEN2_5_7B))
     write_rows(rows, 16 * steps * accumulation, (12, 24, 20) if tiny_shape else (110, 230, 210))

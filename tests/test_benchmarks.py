@@ -20,8 +20,12 @@ def test_flop_count_takes_every_weight_that_multiplies_activations():
 
 
 @pytest.mark.slow
-def test_bench_gpu_runs_at_the_tiny_shape_on_cpu():
+def test_bench_gpu_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = gpu.run(tiny_shape=True, steps=2, accumulation=2)
+    assert list(tmp_path.iterdir()) == []  # the model and the runs go with the bench, 15 GB at 7B
     rows = {r["what"]: r for r in result["results"]}
     assert {"make train, as shipped", "plain TRL script", "reference=precomputed"} <= set(rows)
     for row in rows.values():
