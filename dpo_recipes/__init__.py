@@ -3,8 +3,10 @@
 import logging
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-"""The project folder: holds conf/, recipes/ and the bundled toy data."""
+_PACKAGE = Path(__file__).resolve().parent
+ROOT = _PACKAGE if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent
+"""The project folder: holds conf/, recipes/, assets/, data/ and accelerate/. In a clone, the repository;
+installed from a wheel, the package itself, where pyproject.toml maps those folders."""
 
 # bitsandbytes warns on every CPU import that an optional 4-bit CPU kernel is missing; 4-bit training
 # runs on CUDA, so the notice only confuses CPU users.

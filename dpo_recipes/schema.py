@@ -8,6 +8,7 @@ below and read the same way, rather than by Hydra at compose time, which stops a
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import MISSING, OmegaConf
 from trl import DPOConfig, ModelConfig
 
@@ -142,6 +146,21 @@ def cdpo_weights(epsilon: float) -> list[float]:
     return [-(1 - 2 * epsilon), 2 * (1 - epsilon)]
 
 
+class UserOptions(SearchPathPlugin):
+    """A user's own options before the shipped ones of the same name: DPO_RECIPES_CONFIG lists project
+    folders (separated as in PATH), each with `conf/<group>/<option>.yaml` and `recipes/<recipe>.yaml`;
+    an earlier folder wins. The `dpo-recipes` command sets it (the current directory, or --config-dir)."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        for folder in filter(None, os.environ.get("DPO_RECIPES_CONFIG", "").split(os.pathsep)):
+            for path in (Path(folder, "conf"), Path(folder)):  # option groups; recipes/
+                if path.is_dir():
+                    search_path.prepend(
+                        "dpo-recipes user", f"file://{path.resolve()}", SearchPathQuery("main")
+                    )
+
+
+Plugins.instance().register(UserOptions)
 ConfigStore.instance().store(name="schema", node=Schema)
 OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), replace=True)
 OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
