@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trl import DPOConfig
 
-from dpo_recipes import ROOT, hub, rundir
+from dpo_recipes import hub, rundir
 
 
 class RunError(ValueError):
@@ -53,11 +53,11 @@ class Run:
 
 
 def open_run(run_dir: str | Path, force: bool = False) -> Run:
-    """The run in `run_dir` (or named so under outputs/<recipe>/); one that did not finish only with
+    """The run in `run_dir` (or named so under ./outputs/<recipe>/); one that did not finish only with
     `force`, from its newest complete checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
-        named = sorted((ROOT / "outputs").glob(f"*/{run_dir.name}"))
+        named = sorted(Path("outputs").glob(f"*/{run_dir.name}"))  # where train writes: the current dir
         run_dir = named[0] if len(named) == 1 else run_dir
     summary_file = run_dir / "dpo_metrics" / "summary.json"
     if not summary_file.exists():

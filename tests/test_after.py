@@ -249,11 +249,11 @@ def test_make_targets_take_the_run_and_say_how_without_one(target):
 def test_a_run_is_found_by_its_name_under_outputs(tmp_path, monkeypatch):
     from dpo_recipes import trained
 
-    monkeypatch.setattr(trained, "ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)  # outputs/ of the directory train ran in
     metrics = tmp_path / "outputs" / "tiny_lora_dpo" / "mine" / "dpo_metrics"
     metrics.mkdir(parents=True)
     (metrics / "summary.json").write_text(json.dumps({"status": "finished"}))
-    assert trained.open_run("mine").dir == metrics.parent
+    assert trained.open_run("mine").dir.resolve() == metrics.parent
     with pytest.raises(trained.RunError, match="theirs: no dpo_metrics/summary.json"):
         trained.open_run("theirs")
 
