@@ -1,4 +1,12 @@
+import contextlib
+import io
+import logging
 import os
+import runpy
+import signal
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -63,3 +71,27 @@ def tiny_overrides(recipe: str, *extra: str) -> list[str]:
         "++train.disable_tqdm=true",
         *extra,
     ]
+
+
+def python_m(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` run in this process, without a new interpreter's seconds of imports: its
+    exit code and what it printed. What it changes of the process (argv, environment, signal handlers,
+    the root logger Hydra configures) is put back."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv, dict(os.environ), logging.root.handlers[:], logging.root.level
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = [module, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)  # imported: fine
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    finally:
+        sys.argv, environ, logging.root.handlers[:], level = saved
+        os.environ.clear()
+        os.environ.update(environ)
+        logging.root.setLevel(level)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())

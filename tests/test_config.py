@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import python_m
 from hydra.errors import HydraException
 
 from dpo_recipes import ROOT, config, schema, validate
@@ -232,10 +233,12 @@ def test_runs_go_to_outputs_recipe_stamp_shared_by_all_processes(monkeypatch):
         ),
     ],
 )
-@pytest.mark.e2e
 def test_what_the_hub_cannot_give_is_named_with_its_fixes(overrides, fetched, fix, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline mode answers at once
-    out = run_cli("dpo_recipes.train", *overrides, f"hydra.run.dir={tmp_path}")
+    import huggingface_hub.constants
+
+    # No network here either way; offline mode (HF_HUB_OFFLINE=1, read at import) answers at once.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = python_m("dpo_recipes.train", *overrides, f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"error: cannot fetch the {fetched} from the Hugging Face Hub" in out.stderr and fix in out.stderr
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run, tiny_overrides
+from conftest import python_m, run, tiny_overrides
 from tokenizers import Tokenizer, pre_tokenizers, processors, trainers
 from tokenizers import models as token_models
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, TrainingArguments
@@ -128,19 +128,9 @@ def test_trl_fields_named_like_tokens_are_not_secrets():
     config.check(config.compose(fields)[0])
 
 
-@pytest.mark.e2e
 def test_a_secret_on_the_command_line_stops_the_run_before_anything_is_written(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_recipes.train",
-            f"train.model_init_kwargs.token={TOKEN}",
-            f"hydra.run.dir={tmp_path / 'r'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    out = python_m(
+        "dpo_recipes.train", f"train.model_init_kwargs.token={TOKEN}", f"hydra.run.dir={tmp_path / 'r'}"
     )
     assert out.returncode == 2 and "train.model_init_kwargs.token: holds a secret" in out.stderr
     assert TOKEN not in out.stderr + out.stdout and not (tmp_path / "r").exists()

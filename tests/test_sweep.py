@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import python_m, tiny_overrides
 
 from dpo_recipes import ROOT, config, sweep, train
 
@@ -20,17 +20,13 @@ FAST = ["++train.max_steps=6", "++train.eval_steps=3", "++train.logging_steps=3"
 SMALL = ["dataset.max_samples=64", "dataset.max_eval_samples=16"]
 
 
-def multirun(sweep_dir, *args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dpo_recipes.train",
-        "-m",
-        f"hydra.sweep.dir={sweep_dir}",
-        *FAST,
-        *SMALL,
-        *args,
-    ]
+def multirun(sweep_dir, *args, own_process=False):
+    """`make sweep`: in this process, or in its own (`own_process`): a relaunch, as a user's, starts
+    afresh, and a launcher that pickles the task function needs it importable."""
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *FAST, *SMALL, *args]
+    if not own_process:
+        return python_m("dpo_recipes.train", *args)
+    cmd = [sys.executable, "-m", "dpo_recipes.train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -133,7 +129,9 @@ def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
     assert [r["status"] for r in sweep.write_report(tmp_path / "s")["jobs"]] == ["ok", "interrupted"]
     untouched = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
 
-    out = multirun(tmp_path / "s", *grid, "run.resume=auto")  # make sweep RESUME=auto: the same job dirs
+    out = multirun(
+        tmp_path / "s", *grid, "run.resume=auto", own_process=True
+    )  # make sweep RESUME=auto: the same job dirs
     assert out.returncode == 0, out.stderr[-3000:]
     assert "job 0: finished in an earlier launch, skipped" in out.stdout
     assert f"resuming from {stopped / 'checkpoint-3'}" in out.stdout
@@ -141,12 +139,16 @@ def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
     assert [r["status"] for r in read_csv(tmp_path / "s" / "sweep_summary.csv")] == ["ok", "ok"]
     assert json.loads((stopped / "dpo_metrics" / "summary.json").read_text())["steps"] == 6
 
-    other = multirun(tmp_path / "s", *grid, "dataset.max_samples=32")  # another experiment, same dirs
+    other = multirun(
+        tmp_path / "s", *grid, "dataset.max_samples=32", own_process=True
+    )  # another experiment, same dirs
     assert other.returncode == 2 and "dataset.max_samples: 64 -> 32" in other.stderr
     assert "run.allow_changes=true" in other.stderr and not list((tmp_path / "s").glob("*/job_status.json"))
     assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == untouched
 
-    again = multirun(tmp_path / "s", *grid, "run.overwrite=true")  # both replaced, in the same dirs
+    again = multirun(
+        tmp_path / "s", *grid, "run.overwrite=true", own_process=True
+    )  # both replaced, in the same dirs
     assert again.returncode == 0 and "skipped" not in again.stdout, again.stderr[-3000:]
     assert sorted(p for p in (tmp_path / "s").iterdir() if p.is_dir()) == [done, stopped]
     assert [r["status"] for r in read_csv(tmp_path / "s" / "sweep_summary.csv")] == ["ok", "ok"]
@@ -168,7 +170,7 @@ def test_jobs_in_one_process_free_their_models(tmp_path):
 
 def test_jobs_run_through_submitit_local(tmp_path):
     """Each job in a process of its own, as on a cluster; two suffice to show the report gathers them."""
-    out = multirun(tmp_path / "s", "train.beta=0.1,0.2", "hydra/launcher=submitit_local")
+    out = multirun(tmp_path / "s", "train.beta=0.1,0.2", "hydra/launcher=submitit_local", own_process=True)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_csv(tmp_path / "s" / "sweep_summary.csv")
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}

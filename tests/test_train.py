@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run, tiny_overrides
+from conftest import python_m, run, tiny_overrides
 
 from dpo_recipes import ROOT, config, schema
 from dpo_recipes.data import DataError
@@ -118,22 +118,8 @@ def test_a_finished_run_dir_is_never_overwritten(tmp_path):
 
 @pytest.mark.e2e
 def test_cli_writes_a_self_describing_run_dir(tmp_path):
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "cli"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_recipes.train",
-            *tiny_overrides("tiny_lora_dpo"),
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    out = python_m("dpo_recipes.train", *tiny_overrides("tiny_lora_dpo"), f"hydra.run.dir={run_dir}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"run dir: {run_dir}" in out.stdout
     assert "beta: 1.0" in (run_dir / ".hydra" / "config.yaml").read_text()
