@@ -98,12 +98,15 @@ def summarize(name: str, run: dict, shape: dict, passes: int, micro_batch: int, 
     }
 
 
-def run(tiny_shape: bool = False, steps: int = STEPS, accumulation: int = EFFECTIVE_BATCH) -> dict:
+def run(
+    tiny_shape: bool = False, steps: int = STEPS, accumulation: int = EFFECTIVE_BATCH, only: tuple = ()
+) -> dict:
+    """Every variant, or those named in `only`."""
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:  # a 7B model's 15 GB: never left
-        return measure(Path(scratch), tiny_shape, steps, accumulation)
+        return measure(Path(scratch), tiny_shape, steps, accumulation, only)
 
 
-def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int) -> dict:
+def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only: tuple) -> dict:
     shape = tiny.QWEN if tiny_shape else {**tiny.QWEN, **QWEN2_5_7B}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, rows = scratch / "model", scratch / "rows.jsonl"
@@ -125,6 +128,7 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int) -> d
         "make train, as shipped": (ours("shipped", 1), 3, 1),
         "plain TRL script": ([*plain, "--accumulation", str(accumulation)], 3, 1),
         "reference=precomputed": (ours("precomputed", 1, "reference=precomputed"), 2, 1),
+        "train.padding_free=true": (ours("packed", 1, "++train.padding_free=true"), 3, 1),
     }
     skipped = []
     if importlib.util.find_spec("liger_kernel") is not None:
@@ -135,16 +139,21 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int) -> d
         )
     results = []
     for name, (cmd, passes, micro) in variants.items():
+        if only and name not in only:
+            continue
         results.append(
             summarize(name, timed(scratch / name.split()[0], cmd), shape, passes, micro, accumulation)
         )
-    largest = None
-    for micro in (2, 4, 8, 16) if device == "cuda" else ():  # the same effective batch, fewer micro-batches
-        result = timed(scratch / f"mb{micro}", ours(f"mb{micro}", micro))
-        if result is None:
-            break
-        largest = summarize("largest micro-batch that fits", result, shape, 3, micro, accumulation)
-    results += [largest] if largest else []
+    for name, extra in (("", []), (", padding_free", ["++train.padding_free=true"])):
+        largest = None
+        for micro in (
+            (2, 4, 8, 16) if device == "cuda" else ()
+        ):  # the same effective batch, fewer micro-batches
+            result = timed(scratch / f"mb{micro}{name}", ours(f"mb{micro}{name}", micro, *extra))
+            if result is None:
+                break
+            largest = summarize(f"largest micro-batch that fits{name}", result, shape, 3, micro, accumulation)
+        results += [largest] if largest else []
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU, fp32",
         "shape": "tiny Qwen" if tiny_shape else "Qwen2.5-7B",

@@ -1,10 +1,14 @@
-"""Step: the CPU log-prob head (dpo_recipes/trainer.py) against TRL's as shipped.
+"""Step: the CPU log-prob head and padding-free batches (dpo_recipes/trainer.py) against TRL as shipped.
 
-Two measures, each alternating the two heads in fresh processes so that drift hits both alike:
+Each case runs three ways, alternating in fresh processes so that drift hits all alike: TRL 1.16 as
+shipped (its head, padded batches; had by turning ours off: `trainer.cpu_head` made a no-op), the CPU
+head, and the CPU head with `train.padding_free=true`. Per run: median step time, whole-process wall
+time, peak RSS, and the tokens the network processed per optimizer step (padding included; the policy's
+and the reference's passes, counted at the backbone's input).
 - the Qwen smoke line as a user runs it (`qwen7b_lora_dpo +smoke=tiny_qwen train.max_steps=4`: the
-  real 152,064-token vocabulary, real-length UltraFeedback rows), whole-process wall time and median
-  step time, peak RSS; TRL's head is had by turning ours off (`trainer.cpu_head` made a no-op);
-- the tiny Llama default recipe's median step time, the same way.
+  real 152,064-token vocabulary, real-length UltraFeedback rows, micro-batch 1);
+- the tiny Llama on the same 300 real pairs at micro-batch 1 and 4 (LoRA, the reference by disabling
+  the adapter), and on the toy data as the default recipe ships.
 """
 
 import json
@@ -16,9 +20,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 2
+REAL = ["dataset=real_ultrafeedback", "train.max_steps=12", "train.eval_strategy=no", "train.max_length=1024"]
 CASES = {
-    "tiny Qwen smoke, 4 steps": ["recipes=qwen7b_lora_dpo", "+smoke=tiny_qwen", "train.max_steps=4"],
+    "tiny Qwen smoke, 4 steps, micro-batch 1": [
+        "recipes=qwen7b_lora_dpo",
+        "+smoke=tiny_qwen",
+        "train.max_steps=4",
+    ],
+    "tiny Llama, real rows, micro-batch 1": [*REAL, "train.per_device_train_batch_size=1"],
+    "tiny Llama, real rows, micro-batch 4": [*REAL, "train.per_device_train_batch_size=4"],
     "tiny Llama default, 30 steps": ["train.max_steps=30", "train.eval_strategy=no"],
+}
+WAYS = {  # name: (label, overrides)
+    "trl": ("TRL 1.16 as shipped", []),
+    "ours": ("CPU head", []),
+    "packed": ("CPU head + padding_free", ["++train.padding_free=true"]),
 }
 CHILD = """
 import contextlib, json, sys, time
@@ -27,16 +43,28 @@ from dpo_recipes import config, train, trainer
 from dpo_recipes.metrics import peak_rss_mb
 if sys.argv[2] == "trl":
     trainer.cpu_head = contextlib.nullcontext
+tokens = []
+built = trainer.Trainer.__init__
+def counting(self, *args, **kwargs):  # every forward's tokens, at the backbone: after any packing
+    built(self, *args, **kwargs)
+    for model in (self.model, self.ref_model):
+        if model is not None:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.base_model.register_forward_pre_hook(
+                lambda module, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
+            )
+trainer.Trainer.__init__ = counting
 cfg, recipe = config.compose(["train.disable_tqdm=true", *sys.argv[3:]])
 t = train.run(cfg, __import__("pathlib").Path(sys.argv[1]), recipe)
 steps = [e["train_runtime"] for e in t.state.log_history if "train_runtime" in e]
 print(json.dumps({"wall_s": time.perf_counter() - start, "train_s": steps[0],
-                  "step_s": steps[0] / t.state.global_step, "peak_rss_mb": peak_rss_mb()}))
+                  "step_s": steps[0] / t.state.global_step, "peak_rss_mb": peak_rss_mb(),
+                  "tokens_per_step": sum(tokens) / t.state.global_step}))
 """
 
 
-def once(head: str, overrides: list[str], tmp: Path, i: int) -> dict:
-    cmd = [sys.executable, "-c", CHILD, str(tmp / f"{head}-{i}"), head, *overrides]
+def once(way: str, overrides: list[str], tmp: Path, i: int) -> dict:
+    cmd = [sys.executable, "-c", CHILD, str(tmp / f"{way}-{i}"), way, *overrides, *WAYS[way][1]]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -46,33 +74,33 @@ def once(head: str, overrides: list[str], tmp: Path, i: int) -> dict:
 def run(repeats: int = REPEATS) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case, overrides in CASES.items():
-            runs = {"trl": [], "ours": []}
+        for n, (case, overrides) in enumerate(CASES.items()):
+            runs = {way: [] for way in WAYS}
             for i in range(repeats):
-                for head in runs:
-                    runs[head].append(once(head, overrides, Path(tmp) / case.split()[1], i))
-            median = {h: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for h, rs in runs.items()}
-            rows.append(
-                {
-                    "case": case,
-                    **{f"{h}_{k}": round(v, 2) for h, m in median.items() for k, v in m.items()},
-                    "step_ratio": round(median["ours"]["step_s"] / median["trl"]["step_s"], 3),
-                    "wall_ratio": round(median["ours"]["wall_s"] / median["trl"]["wall_s"], 3),
-                }
-            )
+                for way in runs:
+                    runs[way].append(once(way, overrides, Path(tmp) / str(n), i))
+            median = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
+            for way, m in median.items():
+                rows.append(
+                    {
+                        "case": case,
+                        "way": WAYS[way][0],
+                        **{k: round(v, 2) for k, v in m.items()},
+                        "step_ratio": round(m["step_s"] / median["trl"]["step_s"], 3),
+                        "wall_ratio": round(m["wall_s"] / median["trl"]["wall_s"], 3),
+                    }
+                )
     return {"rows": rows, "repeats": repeats}
 
 
 def table(result: dict) -> str:
     lines = [
-        "| case | head | step s | train s | process wall s | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| case | way | step s | x TRL | tokens/step | train s | process wall s | x TRL | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
-        for head, name in (("trl", "TRL 1.16 as shipped"), ("ours", "CPU head")):
-            lines.append(
-                f"| {r['case']} | {name} | {r[f'{head}_step_s']} | {r[f'{head}_train_s']} | "
-                f"{r[f'{head}_wall_s']} | {r[f'{head}_peak_rss_mb']:.0f} |"
-            )
-        lines.append(f"| {r['case']} | ratio (CPU head / TRL) | {r['step_ratio']} | | {r['wall_ratio']} | |")
+        lines.append(
+            f"| {r['case']} | {r['way']} | {r['step_s']} | {r['step_ratio']} | {r['tokens_per_step']:,.0f} | "
+            f"{r['train_s']} | {r['wall_s']} | {r['wall_ratio']} | {r['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(lines) + f"\n\nMedian of {result['repeats']} alternating runs in fresh processes."

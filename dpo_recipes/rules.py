@@ -266,6 +266,22 @@ def lora_targets(v: View) -> list[str]:
     return []
 
 
+# Attention implementations that keep packed sequences apart: transformers derives the mask from the
+# restarting position ids (eager, sdpa, flex) or runs a varlen kernel (flash). None is transformers' default.
+PACKABLE = (None, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def padding_free(v: View) -> list[str]:
+    attention = v.model.get("attn_implementation")
+    if v.train.get("padding_free") and attention not in PACKABLE:
+        return [
+            f"train.padding_free: attention {attention!r} would let packed sequences attend to each "
+            f"other; set model.attn_implementation to one of {', '.join(map(str, PACKABLE[1:]))}, or "
+            "train.padding_free=false"
+        ]
+    return []
+
+
 RULES = {
     "template": template,
     "data_source": data_source,
@@ -278,6 +294,7 @@ RULES = {
     "reference": reference_strategy,
     "local_paths": local_paths,
     "lora_targets": lora_targets,
+    "padding_free": padding_free,
 }
 
 

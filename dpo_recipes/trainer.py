@@ -1,7 +1,8 @@
 """TRL's DPOTrainer with only what it lacks: a faster tokenization path giving the same ids
 (tokenize.py), a stable fingerprint on the tokenized data, so that later runs (a sweep's jobs) find
-it and any precomputed reference log-probs again, with a note of whether they did, and a CPU log-prob
-head that scores only the positions that have a label, in tiles that fit the cache."""
+it and any precomputed reference log-probs again, with a note of whether they did, a CPU log-prob
+head that scores only the positions that have a label, in tiles that fit the cache, and padding-free
+batches (`train.padding_free=true`: each micro-batch's sequences packed into one row)."""
 
 import inspect
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
+import torch
 import trl
 import trl.kernels.chunked_logprob as trl_chunked
 import trl.trainer.utils as trl_utils
@@ -27,6 +29,7 @@ RELIED_ON = [
     (trl_utils, "_use_triton", ["device"]),
     (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None),
     (trl_chunked, "TOKEN_CHUNK_SIZE", None),
+    (trl_utils, "FusedCausalLMOutput", None),  # its fields: PER_TOKEN, read and written by packed()
 ]
 # TRL's fused LM head scores only labelled positions where `trl_utils._use_triton` says so (CUDA); elsewhere
 # it scores every position, prompt and padding too, in 4,096 x 32,768 tiles of ~20 fp32 temporaries each,
@@ -50,6 +53,49 @@ def cpu_head():
         trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_chunked.TOKEN_CHUNK_SIZE = saved
 
 
+# Per-token fields of TRL's FusedCausalLMOutput: (batch, seq_len - 1) in the padded batch.
+PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def packed(fused_forward):
+    """`fused_forward` (TRL's fused LM head) run on a padded batch's real tokens packed into one row: the
+    positions restart at each sequence, from which transformers keeps attention within it (a varlen
+    kernel under flash attention), and each token is scored against the next token of its own sequence.
+    The per-token outputs come back in the padded batch's layout, zero where the padded batch has no
+    label, so TRL's losses and metrics read exactly what they read without packing. Equal to the padded
+    forward of right-padded rows (TRL's collator), where positions also start at 0."""
+
+    def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        other = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        if not fused_lm_head or args or other or attention_mask is None or labels is None:
+            return fused_forward(
+                *args, fused_lm_head=fused_lm_head, input_ids=input_ids, attention_mask=attention_mask,
+                labels=labels, **kwargs,
+            )  # fmt: skip
+        rows, cols = attention_mask.bool().nonzero(as_tuple=True)  # row by row: one sequence after another
+        index = torch.arange(len(rows), device=rows.device)
+        starts = torch.ones_like(rows, dtype=torch.bool)
+        starts[1:] = rows[1:] != rows[:-1]
+        positions = index - torch.cummax(torch.where(starts, index, 0), 0).values
+        ends = starts.roll(-1)  # each sequence's last token: nothing of its own to predict
+        out = fused_forward(
+            input_ids=input_ids[rows, cols][None],
+            position_ids=positions[None],
+            shift_labels=labels[rows, cols].roll(-1).masked_fill(ends, -100)[None],
+            fused_lm_head=True,
+            **kwargs,
+        )
+        keep = cols < labels.size(1) - 1  # a row's last column predicts nothing in the padded batch
+        shape = (labels.size(0), labels.size(1) - 1)
+        for name in PER_TOKEN:
+            value = getattr(out, name)
+            if value is not None:
+                setattr(out, name, value.new_zeros(shape).index_put((rows[keep], cols[keep]), value[0, keep]))
+        return out
+
+    return forward
+
+
 def changed_in_trl() -> list[str]:
     return [
         f"{owner.__name__}.{name}"
@@ -67,10 +113,27 @@ class Trainer(DPOTrainer):
         if self.trl_changed:
             print(
                 f"warning: TRL {trl.__version__} changed {', '.join(sorted(self.trl_changed))}; "
-                "its own data preparation runs instead of the faster path (same results, slower)",
+                "its own data preparation, log-prob head and padded batches run instead of the faster "
+                "paths (same results, slower)",
                 file=sys.stderr,
             )
+        config = kwargs["args"]
+        # TRL turns its own padding_free off for DPO, with a warning; packing here does what it names.
+        packing, config.padding_free = config.padding_free and not self.trl_changed, False
         super().__init__(*args, **kwargs)
+        self.packing = packing
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if packing and not str(attention).startswith("flash_attention"):
+            print(
+                f"note: train.padding_free under {attention} attention: a packed row's mask covers all of "
+                "its tokens, so attention costs more than padding saves (README, padding-free batches); "
+                "flash_attention_2/3 attend within each sequence",
+                file=sys.stderr,
+            )
+        for model in (self.model, self.ref_model) if packing else ():
+            if model is not None:
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                base.forward = packed(base.forward)
 
     def _head(self):
         """The CPU head while on CPU; TRL's own head elsewhere (on CUDA it already scores only labels)."""

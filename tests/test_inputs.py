@@ -65,6 +65,10 @@ CASES = {
     "reference": (dict(reference={"strategy": "path"}), "reference.path: reference=path needs"),
     "local_paths": (dict(dataset={"path": "./no/such.jsonl"}), "dataset.path: ./no/such.jsonl is neither"),
     "lora_targets": (dict(model={"use_peft": True, "lora_target_modules": ["lm_head"]}), "lm_head: TRL's"),
+    "padding_free": (
+        dict(train={"padding_free": True}, model={"attn_implementation": "paged|sdpa"}),
+        "train.padding_free: attention 'paged|sdpa' would let packed sequences attend",
+    ),
     "deepspeed": (dict(hardware={"engine": "deepspeed"}, choices={"hardware": "zero3"}), "needs DeepSpeed"),
     "gpu": (dict(train={"bf16": True}), "add the override hardware=cpu"),
     "processes": (dict(hardware={"engine": "ddp"}, choices={"hardware": "ddp"}), "HARDWARE=ddp NPROC="),

@@ -174,3 +174,37 @@ def test_cdpo_weights_that_do_not_match_its_label_smoothing_are_refused():
     cfg, _ = config.compose(["loss=cdpo", "train.label_smoothing=0.2", "train.loss_weights=[-0.8,1.8]"])
     with pytest.raises(config.ConfigError, match=r"not cDPO at label_smoothing 0.2 .*leave loss_weights out"):
         config.check(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", LOSSES)
+def test_padding_free_gives_each_losss_first_step(option, shared, monkeypatch):
+    """One micro-batch through TRL's own loss code, padded and packed (trainer.packed on the policy and
+    the reference): the loss, every metric TRL records and every gradient within 1e-5 (relative)."""
+    from dpo_recipes.trainer import packed
+
+    trainer = trainer_for(option, shared)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    def step() -> tuple:
+        trainer._metrics["train"].clear()
+        trainer.model.zero_grad()
+        with trainer._head():
+            loss = trainer.compute_loss(trainer.model, batch)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads
+
+    padded = step()
+    for model in (trainer.model, trainer.ref_model):
+        monkeypatch.setattr(model, "forward", packed(model.forward))
+    ours = step()
+    assert ours[0] == pytest.approx(padded[0], rel=1e-5, abs=1e-6)
+    assert set(ours[1]) == set(padded[1]) and ours[1]
+    for key, value in padded[1].items():
+        if key == "num_tokens":  # a running count, read from the attention mask before any forward
+            continue
+        assert ours[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for name, grad in padded[2].items():
+        assert (ours[2][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-9, name
