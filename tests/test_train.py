@@ -270,7 +270,7 @@ def test_a_change_in_trls_private_names_falls_back_to_trls_own_path(tmp_path, mo
     assert overrides.changed_in_trl() == changed
     trainer, _ = run(tmp_path, tiny_overrides("tiny_lora_dpo"))
     assert trainer.state.global_step == 2 and trainer.tokenize_log == {}
-    assert capsys.readouterr().err.count("its own data preparation runs instead") == 1
+    assert capsys.readouterr().err.count("run instead of the faster paths (same results, slower)") == 1
 
 
 def test_a_tokenizer_without_a_chat_template_takes_one_by_name(tmp_path):
