@@ -193,6 +193,22 @@ def test_a_template_ending_turns_with_another_token_than_eos_makes_it_eos(tmp_pa
     )  # samples, export
 
 
+@pytest.mark.slow
+def test_a_full_run_and_its_export_stop_at_the_eos_the_template_set(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny.path(), base)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": "<|endoftext|>"}))
+    end, own = AutoTokenizer.from_pretrained(base).convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    GenerationConfig(eos_token_id=own).save_pretrained(base)  # a base model that stops at <|endoftext|>
+    run(tmp_path, tiny_overrides("tiny_full_dpo", f"model.model_name_or_path={base}"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "run").eos_token == "<|im_end|>"
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    for folder in ("run", "export"):
+        saved = GenerationConfig.from_pretrained(tmp_path / folder).eos_token_id
+        assert end in (saved if isinstance(saved, list) else [saved]), folder
+
+
 def test_plain_text_rows_stay_plain_text_and_mixed_styles_are_refused(tmp_path):
     plain = write_jsonl(
         tmp_path / "plain.jsonl", [{"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}] * 2
