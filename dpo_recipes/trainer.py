@@ -117,9 +117,10 @@ class Trainer(DPOTrainer):
                 "paths (same results, slower)",
                 file=sys.stderr,
             )
-        config = kwargs["args"]
-        # TRL turns its own padding_free off for DPO, with a warning; packing here does what it names.
-        packing, config.padding_free = config.padding_free and not self.trl_changed, False
+        config = kwargs.get("args")  # the project passes it by name
+        packing = bool(getattr(config, "padding_free", False)) and not self.trl_changed
+        if packing:  # TRL turns its own padding_free off for DPO, with a warning; packing here does it
+            config.padding_free = False
         super().__init__(*args, **kwargs)
         self.packing = packing
         attention = getattr(self.model.config, "_attn_implementation", None)
