@@ -26,7 +26,10 @@ BENCHMARKS = {
     "sweep": ("Sweep jobs reuse the first job's tokenization", sweep),
     "jobs": ("Sweep jobs side by side (joblib) vs one after the other", jobs),
     "gpu": ("GPU: `qwen7b_lora_dpo` at Qwen2.5-7B's shape vs a plain TRL script (`make bench-gpu`)", gpu),
-    "step": ("Step: the CPU log-prob head and padding-free batches vs TRL as shipped", step),
+    "step": (
+        "Step: the CPU log-prob head, padding-free batches and the shared prompt vs TRL as shipped",
+        step,
+    ),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
 }
 # Run only when named: `make bench-gpu` is `python -m benchmarks gpu`; the spread takes about 40 minutes.

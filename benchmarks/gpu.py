@@ -98,6 +98,9 @@ def summarize(name: str, run: dict, shape: dict, passes: int, micro_batch: int, 
     }
 
 
+BOTH = ("++train.padding_free=true", "++train.share_prompt=true")
+
+
 def run(
     tiny_shape: bool = False, steps: int = STEPS, accumulation: int = EFFECTIVE_BATCH, only: tuple = ()
 ) -> dict:
@@ -129,6 +132,8 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
         "plain TRL script": ([*plain, "--accumulation", str(accumulation)], 3, 1),
         "reference=precomputed": (ours("precomputed", 1, "reference=precomputed"), 2, 1),
         "train.padding_free=true": (ours("packed", 1, "++train.padding_free=true"), 3, 1),
+        "train.share_prompt=true": (ours("shared", 1, "++train.share_prompt=true"), 3, 1),
+        "padding_free + share_prompt": (ours("both", 1, *BOTH), 3, 1),
     }
     skipped = []
     if importlib.util.find_spec("liger_kernel") is not None:
@@ -144,7 +149,7 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
         results.append(
             summarize(name, timed(scratch / name.split()[0], cmd), shape, passes, micro, accumulation)
         )
-    for name, extra in (("", []), (", padding_free", ["++train.padding_free=true"])):
+    for name, extra in (("", []), (", padding_free", ["++train.padding_free=true"]), (", both", BOTH)):
         largest = None
         for micro in (
             (2, 4, 8, 16) if device == "cuda" else ()

@@ -1,8 +1,9 @@
-"""Step: the CPU log-prob head and padding-free batches (dpo_recipes/trainer.py) against TRL as shipped.
+"""Step: the CPU log-prob head, padding-free batches and the shared prompt (dpo_recipes/trainer.py)
+against TRL as shipped.
 
-Each case runs three ways, alternating in fresh processes so that drift hits all alike: TRL 1.16 as
+Each case runs five ways, alternating in fresh processes so that drift hits all alike: TRL 1.16 as
 shipped (its head, padded batches; had by turning ours off: `trainer.cpu_head` made a no-op), the CPU
-head, and the CPU head with `train.padding_free=true`. Per run: median step time, whole-process wall
+head, and the CPU head with `train.padding_free=true`, `train.share_prompt=true` and both. Per run: median step time, whole-process wall
 time, peak RSS, and the tokens the network processed per optimizer step (padding included; the policy's
 and the reference's passes, counted at the backbone's input).
 - the Qwen smoke line as a user runs it (`qwen7b_lora_dpo +smoke=tiny_qwen train.max_steps=4`: the
@@ -35,6 +36,8 @@ WAYS = {  # name: (label, overrides)
     "trl": ("TRL 1.16 as shipped", []),
     "ours": ("CPU head", []),
     "packed": ("CPU head + padding_free", ["++train.padding_free=true"]),
+    "shared": ("CPU head + share_prompt", ["++train.share_prompt=true"]),
+    "both": ("CPU head + both", ["++train.padding_free=true", "++train.share_prompt=true"]),
 }
 CHILD = """
 import contextlib, json, sys, time

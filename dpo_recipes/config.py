@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftConfig
 from transformers import BitsAndBytesConfig
-from trl import DPOConfig, get_peft_config, get_quantization_config
+from trl import get_peft_config, get_quantization_config
 
 from dpo_recipes import reference, rules
 from dpo_recipes.schema import (
@@ -26,6 +26,7 @@ from dpo_recipes.schema import (
     ModelArgs,
     ReferenceSchema,
     RunSchema,
+    TrainArgs,
     plain_keys,
 )
 
@@ -42,7 +43,7 @@ class ConfigError(ValueError):
 class Built:
     """Everything a run needs, read from the composed config once; nothing after build() reads that."""
 
-    args: DPOConfig
+    args: TrainArgs  # a DPOConfig
     model: ModelArgs
     peft: PeftConfig | None
     quantization: BitsAndBytesConfig | None
@@ -93,7 +94,7 @@ def build(cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, machi
         **(train.get("model_init_kwargs") or {}),
     }
     try:
-        args = DPOConfig(output_dir=str(output_dir), **train)  # raises on bf16 without a GPU
+        args = TrainArgs(output_dir=str(output_dir), **train)  # raises on bf16 without a GPU
     except (ValueError, TypeError) as err:
         raise ConfigError([f"train: {err}"]) from err
     return Built(

@@ -16,7 +16,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from trl import DPOConfig
 
 from data_prep.convert import Messages
 from dpo_recipes import hub, reference, secrets
@@ -30,6 +29,7 @@ from dpo_recipes.schema import (
     ReferenceSchema,
     RunSchema,
     SourceSchema,
+    TrainArgs,
     cdpo_weights,
     chat_template,
     fits,
@@ -282,6 +282,22 @@ def padding_free(v: View) -> list[str]:
     return []
 
 
+# A shared-prompt sequence needs a 4D mask (its rejected answer sees the prompt, not the chosen answer):
+# eager and sdpa attention take one as given; flash kernels cannot, flex attention wants a block mask.
+SHAREABLE = (None, "sdpa", "eager")
+
+
+def share_prompt(v: View) -> list[str]:
+    attention = v.model.get("attn_implementation")
+    if v.train.get("share_prompt") and attention not in SHAREABLE:
+        return [
+            f"train.share_prompt: attention {attention!r} cannot take the mask that keeps a pair's "
+            "rejected answer from its chosen one; set model.attn_implementation=sdpa (or eager), or "
+            "train.share_prompt=false"
+        ]
+    return []
+
+
 RULES = {
     "template": template,
     "data_source": data_source,
@@ -295,6 +311,7 @@ RULES = {
     "local_paths": local_paths,
     "lora_targets": lora_targets,
     "padding_free": padding_free,
+    "share_prompt": share_prompt,
 }
 
 
@@ -349,7 +366,7 @@ MACHINE = {"deepspeed": deepspeed, "gpu": gpu, "processes": processes, "wandb_lo
 def problems(v: View, machine: bool = True) -> list[str]:
     """The generic pass, then every rule. A rule may trip over a value the generic pass already refused;
     then that refusal stands for it."""
-    found = fits("train", v.train, DPOConfig) + fits("model", v.model, ModelArgs)
+    found = fits("train", v.train, TrainArgs) + fits("model", v.model, ModelArgs)
     found += [p for name, cls in OURS.items() for p in fits(name, v.nodes[name], cls)]
     for rule in [*RULES.values(), *(MACHINE.values() if machine else ())]:
         try:

@@ -1,7 +1,7 @@
 """What a composed config may hold: our nodes' dataclasses, the Hydra glue (the ConfigStore schema, the
 resolvers, the `++` rewrite) and the generic pass that reads any node against its dataclass.
 
-`train:` keys are `trl.DPOConfig` fields and `model:` keys are `trl.ModelConfig` fields: both are read
+`train:` keys are `trl.DPOConfig` fields (and `share_prompt`) and `model:` keys are `trl.ModelConfig` fields: both are read
 against TRL's dataclasses themselves, so nothing here lists TRL's fields by hand. Our own nodes are typed
 below and read the same way, rather than by Hydra at compose time, which stops at the first error.
 """
@@ -42,6 +42,19 @@ class ModelArgs(ModelConfig):
         default=None,
         metadata={
             "help": "for a tokenizer without one: a template in assets/chat_templates/ or a .jinja file"
+        },
+    )
+
+
+@dataclass
+class TrainArgs(DPOConfig):
+    """trl.DPOConfig and the one training key TRL lacks (the Trainer reads it)."""
+
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "each pair as one sequence, prompt + chosen + rejected: the prompt computed once "
+            "(eager or sdpa attention)"
         },
     )
 

@@ -1,8 +1,9 @@
 """TRL's DPOTrainer with only what it lacks: a faster tokenization path giving the same ids
 (tokenize.py), a stable fingerprint on the tokenized data, so that later runs (a sweep's jobs) find
 it and any precomputed reference log-probs again, with a note of whether they did, a CPU log-prob
-head that scores only the positions that have a label, in tiles that fit the cache, and padding-free
-batches (`train.padding_free=true`: each micro-batch's sequences packed into one row)."""
+head that scores only the positions that have a label, in tiles that fit the cache, padding-free
+batches (`train.padding_free=true`: each micro-batch's sequences packed into one row) and each pair's
+prompt computed once (`train.share_prompt=true`)."""
 
 import inspect
 import os
@@ -57,40 +58,77 @@ def cpu_head():
 PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
-def packed(fused_forward):
-    """`fused_forward` (TRL's fused LM head) run on a padded batch's real tokens packed into one row: the
-    positions restart at each sequence, from which transformers keeps attention within it (a varlen
-    kernel under flash attention), and each token is scored against the next token of its own sequence.
-    The per-token outputs come back in the padded batch's layout, zero where the padded batch has no
-    label, so TRL's losses and metrics read exactly what they read without packing. Equal to the padded
-    forward of right-padded rows (TRL's collator), where positions also start at 0."""
+def packed(fused_forward, *, share: bool = False, one_row: bool = True):
+    """`fused_forward` (TRL's fused LM head) run on a padded batch's real tokens laid out afresh, each token
+    scored against the next token of its own row, the per-token outputs put back in the padded batch's
+    layout (zero where it has no label), so TRL's losses and metrics read exactly what they read without.
+
+    `one_row`: all sequences packed into one row, positions restarting at each, from which transformers
+    keeps attention within a sequence (a varlen kernel under flash attention).
+    `share`: each pair (TRL's batch: B chosen rows, then B rejected rows) as one sequence, the prompt they
+    share, then the chosen answer, then the rejected one from the prompt's last token on, its positions
+    continuing the prompt's and a 4D mask keeping it from the chosen answer; pairs padded to one length,
+    or side by side in one row with `one_row`. A prompt the two rows do not share (truncated from the
+    left) shares as many tokens as agree. Positions are the padded columns: TRL pads on the right."""
 
     def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
         other = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        if not fused_lm_head or args or other or attention_mask is None or labels is None:
+        if (
+            not fused_lm_head
+            or args
+            or other
+            or attention_mask is None
+            or labels is None
+            or (share and len(labels) % 2)
+        ):
             return fused_forward(
                 *args, fused_lm_head=fused_lm_head, input_ids=input_ids, attention_mask=attention_mask,
                 labels=labels, **kwargs,
             )  # fmt: skip
-        rows, cols = attention_mask.bool().nonzero(as_tuple=True)  # row by row: one sequence after another
+        real = attention_mask.bool()
+        after = torch.nn.functional.pad(labels.masked_fill(~real, -100), (0, 1), value=-100)[:, 1:]
+        n = len(labels) // 2 if share else len(labels)  # sequences: pairs, or rows
+        keep, skip = real, labels.new_zeros(n)  # skip: a rejected row's leading tokens read in the chosen row
+        if share:
+            prompt = real & (labels == -100)
+            same = (input_ids[:n] == input_ids[n:]) & prompt[:n] & prompt[n:]
+            skip = (same.long().cumprod(1).sum(1) - 1).clamp(min=0)  # all shared but the last, read once
+            keep = real.clone()
+            keep[n:] &= torch.arange(real.size(1), device=real.device) >= skip[:, None]
+        rows, cols = keep.nonzero(as_tuple=True)
+        seq, branch = rows % n, rows // n  # branch: 0 the chosen row (or any row), 1 the rejected row
+        order = torch.argsort(seq * 2 + branch, stable=True)  # sequence by sequence, columns in order
+        rows, cols, seq, branch = rows[order], cols[order], seq[order], branch[order]
         index = torch.arange(len(rows), device=rows.device)
-        starts = torch.ones_like(rows, dtype=torch.bool)
-        starts[1:] = rows[1:] != rows[:-1]
-        positions = index - torch.cummax(torch.where(starts, index, 0), 0).values
-        ends = starts.roll(-1)  # each sequence's last token: nothing of its own to predict
-        out = fused_forward(
-            input_ids=input_ids[rows, cols][None],
-            position_ids=positions[None],
-            shift_labels=labels[rows, cols].roll(-1).masked_fill(ends, -100)[None],
-            fused_lm_head=True,
-            **kwargs,
-        )
-        keep = cols < labels.size(1) - 1  # a row's last column predicts nothing in the padded batch
-        shape = (labels.size(0), labels.size(1) - 1)
+        count = torch.bincount(seq, minlength=n)
+        at = (torch.zeros_like(index), index) if one_row else (seq, index - (count.cumsum(0) - count)[seq])
+        shape = (1, len(rows)) if one_row else (n, int(count.max()))
+
+        def laid(values, fill):
+            return values.new_full(shape, fill).index_put(at, values)
+
+        shared = (branch == 0) & (cols < skip[seq])
+        inputs = {"input_ids": laid(input_ids[rows, cols], 0), "shift_labels": laid(after[rows, cols], -100)}
+        inputs["position_ids"] = laid(cols, 0)
+        if share:  # query i sees key j of its sequence at or before its column, in its branch or shared;
+            # a padding slot sees padding slots (never no key: sdpa would give NaN)
+            s, c, b, h = laid(seq, -1), laid(cols, 0), laid(branch, 0), laid(shared, False)
+            mask = (s[:, :, None] == s[:, None]) & (c[:, None] <= c[:, :, None])
+            mask &= (b[:, None] == b[:, :, None]) | h[:, None]
+            if fused_forward.__self__.config._attn_implementation == "eager":  # eager adds the mask
+                mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+            inputs["attention_mask"] = mask[:, None].to(input_ids.device)
+        out = fused_forward(**inputs, fused_lm_head=True, **kwargs)
+        src = torch.cat([index, index[shared]])  # a shared token's values, the rejected row's too
+        rows, cols = torch.cat([rows, rows[shared] + n]), torch.cat([cols, cols[shared]])
+        kept = cols < labels.size(1) - 1  # a row's last column predicts nothing in the padded batch
         for name in PER_TOKEN:
             value = getattr(out, name)
             if value is not None:
-                setattr(out, name, value.new_zeros(shape).index_put((rows[keep], cols[keep]), value[0, keep]))
+                flat = value[at][src[kept]]
+                setattr(
+                    out, name, value.new_zeros(after[:, :-1].shape).index_put((rows[kept], cols[kept]), flat)
+                )
         return out
 
     return forward
@@ -131,10 +169,11 @@ class Trainer(DPOTrainer):
                 "flash_attention_2/3 attend within each sequence",
                 file=sys.stderr,
             )
-        for model in (self.model, self.ref_model) if packing else ():
+        self.share_prompt = bool(getattr(config, "share_prompt", False)) and not self.trl_changed
+        for model in (self.model, self.ref_model) if packing or self.share_prompt else ():
             if model is not None:
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
-                base.forward = packed(base.forward)
+                base.forward = packed(base.forward, share=self.share_prompt, one_row=packing)
 
     def _head(self):
         """The CPU head while on CPU; TRL's own head elsewhere (on CUDA it already scores only labels)."""

@@ -69,6 +69,10 @@ CASES = {
         dict(train={"padding_free": True}, model={"attn_implementation": "paged|sdpa"}),
         "train.padding_free: attention 'paged|sdpa' would let packed sequences attend",
     ),
+    "share_prompt": (
+        dict(train={"share_prompt": True}, model={"attn_implementation": "flash_attention_2"}),
+        "train.share_prompt: attention 'flash_attention_2' cannot take the mask",
+    ),
     "deepspeed": (dict(hardware={"engine": "deepspeed"}, choices={"hardware": "zero3"}), "needs DeepSpeed"),
     "gpu": (dict(train={"bf16": True}), "add the override hardware=cpu"),
     "processes": (dict(hardware={"engine": "ddp"}, choices={"hardware": "ddp"}), "HARDWARE=ddp NPROC="),

@@ -178,9 +178,12 @@ def test_cdpo_weights_that_do_not_match_its_label_smoothing_are_refused():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option", LOSSES)
-def test_padding_free_gives_each_losss_first_step(option, shared, monkeypatch):
-    """One micro-batch through TRL's own loss code, padded and packed (trainer.packed on the policy and
-    the reference): the loss, every metric TRL records and every gradient within 1e-5 (relative)."""
+def test_each_layout_gives_each_losss_first_step(option, shared, monkeypatch):
+    """One micro-batch through TRL's own loss code, padded and in each layout of trainer.packed (on the
+    policy and the reference: padding-free, the prompt shared, both): the loss, every metric TRL records
+    and every gradient within 1e-5 (relative)."""
+    from test_packing import LAYOUTS
+
     from dpo_recipes.trainer import packed
 
     trainer = trainer_for(option, shared)
@@ -197,14 +200,16 @@ def test_padding_free_gives_each_losss_first_step(option, shared, monkeypatch):
         return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads
 
     padded = step()
-    for model in (trainer.model, trainer.ref_model):
-        monkeypatch.setattr(model, "forward", packed(model.forward))
-    ours = step()
-    assert ours[0] == pytest.approx(padded[0], rel=1e-5, abs=1e-6)
-    assert set(ours[1]) == set(padded[1]) and ours[1]
-    for key, value in padded[1].items():
-        if key == "num_tokens":  # a running count, read from the attention mask before any forward
-            continue
-        assert ours[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    for name, grad in padded[2].items():
-        assert (ours[2][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-9, name
+    forwards = {model: model.forward for model in (trainer.model, trainer.ref_model)}
+    for layout, how in LAYOUTS.items():
+        for model, forward in forwards.items():
+            monkeypatch.setattr(model, "forward", packed(forward, **how))
+        ours = step()
+        assert ours[0] == pytest.approx(padded[0], rel=1e-5, abs=1e-6), layout
+        assert set(ours[1]) == set(padded[1]) and ours[1]
+        for key, value in padded[1].items():
+            if key == "num_tokens":  # a running count, read from the attention mask before any forward
+                continue
+            assert ours[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (layout, key)
+        for name, grad in padded[2].items():
+            assert (ours[2][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-9, (layout, name)

@@ -14,18 +14,23 @@ pytestmark = pytest.mark.slow
 
 
 def edge_batch(vocab: int) -> dict:
-    """Right-padded rows as TRL's collator writes them: (prompt, answer) lengths with an answer of one
-    token, a row at the full length, a pair sharing its answer's first tokens, and a row with no label."""
-    lengths = [(5, 1), (3, 20), (9, 31), (12, 8), (12, 8), (4, 0)]
-    width = max(p + a for p, a in lengths)
+    """Pairs right-padded as TRL's collator writes them (B chosen rows, then B rejected rows), as
+    (prompt, chosen, rejected) lengths: a one-token answer, answers sharing their first 4 tokens, a row at
+    the full length beside one with no label, and two pairs whose prompts differ as a left truncation
+    leaves them, from the first token and from the fourth."""
+    lengths = [(5, 1, 20), (12, 8, 8), (9, 31, 0), (6, 3, 5), (7, 4, 2)]
+    width, pairs = max(p + max(c, r) for p, c, r in lengths), len(lengths)
     generator = torch.Generator().manual_seed(2)
-    ids = torch.randint(vocab, (len(lengths), width), generator=generator)
-    ids[4, :16] = ids[3, :16]  # rows 3 and 4: the same prompt and the first 4 answer tokens
+    ids = torch.randint(vocab, (2 * pairs, width), generator=generator)
+    ids[pairs : pairs + 3, :9] = ids[:3, :9]  # the prompts (at most 9 tokens long among the first three)
+    ids[pairs + 1, :16] = ids[1, :16]  # pair 1: the prompt and the first 4 answer tokens
+    ids[2 * pairs - 1, :3] = ids[pairs - 1, :3]  # pair 4: the first 3 prompt tokens; pair 3: none
     attention = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for row, (prompt, answer) in enumerate(lengths):
-        attention[row, : prompt + answer] = 1
-        labels[row, prompt : prompt + answer] = ids[row, prompt : prompt + answer]
+    for pair, (prompt, *answers) in enumerate(lengths):
+        for row, answer in zip((pair, pair + pairs), answers, strict=True):
+            attention[row, : prompt + answer] = 1
+            labels[row, prompt : prompt + answer] = ids[row, prompt : prompt + answer]
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
@@ -54,20 +59,26 @@ def qwen2(lora: bool):
     return net
 
 
+LAYOUTS = {"padding_free": {}, "share_prompt": {"share": True, "one_row": False}, "both": {"share": True}}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_a_packed_row_gives_the_padded_batchs_values_and_gradients(family, attention, lora, monkeypatch):
+def test_each_layout_gives_the_padded_batchs_values_and_gradients(
+    family, attention, lora, layout, monkeypatch
+):
     net = model(tied=False, lora=lora) if family == "llama" else qwen2(lora)
     net.config._attn_implementation = attention
     inputs = edge_batch(net.config.vocab_size)
     padded, padded_grads = scored(net, inputs)
     base = net.get_base_model() if lora else net
-    monkeypatch.setattr(base, "forward", trainer.packed(base.forward))
+    monkeypatch.setattr(base, "forward", trainer.packed(base.forward, **LAYOUTS[layout]))
     ours, our_grads = scored(net, inputs)
     for name in (*OUTPUTS, "label_mask"):
         a, b = getattr(ours, name), getattr(padded, name)
-        assert a.shape == b.shape == (6, inputs["input_ids"].size(1) - 1), name
+        assert a.shape == b.shape == (10, inputs["input_ids"].size(1) - 1), name
         if a.dtype == torch.bool:
             assert torch.equal(a, b), name
         else:
@@ -104,45 +115,61 @@ def real(tmp_path_factory):
     )
 
 
-def test_every_real_batch_gives_trls_per_sequence_log_probs_for_policy_and_reference(real, monkeypatch):
+def test_every_real_batch_gives_trls_per_sequence_log_probs_in_each_layout(real, monkeypatch):
+    """The policy's; the reference (a copy, the same weights) goes through the same forward, and the runs
+    below compare what the Trainer wraps: policy and reference."""
+
     def logps() -> list:
         with torch.no_grad(), real._head():
-            return [real.compute_ref_log_probs(m, b) for b in real.get_train_dataloader() for m in models]
+            return [real.compute_ref_log_probs(real.model, b) for b in real.get_train_dataloader()]
 
-    models = (real.model, real.ref_model)
+    forward = real.model.forward
     padded = logps()
-    for m in models:
-        monkeypatch.setattr(m, "forward", trainer.packed(m.forward))
-    for ours, theirs in zip(logps(), padded, strict=True):
-        for a, b in zip(ours, theirs, strict=True):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    for layout, how in LAYOUTS.items():
+        monkeypatch.setattr(real.model, "forward", trainer.packed(forward, **how))
+        for ours, theirs in zip(logps(), padded, strict=True):
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (layout, (a - b).abs().max())
     assert sum(len(chosen) for chosen, _ in padded) == 2 * len(real.train_dataset) > 150  # each row, twice
 
 
-@pytest.mark.parametrize("reference", ["auto", "precomputed"])
-def test_a_padding_free_run_logs_the_padded_runs_numbers(reference, tmp_path):
+# The layouts each run-level comparison trains in: padding-free and both with the adapter-off reference,
+# the prompt shared alone with a precomputed one.
+RUNS = {"auto": ("padding_free", "both"), "precomputed": ("share_prompt",)}
+FLAGS = {"padding_free": ["++train.padding_free=true"], "share_prompt": ["++train.share_prompt=true"]}
+FLAGS["both"] = FLAGS["padding_free"] + FLAGS["share_prompt"]
+
+
+@pytest.mark.parametrize("reference", RUNS)
+def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
     """The first step's every logged number within 1e-5, then the loss and grad-norm trajectories within
     1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr
     5e-4 (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
-    precomputed reference (packed the same way) for 2 steps on the real data. The reference copy of
+    precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-5: the first
+    step's gradient norm is 397, and Adam's first update moves each weight by about lr times the sign of
+    its gradient, so at 5e-4 the signs of near-zero gradients, decided by rounding, move the second
+    step's grad norm by 4.2e-4 (relative, measured; the first step agreed within 1e-5). The reference copy of
     full fine-tuning is the real-batch test's."""
-    steps, data = (20, "dataset=toy") if reference == "auto" else (2, "dataset=real_ultrafeedback")
+    steps, data, lr = (20, "toy", 5e-4) if reference == "auto" else (2, "real_ultrafeedback", 5e-5)
     overrides = tiny_overrides(
-        "tiny_lora_dpo", data, f"reference={reference}", f"++train.max_steps={steps}",
-        f"++train.eval_steps={steps}", "train.learning_rate=5e-4",
+        "tiny_lora_dpo", f"dataset={data}", f"reference={reference}", f"++train.max_steps={steps}",
+        f"++train.eval_steps={steps}", f"train.learning_rate={lr}",
     )  # fmt: skip
     padded, _ = run(tmp_path / "padded", overrides)
-    ours, _ = run(tmp_path / "packed", [*overrides, "++train.padding_free=true"])
-    assert ours.packing and not padded.packing
-    history, expected = ours.state.log_history, padded.state.log_history
-    assert len(history) == len(expected) and sum("loss" in e for e in expected) == steps
+    assert not padded.packing and not padded.share_prompt
+    expected = padded.state.log_history
+    assert sum("loss" in e for e in expected) == steps
     first = {k: v for k, v in expected[0].items() if isinstance(v, float)}
     if reference == "precomputed":  # the policy equals the reference only up to rounding here, so the
         # first step's rewards are ties decided by it; its grad norm (270, long real rows) is 2e-5 apart
         first = {k: v for k, v in first.items() if k == "loss"}
-    assert first and set(history[0]) == set(expected[0])
-    for k, v in first.items():
-        assert history[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
-    for key in ("loss", "grad_norm"):
-        got, want = ([e[key] for e in h if key in e] for h in (history, expected))
-        assert got == pytest.approx(want, rel=1e-4), key
+    for layout in RUNS[reference]:
+        ours, _ = run(tmp_path / layout, [*overrides, *FLAGS[layout]])
+        assert (ours.packing, ours.share_prompt) == (layout != "share_prompt", layout != "padding_free")
+        history = ours.state.log_history
+        assert len(history) == len(expected) and first and set(history[0]) == set(expected[0])
+        for k, v in first.items():
+            assert history[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (layout, k)
+        for key in ("loss", "grad_norm"):
+            got, want = ([e[key] for e in h if key in e] for h in (history, expected))
+            assert got == pytest.approx(want, rel=1e-4), (layout, key)
