@@ -32,7 +32,7 @@ export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
 IN ?=
 OUT ?=
-.PHONY: help setup train sweep sweep-report samples export validate prep test test-fast test-slow test-e2e bench bench-gpu lint format clean
+.PHONY: help setup train sweep sweep-report samples eval export validate prep test test-fast test-slow test-e2e bench bench-gpu lint format clean
 
 help: ## List every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jo
 samples: setup ## Answers of the reference and the trained policy to N held-out prompts of RUN (a run dir), side by side; ARGS="--temperature 0.7"
 	@test -n "$(RUN)" || { echo 'usage: make samples RUN=outputs/<recipe>/<time> [N=16]'; exit 2; }
 	$(PY) -m dpo_recipes.samples '$(RUN)' --n $(N) $(ARGV)
+
+eval: setup ## Did DPO make the answers better? RUN's policy vs its reference and vs the data's chosen answers on N (default 64) held-out prompts, by the run's judge: win rates with 95% intervals; ARGS="--judge PATH"
+	@test -n "$(RUN)" || { echo 'usage: make eval RUN=outputs/<recipe>/<time> [N=64] [ARGS="--judge PATH"]'; exit 2; }
+	$(PY) -m dpo_recipes.evaluate '$(RUN)' --n $(if $(filter command line environment,$(origin N)),$(N),64) $(ARGV)
 
 export: setup ## RUN (a run dir) as a standalone model in <RUN>/export: LoRA merged, with a model card; ARGS="--push-to-hub user/name"
 	@test -n "$(RUN)" || { echo 'usage: make export RUN=outputs/<recipe>/<time> [ARGS="--out DIR"]'; exit 2; }

@@ -18,6 +18,10 @@ VERBS = {
     "validate": ("dpo_recipes.validate", "compose a recipe and build TRL's objects; no weights load"),
     "prep": ("data_prep", "convert FORMAT IN OUT to TRL's prompt/chosen/rejected form"),
     "samples": ("dpo_recipes.samples", "the reference's and the policy's answers of a run side by side"),
+    "eval": (
+        "dpo_recipes.evaluate",
+        "judge a run's answers against its reference's: win rates with intervals",
+    ),
     "export": ("dpo_recipes.export", "a run as a standalone model (LoRA merged) with a model card"),
     "sweep-report": ("dpo_recipes.sweep", "rebuild the report of a sweep's dir"),
 }

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from data_prep.io import atomic_path
-from dpo_recipes import data, hub, models, trained
+from dpo_recipes import data, hub, judge, models, trained
 
 # What a run or checkpoint folder holds besides the model and its tokenizer.
 TRAINING_FILES = [
@@ -82,6 +82,13 @@ def card(run: trained.Run, how: str) -> str:
             lines.append(
                 f"| {name} | {final[name]:.4g} | " + (f"{top['value']:.4g} ({top['step']}) |" if top else "|")
             )
+    if "eval" in summary:  # make eval: the answers judged against the reference's
+        lines += [
+            "",
+            "## Judged answers (`make eval`)",
+            "",
+            *(f"- {line}" for line in judge.lines(summary["eval"])),
+        ]
     lines += ["", "![training curves](training_curves.png)", "", "## Reproduce", "", "```", command, "```"]
     return "\n".join(lines) + "\n"
 

@@ -24,6 +24,7 @@ from dpo_recipes.schema import (
     OURS,
     DatasetSchema,
     HardwareSchema,
+    JudgeSchema,
     LoggerSchema,
     ModelArgs,
     ReferenceSchema,
@@ -46,6 +47,7 @@ class View:
     dataset: DatasetSchema  # ours, typed (keys the generic pass refuses left out)
     hardware: HardwareSchema
     reference: ReferenceSchema
+    judge: JudgeSchema
     run: RunSchema
     logger: LoggerSchema
     choices: dict  # the option each group took, for messages: {"hardware": "zero3", ...}
@@ -298,6 +300,12 @@ def share_prompt(v: View) -> list[str]:
     return []
 
 
+def judge(v: View) -> list[str]:
+    if v.judge.kind != "none" and not v.judge.path:
+        return [f"judge.path: judge.kind={v.judge.kind} needs the judge model (a local folder or a hub id)"]
+    return []
+
+
 RULES = {
     "template": template,
     "data_source": data_source,
@@ -312,6 +320,7 @@ RULES = {
     "lora_targets": lora_targets,
     "padding_free": padding_free,
     "share_prompt": share_prompt,
+    "judge": judge,
 }
 
 

@@ -18,6 +18,8 @@ from data_prep import io
 from data_prep.io import write_text
 from data_prep.pipeline import token_ids
 from dpo_recipes import trained
+from dpo_recipes.judge import lines as judged
+from dpo_recipes.judge import text
 from dpo_recipes.models import stops
 from dpo_recipes.schema import DatasetSchema
 
@@ -43,13 +45,6 @@ def prompts(run: trained.Run, path: str | None) -> list[dict]:
     return list(rows)
 
 
-def text(value) -> str:
-    """A prompt or answer as text: a string as is, messages as their contents."""
-    if isinstance(value, str):
-        return value
-    return "\n".join(m["content"] if isinstance(m["content"], str) else str(m["content"]) for m in value)
-
-
 def completion_logp(model, prompt: list[int], completion: list[int], device) -> float:
     """log p(completion | prompt), summed over the completion's tokens."""
     import torch
@@ -60,19 +55,25 @@ def completion_logp(model, prompt: list[int], completion: list[int], device) -> 
     return logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None]).sum().item()
 
 
-def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) -> list[dict]:
-    """Each model's answer to each prompt, with the same seed, and the implicit reward of each answer."""
-    import torch
-    from tqdm import tqdm
-
-    policy, reference = models["policy"], models["reference"]
-    decoding = dict(
+def decoding_of(tokenizer, policy, options) -> dict:
+    """`generate`'s arguments: greedy, or sampling at `options.temperature`; stopping where the model
+    learned to (its EOS and the template's end of turn)."""
+    return dict(
         max_new_tokens=options.max_new_tokens,
         do_sample=options.temperature > 0,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=stops(tokenizer, policy.generation_config),
         **({"temperature": options.temperature} if options.temperature > 0 else {}),
     )
+
+
+def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) -> list[dict]:
+    """Each model's answer to each prompt, with the same seed, and the implicit reward of each answer."""
+    import torch
+    from tqdm import tqdm
+
+    policy, reference = models["policy"], models["reference"]
+    decoding = decoding_of(tokenizer, policy, options)
     out, device = [], policy.device
     for row in tqdm(rows, desc="generating", unit="prompt"):
         ids = token_ids(tokenizer, row["prompt"])
@@ -141,6 +142,8 @@ def markdown(run: trained.Run, samples: list[dict], rates: dict | None, options)
         f"beta * (log pi(y|x) - log pi_ref(y|x)) with beta = {run.beta}.",
         "",
     ]
+    if "eval" in run.summary:  # make eval: the answers judged
+        lines += [*(f"- {line}" for line in judged(run.summary["eval"])), ""]
     if rates:
         lines += [
             f"Answers in the asked-for mood: reference {rates['reference']:.0%}, policy {rates['policy']:.0%}.",

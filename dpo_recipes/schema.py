@@ -118,6 +118,15 @@ class ReferenceSchema:
 
 
 @dataclass
+class JudgeSchema:
+    """Who says whether the answers got better (`make eval`; dpo_recipes/judge.py)."""
+
+    kind: Literal["none", "reward", "pairwise"] = "none"  # a reward model, or a causal LM asked A or B
+    path: str | None = None  # a local folder or a hub id
+    revision: str | None = None  # of `path` on the Hub
+
+
+@dataclass
 class RunSchema:
     name: str | None = None  # a stable run dir, outputs/<recipe>/<name>; default: the launch time
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | a checkpoint dir
@@ -137,6 +146,7 @@ OURS = {
     "dataset": DatasetSchema,
     "hardware": HardwareSchema,
     "reference": ReferenceSchema,
+    "judge": JudgeSchema,
     "run": RunSchema,
     "sweep_report": SweepReportSchema,
     "logger": LoggerSchema,
@@ -178,6 +188,7 @@ ConfigStore.instance().store(name="schema", node=Schema)
 OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), replace=True)
 OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
 OmegaConf.register_new_resolver("dpo_record", rundir.record_of, replace=True)
+OmegaConf.register_new_resolver("tiny_judge", lambda: str(tiny.judge_path(build=False)), replace=True)
 OmegaConf.register_new_resolver("tiny_qwen", lambda: str(tiny.qwen_path()), replace=True)
 OmegaConf.register_new_resolver("asset", lambda relative: str(assets.unpacked(relative)), replace=True)
 OmegaConf.register_new_resolver("cdpo_weights", cdpo_weights, replace=True)

@@ -5,6 +5,9 @@
   prompt once with its cheerful and once with its gloomy answer. So it writes remarks in either mood
   whatever the prompt asks, and DPO has a preference to teach it (`make samples` shows the change).
   The toy recipes and most tests train it.
+- The tiny judge: the tiny Llama with a score head, trained as a reward model by TRL's RewardTrainer
+  on the toy training pairs only (never an eval prompt), so it prefers an answer in the asked-for
+  mood. `make eval` on the tiny recipes judges with it.
 - The tiny Qwen: Qwen2.5's real tokenizer and chat template (assets/qwen2_5_tokenizer) on a
   Qwen2ForCausalLM with Qwen2.5-7B's layout (real 152,064-row vocabulary, q/k/v with bias, grouped
   query attention, untied embeddings, bf16) shrunk to two narrow layers. `+smoke=tiny_qwen` runs the
@@ -23,6 +26,7 @@ from dpo_recipes import ROOT, assets
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
 VERSION = 3
 QWEN_VERSION = 1
+JUDGE_VERSION = 1
 SEED = 0
 VOCAB_SIZE = 1024
 MODEL = dict(
@@ -68,6 +72,12 @@ def path() -> Path:
 def qwen_path() -> Path:
     """Where the tiny Qwen lives; built on first use."""
     return _cached(f"tiny-qwen2-v{QWEN_VERSION}", build_qwen)
+
+
+def judge_path(build: bool = True) -> Path:
+    """Where the tiny judge lives; built on first use unless `build` is false."""
+    name = f"tiny-judge-v{JUDGE_VERSION}-llama-v{VERSION}"
+    return _cached(name, build_judge) if build else assets.cache_dir() / name
 
 
 def _cached(name: str, builder) -> Path:
@@ -153,6 +163,36 @@ def pretrain(model, tokenizer, seed: int = SEED) -> None:
         schedule.step()
         optimizer.zero_grad()
     model.eval()
+
+
+# Reward-model training of the tiny judge: one pass over the toy training pairs.
+JUDGE = dict(epochs=1, batch=16, lr=1e-3)
+
+
+def build_judge(target: Path, seed: int = SEED) -> None:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    base = path()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows = [json.loads(line) for line in (CORPUS / "train.jsonl").read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as scratch:
+        args = RewardConfig(
+            scratch, use_cpu=True, bf16=False, seed=seed, data_seed=seed, report_to="none",
+            save_strategy="no", num_train_epochs=JUDGE["epochs"], per_device_train_batch_size=JUDGE["batch"],
+            learning_rate=JUDGE["lr"], logging_steps=10, disable_tqdm=True,
+        )  # fmt: skip
+        RewardTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        ).train()
+    _save(target, model.eval(), tokenizer.save_pretrained)
 
 
 def build_qwen(target: Path, seed: int = SEED, device: str = "cpu", **shape) -> None:

@@ -73,6 +73,7 @@ CASES = {
         dict(train={"share_prompt": True}, model={"attn_implementation": "flash_attention_2"}),
         "train.share_prompt: attention 'flash_attention_2' cannot take the mask",
     ),
+    "judge": (dict(judge={"kind": "pairwise"}), "judge.path: judge.kind=pairwise needs"),
     "deepspeed": (dict(hardware={"engine": "deepspeed"}, choices={"hardware": "zero3"}), "needs DeepSpeed"),
     "gpu": (dict(train={"bf16": True}), "add the override hardware=cpu"),
     "processes": (dict(hardware={"engine": "ddp"}, choices={"hardware": "ddp"}), "HARDWARE=ddp NPROC="),
