@@ -130,12 +130,15 @@ def test_every_real_batch_gives_trls_per_sequence_log_probs_in_each_layout(real,
         for ours, theirs in zip(logps(), padded, strict=True):
             for a, b in zip(ours, theirs, strict=True):
                 assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (layout, (a - b).abs().max())
-    assert sum(len(chosen) for chosen, _ in padded) == 2 * len(real.train_dataset) > 150  # each row, twice
+    assert sum(len(chosen) for chosen, _ in padded) == len(real.train_dataset) > 75  # each pair
 
 
-# The layouts each run-level comparison trains in: padding-free and both with the adapter-off reference,
-# the prompt shared alone with a precomputed one.
-RUNS = {"auto": ("padding_free", "both"), "precomputed": ("share_prompt",)}
+# Each reference strategy's run-level comparison: (recipe, steps, data, learning rate, the layouts run).
+RUNS = {
+    "adapter": ("tiny_lora_dpo", 20, "toy", 5e-4, ("padding_free", "both")),
+    "precomputed": ("tiny_lora_dpo", 2, "real_ultrafeedback", 5e-5, ("share_prompt",)),
+    "copy": ("tiny_full_dpo", 2, "toy", 5e-5, ("both",)),
+}
 FLAGS = {"padding_free": ["++train.padding_free=true"], "share_prompt": ["++train.share_prompt=true"]}
 FLAGS["both"] = FLAGS["padding_free"] + FLAGS["share_prompt"]
 
@@ -148,11 +151,11 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
     precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-5: the first
     step's gradient norm is 397, and Adam's first update moves each weight by about lr times the sign of
     its gradient, so at 5e-4 the signs of near-zero gradients, decided by rounding, move the second
-    step's grad norm by 4.2e-4 (relative, measured; the first step agreed within 1e-5). The reference copy of
-    full fine-tuning is the real-batch test's."""
-    steps, data, lr = (20, "toy", 5e-4) if reference == "auto" else (2, "real_ultrafeedback", 5e-5)
+    step's grad norm by 4.2e-4 (relative, measured; the first step agreed within 1e-5); the reference
+    copy of full fine-tuning for 2 steps."""
+    recipe, steps, data, lr, layouts = RUNS[reference]
     overrides = tiny_overrides(
-        "tiny_lora_dpo", f"dataset={data}", f"reference={reference}", f"++train.max_steps={steps}",
+        recipe, f"dataset={data}", f"reference={reference}", f"++train.max_steps={steps}",
         f"++train.eval_steps={steps}", f"train.learning_rate={lr}",
     )  # fmt: skip
     padded, _ = run(tmp_path / "padded", overrides)
@@ -163,7 +166,7 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
     if reference == "precomputed":  # the policy equals the reference only up to rounding here, so the
         # first step's rewards are ties decided by it; its grad norm (270, long real rows) is 2e-5 apart
         first = {k: v for k, v in first.items() if k == "loss"}
-    for layout in RUNS[reference]:
+    for layout in layouts:
         ours, _ = run(tmp_path / layout, [*overrides, *FLAGS[layout]])
         assert (ours.packing, ours.share_prompt) == (layout != "share_prompt", layout != "padding_free")
         history = ours.state.log_history
