@@ -44,6 +44,21 @@ def answers(model, tokenizer, prompts: list, options, decoding: dict, device, de
     return out
 
 
+def generated(run: trained.Run, prompts: list, options) -> dict:
+    """The reference's and the policy's answers, from one loaded policy (for LoRA, the reference is the
+    policy with its adapter disabled)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.weights)
+    policy = trained.policy(run)
+    made, decoding = {}, samples.decoding_of(tokenizer, policy, options)
+    for name, model in (("reference", trained.reference(run, policy)), ("policy", policy)):
+        made[name] = answers(
+            model, tokenizer, prompts, options, decoding, policy.device, f"generating ({name})"
+        )
+    return made
+
+
 def judged(judge, prompts: list, a: list[str], b: list[str], groups: list[int]) -> tuple[dict, list, dict]:
     prefs, scores = judge.prefer(prompts, a, b)
     numbers = judges.compare(prefs, [len(x) for x in a], [len(x) for x in b], groups)
@@ -79,16 +94,7 @@ def evaluate(run: trained.Run, options) -> dict:
     k = options.samples if options.temperature > 0 else 1
     prompts = [row["prompt"] for row in rows for _ in range(k)]
     groups = [i for i in range(len(rows)) for _ in range(k)]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run.weights)
-    policy = trained.policy(run)
-    made, decoding = {}, samples.decoding_of(tokenizer, policy, options)
-    for name, model in (("reference", trained.reference(run, policy)), ("policy", policy)):
-        made[name] = answers(
-            model, tokenizer, prompts, options, decoding, policy.device, f"generating ({name})"
-        )
-    del policy
+    made = generated(run, prompts, options)  # the models freed before the judge loads
     judge = judges.load(kind, path, revision, options.batch_size)
     comparisons, per_answer = {}, {}
     comparisons["policy_vs_reference"], prefs, scores = judged(

@@ -41,6 +41,12 @@ def test_the_interval_is_over_prompts_and_holds_the_rate():
     assert np.diff(grouped["interval"]) > np.diff(flat["interval"])
 
 
+def test_a_policy_that_wins_by_length_gets_a_note():
+    long = {"win_rate": 0.8, "lc_win_rate": 0.6, "length_ratio": 1.8}
+    assert "DPO's known exploit" in evaluate.notes({"policy_vs_reference": long})[0]
+    assert evaluate.notes({"a": {**long, "length_ratio": 1.2}, "b": {**long, "lc_win_rate": 0.85}}) == []
+
+
 def test_a_hub_id_judge_offline_is_one_message_naming_it_and_the_fix(monkeypatch):
     import huggingface_hub
 
@@ -137,6 +143,11 @@ def test_the_default_run_beats_its_reference_by_the_judge_and_by_the_mood_rule(d
             decided += 1
             agree += line["verdict"] == ("win" if ours else "loss")
     assert decided >= 16 and agree >= 0.9 * decided, (agree, decided)
+    # the numbers reach the model card and samples.md
+    from dpo_recipes import export
+
+    assert all(f"- {line}" in export.card(run, "LoRA") for line in judges.lines(report))
+    assert judges.lines(report)[1] in samples.markdown(run, [], None, options())
 
 
 @pytest.mark.slow
