@@ -11,7 +11,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from benchmarks import data_prep, gpu, jobs, memory, overhead, spread, step, sweep, tokenization
+from benchmarks import data_prep, gpu, jobs, memory, overhead, share, spread, step, sweep, tokenization
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
@@ -30,6 +30,7 @@ BENCHMARKS = {
         "Step: the CPU log-prob head, padding-free batches and the shared prompt vs TRL as shipped",
         step,
     ),
+    "share": ("Share: the prompt computed once per pair vs TRL as shipped (tiny Llama)", share),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
 }
 # Run only when named: `make bench-gpu` is `python -m benchmarks gpu`; the spread takes about 40 minutes.
@@ -37,12 +38,27 @@ ON_REQUEST = {"gpu", "spread"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 
+def cpu() -> str:
+    """The CPU's model name where Linux gives it (kernels and their speed differ between models)."""
+    info = Path("/proc/cpuinfo")
+    names = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in info.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if info.exists()
+        else []
+    )
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu(),
         "cores": os.cpu_count(),
         **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
         "python": platform.python_version(),

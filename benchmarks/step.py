@@ -74,11 +74,11 @@ def once(way: str, overrides: list[str], tmp: Path, i: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(repeats: int = REPEATS) -> dict:
+def run(repeats: int = REPEATS, cases: dict = CASES, ways: tuple = tuple(WAYS)) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n, (case, overrides) in enumerate(CASES.items()):
-            runs = {way: [] for way in WAYS}
+        for n, (case, overrides) in enumerate(cases.items()):
+            runs = {way: [] for way in ways}
             for i in range(repeats):
                 for way in runs:
                     runs[way].append(once(way, overrides, Path(tmp) / str(n), i))
