@@ -116,8 +116,10 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
             mask = (s[:, :, None] == s[:, None]) & (c[:, None] <= c[:, :, None])
             mask &= (b[:, None] == b[:, :, None]) | h[:, None]
             if fused_forward.__self__.config._attn_implementation == "eager":  # eager adds the mask
-                mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-            inputs["attention_mask"] = mask[:, None].to(input_ids.device)
+                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(torch.float32).min
+                )
+            inputs["attention_mask"] = mask[:, None]
         out = fused_forward(**inputs, fused_lm_head=True, **kwargs)
         src = torch.cat([index, index[shared]])  # a shared token's values, the rejected row's too
         rows, cols = torch.cat([rows, rows[shared] + n]), torch.cat([cols, cols[shared]])
