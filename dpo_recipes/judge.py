@@ -53,7 +53,10 @@ class Judge:
         with hub.fetching("judge", path, "judge.path"):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
             model = getattr(transformers, self.auto_class).from_pretrained(
-                path, revision=revision, use_safetensors=True
+                path,
+                revision=revision,
+                use_safetensors=True,
+                dtype="auto",  # as saved: bf16 for most
             )
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         if self.tokenizer.pad_token is None:
@@ -64,8 +67,9 @@ class Judge:
     def chat(self, messages: list[dict], **kwargs) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
-    def batches(self, texts: list[str], side: str):
-        """Each batch of `texts` tokenized as written (the template wrote any special tokens), padded on `side`."""
+    def batches(self, texts: list[str], side: str, **kwargs):
+        """The logits of each batch of `texts`, tokenized as written (the template wrote any special
+        tokens) and padded on `side`; on the left, positions start at each text's first token."""
         import torch
 
         self.tokenizer.padding_side = side
@@ -75,9 +79,11 @@ class Judge:
                 padding=True,
                 add_special_tokens=False,
                 return_tensors="pt",
-            )
+            ).to(self.model.device)
+            if side == "left":
+                kwargs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                yield self.model(**batch.to(self.model.device)).logits.float()
+                yield self.model(**batch, **kwargs).logits.float()
 
 
 class RewardJudge(Judge):
@@ -119,7 +125,7 @@ class PairwiseJudge(Judge):
         options = [self.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in letters]
         return [
             p
-            for logits in self.batches(texts, "left")
+            for logits in self.batches(texts, "left", logits_to_keep=1)  # the reply's first token only
             for p in logits[:, -1, options].softmax(-1)[:, 0].tolist()
         ]
 
