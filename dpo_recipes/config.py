@@ -22,6 +22,7 @@ from dpo_recipes.schema import (
     CONF_DIR,
     DatasetSchema,
     HardwareSchema,
+    JudgeSchema,
     LoggerSchema,
     ModelArgs,
     ReferenceSchema,
@@ -52,6 +53,7 @@ class Built:
     reference: ReferenceSchema  # its strategy resolved: never auto
     run: RunSchema
     logger: LoggerSchema
+    judge: JudgeSchema
 
 
 def compose(overrides: list[str] = ()) -> tuple[DictConfig, str]:
@@ -107,4 +109,5 @@ def build(cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, machi
         reference=dataclasses.replace(view.reference, strategy=strategy),
         run=view.run,
         logger=view.logger,
+        judge=view.judge,
     )

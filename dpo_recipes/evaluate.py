@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from data_prep.io import write_text
 from data_prep.pipeline import token_ids
@@ -59,6 +60,13 @@ def generated(run: trained.Run, prompts: list, options) -> dict:
     return made
 
 
+def ready(path: str, revision: str | None) -> None:
+    """Fail fast on a judge that cannot be had; the tiny judge is built on first use."""
+    if Path(path) == tiny.judge_path(build=False):
+        tiny.judge_path()
+    judges.reachable(path, revision)
+
+
 def judged(judge, prompts: list, a: list[str], b: list[str], groups: list[int]) -> tuple[dict, list, dict]:
     prefs, scores = judge.prefer(prompts, a, b)
     numbers = judges.compare(prefs, [len(x) for x in a], [len(x) for x in b], groups)
@@ -87,9 +95,7 @@ def evaluate(run: trained.Run, options) -> dict:
             "causal LM), or train with judge=<option> (conf/judge/)"
         )
     revision = options.judge_revision or node.get("revision")
-    if Path(path) == tiny.judge_path(build=False):
-        tiny.judge_path()  # built on first use
-    judges.reachable(path, revision)
+    ready(path, revision)
     rows = samples.prompts(run, options.prompts)[: options.n]
     k = options.samples if options.temperature > 0 else 1
     prompts = [row["prompt"] for row in rows for _ in range(k)]
@@ -127,6 +133,51 @@ def evaluate(run: trained.Run, options) -> dict:
     }
     write(run, report, prompts, made["policy"], per_answer)
     return report
+
+
+class Judging:
+    """judge.every while training: at each evaluation on a multiple of `every` steps, the policy's greedy
+    answers to the first `judge.prompts` eval prompts judged against the reference's, as eval metrics.
+    The reference's answers are made once, before the first step: by the separate reference model, or
+    by the policy while it still is the reference (a new adapter is a no-op, a resumed run's checkpoint
+    is not loaded yet)."""
+
+    def __init__(self, spec, prompts: list):
+        ready(spec.path, spec.revision)
+        self.spec, self.prompts, self.judge, self.reference = spec, prompts[: spec.prompts], None, None
+        self.options = SimpleNamespace(
+            temperature=0.0, max_new_tokens=spec.max_new_tokens, batch_size=16, seed=0
+        )
+
+    def due(self, step: int) -> bool:
+        return step % self.spec.every == 0
+
+    def _answers(self, model, tokenizer, who: str) -> list[str]:
+        training = model.training
+        model.eval()
+        try:
+            decoding = samples.decoding_of(tokenizer, model, self.options) | {"use_cache": True}
+            return answers(
+                model, tokenizer, self.prompts, self.options, decoding, model.device, f"judge: {who}"
+            )
+        finally:
+            model.train(training)
+
+    def start(self, trainer) -> None:
+        model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+        self.reference = self._answers(model, trainer.processing_class, "the reference's answers")
+
+    def __call__(self, trainer) -> dict:
+        """eval_judge/win_rate (ties half), its 95% interval, the length-controlled rate, the length ratio."""
+        if self.judge is None:  # loaded once, kept beside the policy for the run's later evaluations
+            self.judge = judges.load(self.spec.kind, self.spec.path, self.spec.revision)
+        policy = self._answers(trainer.model, trainer.processing_class, "the policy's answers")
+        c, _, _ = judged(self.judge, self.prompts, policy, self.reference, list(range(len(policy))))
+        low, high = c["interval"]
+        return {
+            "eval_judge/win_rate": c["win_rate"], "eval_judge/win_rate_low": low, "eval_judge/win_rate_high": high,
+            "eval_judge/lc_win_rate": c["lc_win_rate"], "eval_judge/length_ratio": c["length_ratio"],
+        }  # fmt: skip
 
 
 def write(run: trained.Run, report: dict, prompts: list, policy: list[str], per_answer: dict) -> None:

@@ -1,7 +1,8 @@
 """Export a run as a standalone model: a LoRA run merged into its base weights (safetensors, sharded, in
 the base's dtype), a full run copied as is; with the tokenizer, its chat template and a model card.
 
-python -m dpo_recipes.export <run dir> [--out DIR] [--max-shard-size 5GB] [--force] [--push-to-hub REPO]
+python -m dpo_recipes.export <run dir> [--out DIR] [--max-shard-size 5GB] [--force] [--checkpoint best]
+    [--push-to-hub REPO]
 """
 
 import argparse
@@ -19,7 +20,7 @@ TRAINING_FILES = [
     "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
     "train.log", "changes_*.yaml", "README.md",
 ]  # fmt: skip
-CARD_METRICS = ["rewards/accuracies", "rewards/margins", "loss"]
+CARD_METRICS = ["judge/win_rate", "rewards/accuracies", "rewards/margins", "loss"]
 
 
 def merged(run: trained.Run, out: Path, max_shard_size: str) -> str:
@@ -66,7 +67,8 @@ def card(run: trained.Run, how: str) -> str:
         "",
         f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. Loss: {run.config['train'].get('loss_type', ['sigmoid'])}, "
         f"beta {run.beta}; reference: {summary['reference']['strategy']}. "
-        f"Run status: {summary['status']}, {summary.get('steps')} steps.",
+        f"Run status: {summary['status']}, {summary.get('steps')} steps"
+        + (f"; these are the weights of {run.weights.name}." if run.weights != run.dir else "."),
         "",
         "## Data",
         "",
@@ -144,9 +146,14 @@ def main(argv: list[str]) -> int:
         "--force", action="store_true", help="export a stopped run from its newest checkpoint"
     )
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this Hub repo")
+    parser.add_argument(
+        "--checkpoint", choices=["last", "best"], default="last",
+        help="best: the checkpoint with the best judged win rate (a run trained with judge.every)",
+    )  # fmt: skip
     options = parser.parse_args(argv)
     try:
         run = trained.open_run(options.run, options.force)
+        run = trained.best(run) if options.checkpoint == "best" else run
         out = Path(options.out) if options.out else run.dir / "export"
         how = export(run, out, options.max_shard_size)
     except (OSError, ValueError) as err:

@@ -35,6 +35,10 @@ METRICS = [
     ("logps/chosen", None, "log-probs: chosen vs rejected"),
     ("logps/rejected", None, "log-probs: chosen vs rejected"),
     ("learning_rate", None, "learning rate"),
+    # judge.every: policy vs reference answers on held-out prompts (eval only), with its 95% interval
+    ("judge/win_rate", True, "judge: win rate vs reference"),
+    ("judge/win_rate_low", None, "judge: win rate vs reference"),
+    ("judge/win_rate_high", None, "judge: win rate vs reference"),
 ]
 PANELS = {panel: [name for name, _, p in METRICS if p == panel] for _, _, panel in METRICS}
 BEST = {
@@ -119,11 +123,17 @@ def figure(rows: list[dict], title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows_of_panels = -(-len(PANELS) // 3)
+    logged = {key for row in rows for key in row}
+    panels = {  # a panel of metrics no run logs without an option (judge.every) only when they are logged
+        panel: metrics
+        for panel, metrics in PANELS.items()
+        if not panel.startswith("judge") or any(p + m in logged for m in metrics for p in ("", "eval_"))
+    }
+    rows_of_panels = -(-len(panels) // 3)
     fig, axes = plt.subplots(rows_of_panels, 3, figsize=(15, 4 * rows_of_panels), constrained_layout=True)
-    for ax in axes.flat[len(PANELS) :]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    for ax, (panel, metrics) in zip(axes.flat, PANELS.items(), strict=False):
+    for ax, (panel, metrics) in zip(axes.flat, panels.items(), strict=False):
         for metric in metrics:
             for prefix, style in (("", "-"), ("eval_", "o--")):
                 points = [

@@ -303,7 +303,29 @@ def share_prompt(v: View) -> list[str]:
 def judge(v: View) -> list[str]:
     if v.judge.kind != "none" and not v.judge.path:
         return [f"judge.path: judge.kind={v.judge.kind} needs the judge model (a local folder or a hub id)"]
-    return []
+    every, found = v.judge.every, []
+    if not every:
+        return []
+    if every < 0 or v.judge.prompts < 1 or v.judge.max_new_tokens < 1:
+        found.append(
+            "judge.every, judge.prompts, judge.max_new_tokens: counts, at least 1 (judge.every=0: off)"
+        )
+    if v.judge.kind == "none":
+        found.append("judge.every: judging while training needs a judge: judge=<option> (conf/judge/)")
+    steps = v.train.get("eval_steps") or v.train.get("logging_steps") or 500
+    d = v.dataset
+    if v.train.get("eval_strategy", "no") != "steps" or not (d.eval_path or d.eval_split or d.eval_size):
+        found.append("judge.every: judging happens at evaluations: train.eval_strategy=steps with eval data")
+    elif every % steps:
+        found.append(
+            f"judge.every={every}: a multiple of train.eval_steps={steps}, or no evaluation falls on it"
+        )
+    if v.hardware.engine == "fsdp" or v.hardware.zero_stage == 3:
+        found.append(
+            f"judge.every: hardware={v.choices.get('hardware')} shards the weights; generation while "
+            "training needs a whole model in one process: judge after training (make eval)"
+        )
+    return found
 
 
 RULES = {

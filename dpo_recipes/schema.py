@@ -124,6 +124,12 @@ class JudgeSchema:
     kind: Literal["none", "reward", "pairwise"] = "none"  # a reward model, or a causal LM asked A or B
     path: str | None = None  # a local folder or a hub id
     revision: str | None = None  # of `path` on the Hub
+    # While training: at each evaluation whose step is a multiple of `every` (0: never), the policy's
+    # greedy answers to the first `prompts` eval prompts judged against the reference's, logged as
+    # eval_judge/win_rate (with its 95% interval); a checkpoint saved at the best judged step is kept.
+    every: int = 0
+    prompts: int = 32
+    max_new_tokens: int = 64
 
 
 @dataclass

@@ -182,6 +182,13 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     }
     metrics = MetricsCallback(run_dir / "dpo_metrics", context)
     on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(built.run.nan_patience)
+    judging = None
+    if built.judge.every and eval_set is not None:
+        from dpo_recipes.evaluate import Judging
+
+        judging = Judging(
+            built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
+        )
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
         policy, ref_model, peft = reference.load(built)
         trainer = Trainer(
@@ -194,6 +201,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
             peft_config=peft,
             quantization_config=built.quantization if isinstance(policy, str) else None,
             callbacks=[metrics, on_signal, on_non_finite],
+            judging=judging,
         )
     note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
     if plan.message and plan.action != "replace":

@@ -77,6 +77,30 @@ def open_run(run_dir: str | Path, force: bool = False) -> Run:
     return Run(run_dir, summary, done[-1])
 
 
+JUDGED = "eval_judge/win_rate"  # logged by judge.every (dpo_recipes/evaluate.py, Judging)
+
+
+def best(run: Run) -> Run:
+    """The run at its best judged win rate: the checkpoint saved at that step (the trainer keeps it
+    through save_total_limit), or the run's own weights when the last step was the best."""
+    found = run.summary.get("best", {}).get(JUDGED)
+    if found is None:
+        raise RunError(
+            f"{run.dir}: no judged win rate logged: --checkpoint best needs a run trained with judge.every=N"
+        )
+    step = found["step"]
+    if step == run.summary.get("steps") and run.weights == run.dir:
+        return run
+    checkpoint = run.dir / f"checkpoint-{step}"
+    if not rundir.complete(checkpoint):
+        raise RunError(
+            f"{run.dir}: the best judged win rate ({found['value']:.2f}) was at step {step}, which has no "
+            "checkpoint: train with train.save_steps dividing judge.every"
+        )
+    print(f"the best judged win rate, {found['value']:.2f}, was at step {step}: using {checkpoint}")
+    return Run(run.dir, run.summary, checkpoint)
+
+
 def _load(path: str, dtype: str, key: str, flags: dict, quantization=None):
     import torch
     from transformers import AutoModelForCausalLM

@@ -148,8 +148,8 @@ def changed_in_trl() -> list[str]:
 class Trainer(DPOTrainer):
     """See the module's docstring."""
 
-    def __init__(self, *args, **kwargs):
-        self.tokenize_log, self.trl_changed = {}, changed_in_trl()
+    def __init__(self, *args, judging=None, **kwargs):
+        self.tokenize_log, self.trl_changed, self.judging = {}, changed_in_trl(), judging
         if self.trl_changed:
             print(
                 f"warning: TRL {trl.__version__} changed {', '.join(sorted(self.trl_changed))}; "
@@ -176,6 +176,30 @@ class Trainer(DPOTrainer):
             if model is not None:
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
                 base.forward = packed(base.forward, share=self.share_prompt, one_row=packing)
+
+    def train(self, *args, **kwargs):
+        if self.judging is not None and self.is_world_process_zero():
+            self.judging.start(self)  # before a resumed run's checkpoint loads: the policy is the reference
+        return super().train(*args, **kwargs)
+
+    def log(self, logs: dict, *args, **kwargs):
+        """An evaluation's metrics (`logs` is the dict evaluate() returns) gain the judge's at its steps.
+        Unless train.metric_for_best_model names another metric, the best judged step is the state's
+        best, so the checkpoint saved there survives save_total_limit."""
+        step = self.state.global_step
+        if (
+            self.judging is not None
+            and "eval_loss" in logs
+            and self.judging.due(step)
+            and self.is_world_process_zero()
+        ):
+            logs.update(self.judging(self))
+            won, state = logs["eval_judge/win_rate"], self.state
+            if self.args.metric_for_best_model is None and (
+                state.best_metric is None or won > state.best_metric
+            ):
+                state.best_metric, state.best_global_step = won, step
+        return super().log(logs, *args, **kwargs)
 
     def _head(self):
         """The CPU head while on CPU; TRL's own head elsewhere (on CUDA it already scores only labels)."""

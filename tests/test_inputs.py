@@ -493,3 +493,20 @@ def test_a_sweep_into_an_earlier_sweeps_dir_with_other_overrides_is_refused(tmp_
     assert (
         rundir.sweep_changes([*task, "model=tiny_llama_full", f"hydra.sweep.dir={tmp_path / 'new'}"]) is None
     )
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["judge.every=15"], "judge.every=15: a multiple of train.eval_steps=10"),
+        (["judge.every=50", "judge=none"], "judge.every: judging while training needs a judge"),
+        (["judge.every=50", "train.eval_strategy=no"], "judge.every: judging happens at evaluations"),
+        (["judge.every=50", "hardware=fsdp"], "hardware=fsdp shards the weights"),
+        (["judge.every=50", "judge.prompts=0"], "judge.prompts, judge.max_new_tokens: counts"),
+    ],
+)
+def test_judging_while_training_needs_a_judge_evaluations_on_its_steps_and_whole_weights(overrides, words):
+    config.check(config.compose(["judge.every=50"])[0])  # the tiny recipe: eval every 10 steps
+    with pytest.raises(config.ConfigError) as err:
+        config.check(config.compose(overrides)[0])
+    assert words in str(err.value), err.value

@@ -188,3 +188,48 @@ def test_batched_generation_gives_the_one_prompt_at_a_time_answers(default_run):
     )
     alone = evaluate.answers(policy, tokenizer, prompts, options(batch_size=1), decoding, policy.device, "1")
     assert batched == alone
+
+
+@pytest.mark.slow
+def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step(tmp_path):
+    """judge.every=50 on the default recipe (150 steps): a win-rate column with its interval at steps
+    50, 100, 150; the best judged step's checkpoint kept through save_total_limit=1; `--checkpoint best`
+    exports it."""
+    import csv
+
+    from conftest import python_m, run
+
+    trainer, metrics = run(tmp_path, ["judge.every=50", "judge.prompts=16", "train.save_total_limit=1"])
+    rows = list(csv.DictReader((metrics / "training_metrics.csv").open()))
+    judged = {int(r["step"]): float(r["eval_judge/win_rate"]) for r in rows if r.get("eval_judge/win_rate")}
+    assert list(judged) == [50, 100, 150], judged
+    for r in rows:
+        if r.get("eval_judge/win_rate"):
+            assert (
+                float(r["eval_judge/win_rate_low"])
+                <= float(r["eval_judge/win_rate"])
+                <= float(r["eval_judge/win_rate_high"])
+            )
+    step = max(judged, key=lambda s: (judged[s], -s))  # the first best
+    best = json.loads((metrics / "summary.json").read_text())["best"]["eval_judge/win_rate"]
+    assert best == {"value": judged[step], "step": step}
+    assert trainer.judging.reference is not None and len(trainer.judging.prompts) == 16
+    kept = sorted(p.name for p in metrics.parent.glob("checkpoint-*"))
+    assert f"checkpoint-{step}" in kept or step == 150, kept
+    done = python_m(
+        "dpo_recipes.export", str(metrics.parent), "--checkpoint", "best", "--out", str(tmp_path / "x")
+    )
+    assert done.returncode == 0, done.stderr
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert (f"the weights of checkpoint-{step}" in card) == (step != 150), card
+    assert "| eval_judge/win_rate |" in card
+    # without judging, --checkpoint best says what to do
+    (metrics / "summary.json").write_text(
+        json.dumps({**json.loads((metrics / "summary.json").read_text()), "best": {}})
+    )
+    done = python_m(
+        "dpo_recipes.export", str(metrics.parent), "--checkpoint", "best", "--out", str(tmp_path / "y")
+    )
+    assert (
+        done.returncode == 2 and "trained with judge.every=N" in done.stderr and not (tmp_path / "y").exists()
+    )
