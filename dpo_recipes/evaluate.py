@@ -165,19 +165,29 @@ class Judging:
 
     def start(self, trainer) -> None:
         model = trainer.ref_model if trainer.ref_model is not None else trainer.model
-        self.reference = self._answers(model, trainer.processing_class, "the reference's answers")
+        with apart(model.device):
+            self.reference = self._answers(model, trainer.processing_class, "the reference's answers")
 
     def __call__(self, trainer) -> dict:
         """eval_judge/win_rate (ties half), its 95% interval, the length-controlled rate, the length ratio."""
-        if self.judge is None:  # loaded once, kept beside the policy for the run's later evaluations
-            self.judge = judges.load(self.spec.kind, self.spec.path, self.spec.revision)
-        policy = self._answers(trainer.model, trainer.processing_class, "the policy's answers")
-        c, _, _ = judged(self.judge, self.prompts, policy, self.reference, list(range(len(policy))))
+        with apart(trainer.model.device):
+            if self.judge is None:  # loaded once, kept beside the policy for the run's later evaluations
+                self.judge = judges.load(self.spec.kind, self.spec.path, self.spec.revision)
+            policy = self._answers(trainer.model, trainer.processing_class, "the policy's answers")
+            c, _, _ = judged(self.judge, self.prompts, policy, self.reference, list(range(len(policy))))
         low, high = c["interval"]
         return {
             "eval_judge/win_rate": c["win_rate"], "eval_judge/win_rate_low": low, "eval_judge/win_rate_high": high,
             "eval_judge/lc_win_rate": c["lc_win_rate"], "eval_judge/length_ratio": c["length_ratio"],
         }  # fmt: skip
+
+
+def apart(device):
+    """Judging within training draws nothing from the random state training draws from (dropout, the
+    data order): it is put back after."""
+    import torch
+
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def write(run: trained.Run, report: dict, prompts: list, policy: list[str], per_answer: dict) -> None:
@@ -221,7 +231,7 @@ def main(argv: list[str]) -> int:
     if options.judge and not options.kind:
         options.kind = "reward"
     try:
-        run = trained.open_run(options.run, options.force)
+        run = trained.open_run(options.run, options.force).generates
         report = evaluate(run, options)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
