@@ -20,6 +20,7 @@ from trl import get_peft_config, get_quantization_config
 from dpo_recipes import reference, rules
 from dpo_recipes.schema import (
     CONF_DIR,
+    TASKS,
     DatasetSchema,
     HardwareSchema,
     JudgeSchema,
@@ -44,7 +45,8 @@ class ConfigError(ValueError):
 class Built:
     """Everything a run needs, read from the composed config once; nothing after build() reads that."""
 
-    args: TrainArgs  # a DPOConfig
+    task: str  # dpo, or reward
+    args: TrainArgs  # a DPOConfig (a RewardConfig for task=reward)
     model: ModelArgs
     peft: PeftConfig | None
     quantization: BitsAndBytesConfig | None
@@ -96,10 +98,11 @@ def build(cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, machi
         **(train.get("model_init_kwargs") or {}),
     }
     try:
-        args = TrainArgs(output_dir=str(output_dir), **train)  # raises on bf16 without a GPU
+        args = TASKS[view.task](output_dir=str(output_dir), **train)  # raises on bf16 without a GPU
     except (ValueError, TypeError) as err:
         raise ConfigError([f"train: {err}"]) from err
     return Built(
+        view.task,
         args,
         model_args,
         get_peft_config(model_args),

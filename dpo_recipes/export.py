@@ -20,7 +20,7 @@ TRAINING_FILES = [
     "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
     "train.log", "changes_*.yaml", "README.md",
 ]  # fmt: skip
-CARD_METRICS = ["judge/win_rate", "rewards/accuracies", "rewards/margins", "loss"]
+CARD_METRICS = ["judge/win_rate", "rewards/accuracies", "rewards/margins", "accuracy", "margin", "loss"]
 
 
 def merged(run: trained.Run, out: Path, max_shard_size: str) -> str:
@@ -34,7 +34,10 @@ def merged(run: trained.Run, out: Path, max_shard_size: str) -> str:
     base = trained.base(run, dtype)
     model = PeftModel.from_pretrained(base, run.weights).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(run.weights)  # its EOS may be the template's end of turn
-    model.generation_config.eos_token_id = models.stops(tokenizer, model.generation_config)
+    if run.task == "reward":  # a reward model reads each row's score at its last token before padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model.generation_config.eos_token_id = models.stops(tokenizer, model.generation_config)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     if quantized:
         return "the adapter merged into the base loaded in bf16 (not into its quantized weights)"
@@ -56,17 +59,23 @@ def card(run: trained.Run, how: str) -> str:
     command = f"make train RECIPE={summary['recipe']}{launch}" + (
         f" ARGS={shlex.quote(overrides)}" if overrides else ""
     )
+    if run.task == "reward":
+        method, tag = "reward modeling", "reward-model"
+        detail = "A score head trained by TRL's RewardTrainer (the Bradley-Terry loss on each pair)"
+    else:
+        method, tag = "DPO", "dpo"
+        loss = run.config["train"].get("loss_type", ["sigmoid"])
+        detail = f"Loss: {loss}, beta {run.beta}; reference: {summary['reference']['strategy']}"
     lines = [
         "---",
         f"base_model: {model['model_name_or_path']}",
         "library_name: transformers",
-        "tags: [dpo, trl, dpo-recipes]",
+        f"tags: [{tag}, trl, dpo-recipes]",
         "---",
         "",
-        f"# {summary['recipe']}: {Path(model['model_name_or_path']).name} trained with DPO",
+        f"# {summary['recipe']}: {Path(model['model_name_or_path']).name} trained with {method}",
         "",
-        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. Loss: {run.config['train'].get('loss_type', ['sigmoid'])}, "
-        f"beta {run.beta}; reference: {summary['reference']['strategy']}. "
+        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. {detail}. "
         f"Run status: {summary['status']}, {summary.get('steps')} steps"
         + (f"; these are the weights of {run.weights.name}." if run.weights != run.dir else "."),
         "",

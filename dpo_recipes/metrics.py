@@ -35,6 +35,9 @@ METRICS = [
     ("logps/chosen", None, "log-probs: chosen vs rejected"),
     ("logps/rejected", None, "log-probs: chosen vs rejected"),
     ("learning_rate", None, "learning rate"),
+    # task=reward (TRL's RewardTrainer): the share of pairs ranked right, the mean score margin
+    ("accuracy", True, "reward model: accuracy"),
+    ("margin", True, "reward model: chosen - rejected score"),
     # judge.every: policy vs reference answers on held-out prompts (eval only), with its 95% interval
     ("judge/win_rate", True, "judge: win rate vs reference"),
     ("judge/win_rate_low", None, "judge: win rate vs reference"),
@@ -124,10 +127,10 @@ def figure(rows: list[dict], title: str):
     import matplotlib.pyplot as plt
 
     logged = {key for row in rows for key in row}
-    panels = {  # a panel of metrics no run logs without an option (judge.every) only when they are logged
+    panels = {  # the panels of what the run logs (DPO's, a reward model's, the judge's); all before a log
         panel: metrics
         for panel, metrics in PANELS.items()
-        if not panel.startswith("judge") or any(p + m in logged for m in metrics for p in ("", "eval_"))
+        if not logged - {"step", "epoch"} or any(p + m in logged for m in metrics for p in ("", "eval_"))
     }
     rows_of_panels = -(-len(panels) // 3)
     fig, axes = plt.subplots(rows_of_panels, 3, figsize=(15, 4 * rows_of_panels), constrained_layout=True)

@@ -22,6 +22,7 @@ from dpo_recipes import hub, reference, secrets
 from dpo_recipes.schema import (
     CONF_DIR,
     OURS,
+    TASKS,
     DatasetSchema,
     HardwareSchema,
     JudgeSchema,
@@ -44,6 +45,7 @@ class View:
 
     # node -> its dict as given: train resolved (loss_type a list), model unresolved, ours resolved
     nodes: dict
+    task: str  # dpo, or reward (TASKS)
     dataset: DatasetSchema  # ours, typed (keys the generic pass refuses left out)
     hardware: HardwareSchema
     reference: ReferenceSchema
@@ -98,7 +100,8 @@ def read(cfg: DictConfig) -> View:
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     shipped = _shipped(CONF_DIR / "dataset" / f"{choices.get('dataset')}.yaml")
     typed = {name: _typed(cls, nodes[name]) for name, cls in OURS.items() if name != "sweep_report"}
-    return View(nodes, **typed, choices=choices, shipped=shipped, raw=OmegaConf.to_container(cfg))
+    task = cfg.get("task", "dpo")
+    return View(nodes, task, **typed, choices=choices, shipped=shipped, raw=OmegaConf.to_container(cfg))
 
 
 def on_gpu(device: str, train: dict) -> bool:
@@ -328,6 +331,27 @@ def judge(v: View) -> list[str]:
     return found
 
 
+def task(v: View) -> list[str]:
+    if v.task not in TASKS:
+        return [f"task: {v.task!r} is none of {', '.join(TASKS)}"]
+    if v.task == "dpo":
+        return []
+    found = []
+    if v.choices.get("loss"):
+        found.append(
+            f"loss={v.choices['loss']}: task=reward trains a reward model (TRL's RewardTrainer, the "
+            "Bradley-Terry loss), which takes no DPO loss: drop the option (`override /loss: null` in the "
+            "recipe, `~loss` on the command line)"
+        )
+    if v.lora and v.model.get("lora_task_type", "CAUSAL_LM") != "SEQ_CLS":
+        found.append(
+            "model.lora_task_type: a LoRA reward model needs SEQ_CLS, or its score head is neither trained nor saved"
+        )
+    if v.judge.every:
+        found.append("judge.every: a reward model generates no answers to judge; set judge.every=0")
+    return found
+
+
 RULES = {
     "template": template,
     "data_source": data_source,
@@ -343,6 +367,7 @@ RULES = {
     "padding_free": padding_free,
     "share_prompt": share_prompt,
     "judge": judge,
+    "task": task,
 }
 
 
@@ -397,7 +422,7 @@ MACHINE = {"deepspeed": deepspeed, "gpu": gpu, "processes": processes, "wandb_lo
 def problems(v: View, machine: bool = True) -> list[str]:
     """The generic pass, then every rule. A rule may trip over a value the generic pass already refused;
     then that refusal stands for it."""
-    found = fits("train", v.train, TrainArgs) + fits("model", v.model, ModelArgs)
+    found = fits("train", v.train, TASKS.get(v.task, TrainArgs)) + fits("model", v.model, ModelArgs)
     found += [p for name, cls in OURS.items() for p in fits(name, v.nodes[name], cls)]
     for rule in [*RULES.values(), *(MACHINE.values() if machine else ())]:
         try:

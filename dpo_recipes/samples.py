@@ -175,7 +175,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="use a stopped run's newest checkpoint")
     options = parser.parse_args(argv)
     try:
-        run = trained.open_run(options.run, options.force)
+        run = trained.open_run(options.run, options.force).generates
         rows = prompts(run, options.prompts)
         words = mood_words(rows)  # from every row, not only the ones sampled
         rows = rows[: options.n]

@@ -1,7 +1,7 @@
 """What a composed config may hold: our nodes' dataclasses, the Hydra glue (the ConfigStore schema, the
 resolvers, the `++` rewrite) and the generic pass that reads any node against its dataclass.
 
-`train:` keys are `trl.DPOConfig` fields (and `share_prompt`) and `model:` keys are `trl.ModelConfig` fields: both are read
+`train:` keys are `trl.DPOConfig` fields (and `share_prompt`; `trl.RewardConfig` fields under task=reward) and `model:` keys are `trl.ModelConfig` fields: both are read
 against TRL's dataclasses themselves, so nothing here lists TRL's fields by hand. Our own nodes are typed
 below and read the same way, rather than by Hydra at compose time, which stops at the first error.
 """
@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import MISSING, OmegaConf
-from trl import DPOConfig, ModelConfig
+from trl import DPOConfig, ModelConfig, RewardConfig
 
 from data_prep.convert import FORMATS, STYLES
 from dpo_recipes import ROOT, assets, reference, rundir, tiny
@@ -94,6 +94,11 @@ class SourceSchema:
     max_samples: int | None = None  # the first N rows read
 
 
+# What a run trains (the root key `task`): DPO, or a reward model from the same preference data with
+# TRL's RewardTrainer; each reads `train:` as its own config class.
+TASKS = {"dpo": TrainArgs, "reward": RewardConfig}
+
+
 @dataclass
 class HardwareSchema:
     device: Literal["cpu", "cuda"] = "cpu"  # what the option needs to train
@@ -162,7 +167,8 @@ OURS = {
 # pass), ours with their defaults.
 Schema = dataclasses.make_dataclass(
     "Schema",
-    [(name, dict[str, Any], field(default_factory=dict)) for name in ("model", "train")]
+    [("task", str, field(default="dpo"))]
+    + [(name, dict[str, Any], field(default_factory=dict)) for name in ("model", "train")]
     + [
         (name, dict[str, Any], field(default_factory=lambda cls=cls: dataclasses.asdict(cls())))
         for name, cls in OURS.items()
@@ -249,10 +255,15 @@ def unknown_keys(node: str, keys, cls) -> list[str]:
         elif key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            trl_class = {"train": "DPOConfig", "model": "ModelConfig"}.get(node)
+            trl_class = trl_name(cls) if node in ("train", "model") else None
             what = f"not a {trl_class} field" if trl_class else f"unknown {node} key"
             problems.append(f"{node}.{key}: {what}{hint}")
     return problems
+
+
+def trl_name(cls) -> str:
+    """The TRL config class `cls` is or extends: DPOConfig for TrainArgs, ModelConfig for ModelArgs."""
+    return next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("trl"))
 
 
 SIMPLE = (bool, int, float, str, type(None))

@@ -32,6 +32,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from trl import RewardConfig
 
 from data_prep.io import write_text
 from dpo_recipes import ROOT, config, data, hub, reference, rundir, runs, schema, secrets, sweep, tokenize
@@ -54,7 +55,7 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
     """What happened to the data on its way to TRL: the tokenization path, a precomputed reference's
     cache, the rows TRL dropped for length (stop if none is left), the template's default system
     message; then the data report."""
-    context["tokenize"] = trainer.tokenize_log
+    context["tokenize"] = getattr(trainer, "tokenize_log", None)  # the reward model's: TRL's own path
     if hasattr(trainer, "ref_logps_cache"):
         context["reference"]["precomputed"] = trainer.ref_logps_cache
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
@@ -71,15 +72,23 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
             continue
         counts = context["dataset"][split]  # from row_counts()
         counts["rows_kept_by_trl"] = len(after)
-        dropped = data_report[split]["trl_dropped_prompt_too_long"] = len(before) - len(after)
+        # DPOTrainer drops a row whose prompt alone reaches max_length; RewardTrainer one whose prompt and
+        # answer, either one, is longer
+        reward = isinstance(trainer.args, RewardConfig)
+        key, why = (
+            ("too_long", "prompt and answer exceed")
+            if reward
+            else ("prompt_too_long", "prompt alone reaches")
+        )
+        dropped = data_report[split][f"trl_dropped_{key}"] = len(before) - len(after)
         if dropped == len(before):
             raise DataError(
-                f"all {dropped} {split} rows have a prompt of at least train.max_length={max_length} tokens, "
+                f"all {dropped} {split} rows: their {why} train.max_length={max_length} tokens, "
                 f"so TRL would train on nothing; {fix}"
             )
         if dropped:
             print(
-                f"warning: TRL dropped {dropped} of {len(before)} {split} rows whose prompt alone reaches "
+                f"warning: TRL dropped {dropped} of {len(before)} {split} rows whose {why} "
                 f"train.max_length={max_length}; {fix}",
                 file=sys.stderr,
             )
@@ -142,7 +151,10 @@ def describe(
         "eval_source": report["eval"]["source"] if "eval" in report else None,
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
-        "reference": {"strategy": built.reference.strategy, "path": built.reference.path},
+        "task": built.task,
+        "reference": {"strategy": built.reference.strategy, "path": built.reference.path}
+        if built.task == "dpo"
+        else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -190,19 +202,33 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
             built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
         )
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        policy, ref_model, peft = reference.load(built)
-        trainer = Trainer(
-            model=policy,
-            ref_model=ref_model,
-            args=built.args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            processing_class=tokenizer,
-            peft_config=peft,
-            quantization_config=built.quantization if isinstance(policy, str) else None,
-            callbacks=[metrics, on_signal, on_non_finite],
-            judging=judging,
-        )
+        if built.task == "reward":  # a score head on the model, trained on the same pairs
+            from trl import RewardTrainer
+
+            trainer = RewardTrainer(
+                model=built.model.model_name_or_path,
+                args=built.args,
+                train_dataset=train_set,
+                eval_dataset=eval_set,
+                processing_class=tokenizer,
+                peft_config=built.peft,
+                quantization_config=built.quantization,
+                callbacks=[metrics, on_signal, on_non_finite],
+            )
+        else:
+            policy, ref_model, peft = reference.load(built)
+            trainer = Trainer(
+                model=policy,
+                ref_model=ref_model,
+                args=built.args,
+                train_dataset=train_set,
+                eval_dataset=eval_set,
+                processing_class=tokenizer,
+                peft_config=peft,
+                quantization_config=built.quantization if isinstance(policy, str) else None,
+                callbacks=[metrics, on_signal, on_non_finite],
+                judging=judging,
+            )
     note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
     if plan.message and plan.action != "replace":
         print(plan.message, file=sys.stderr)

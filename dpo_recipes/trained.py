@@ -30,6 +30,20 @@ class Run:
         return bool(self.config["model"].get("use_peft"))
 
     @property
+    def task(self) -> str:
+        return self.summary.get("task") or "dpo"  # runs from before task=reward trained DPO
+
+    @property
+    def generates(self) -> "Run":
+        """This run, if it trained a model that writes answers; a reward model's run says what to do."""
+        if self.task == "reward":
+            raise RunError(
+                f"{self.dir} holds a reward model, which scores answers and writes none: judge a DPO run "
+                f'with it, `make eval RUN=<a DPO run> ARGS="--judge {self.weights}"` (a LoRA one exported first)'
+            )
+        return self
+
+    @property
     def beta(self) -> float:
         return self.config["train"].get("beta", DPOConfig.beta)  # TRL's default where the run set none
 
@@ -101,14 +115,16 @@ def best(run: Run) -> Run:
     return Run(run.dir, run.summary, checkpoint)
 
 
-def _load(path: str, dtype: str, key: str, flags: dict, quantization=None):
+def _load(path: str, dtype: str, key: str, flags: dict, quantization=None, task: str = "dpo"):
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    auto = "AutoModelForSequenceClassification" if task == "reward" else "AutoModelForCausalLM"
     with hub.fetching("model", path, key):
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype, "auto"), quantization_config=quantization, **flags
-        )
+        model = getattr(transformers, auto).from_pretrained(
+            path, dtype=getattr(torch, dtype, "auto"), quantization_config=quantization, **flags,
+            **({"num_labels": 1} if task == "reward" else {}),  # one score, as RewardTrainer made it
+        )  # fmt: skip
     return (model if quantization else model.to("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
@@ -123,15 +139,14 @@ def base(run: Run, dtype: str | None = None, as_trained: bool = False):
 
         quantization = get_quantization_config(ModelArgs(**model))
     flags = run.flags(model.get("model_revision"))
-    return _load(
-        model["model_name_or_path"], dtype or run.dtype, "model.model_name_or_path", flags, quantization
-    )
+    path = model["model_name_or_path"]
+    return _load(path, dtype or run.dtype, "model.model_name_or_path", flags, quantization, run.task)
 
 
 def policy(run: Run):
     """The trained model: the base (as trained) with the run's adapter, or the run's own weights."""
     if not run.lora:
-        return _load(str(run.weights), run.dtype, "RUN", run.flags())
+        return _load(str(run.weights), run.dtype, "RUN", run.flags(), task=run.task)
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base(run, as_trained=True), run.weights).eval()

@@ -10,9 +10,9 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from dpo_recipes import config, rules
+from dpo_recipes import config, rules, schema
 
-# TRL's DPOConfig refuses bf16 where no GPU is visible: a GPU recipe is built here as on a CPU, said so.
+# TRL's DPOConfig (RewardConfig) refuses bf16 where no GPU is visible: a GPU recipe is built here as on a CPU, said so.
 CPU_STAND_IN = ["train.bf16=false", "train.fp16=false"]
 
 
@@ -36,10 +36,11 @@ def main(argv: list[str]) -> int:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     peft = type(built.peft).__name__ if built.peft else "no PEFT"
     quantization = type(built.quantization).__name__ if built.quantization else "no quantization"
-    print(f"recipe {recipe}: DPOConfig, ModelConfig, {peft}, {quantization} built; no weights loaded")
+    args = schema.trl_name(type(built.args))
+    print(f"recipe {recipe}: {args}, ModelConfig, {peft}, {quantization} built; no weights loaded")
     if here:
         print(
-            f"note: no CUDA GPU here, so DPOConfig was built with {' '.join(here)}; to train here add hardware=cpu"
+            f"note: no CUDA GPU here, so {args} was built with {' '.join(here)}; to train here add hardware=cpu"
         )
     return 0
 

@@ -39,11 +39,11 @@ TOY = str(ROOT / "data" / "toy" / "train.jsonl")
 TOKEN = "hf_" + "a1B2" * 9  # the shape of a Hugging Face token, not one
 
 
-def view(train=None, model=None, choices=None, **ours) -> rules.View:
+def view(train=None, model=None, choices=None, task="dpo", **ours) -> rules.View:
     """A View built by hand, as rules.read() gives one for a composed config."""
     nodes = {"train": train or {}, "model": model or {}} | {name: ours.get(name, {}) for name in OURS}
     typed = {name: cls(**nodes[name]) for name, cls in OURS.items() if name != "sweep_report"}
-    return rules.View(nodes, **typed, choices=choices or {}, shipped={}, raw=nodes)
+    return rules.View(nodes, task, **typed, choices=choices or {}, shipped={}, raw=nodes)
 
 
 # rule -> a view that breaks it, and the words of its problem
@@ -74,6 +74,7 @@ CASES = {
         "train.share_prompt: attention 'flash_attention_2' cannot take the mask",
     ),
     "judge": (dict(judge={"kind": "pairwise"}), "judge.path: judge.kind=pairwise needs"),
+    "task": (dict(task="reward", choices={"loss": "sigmoid"}), "loss=sigmoid: task=reward trains a reward"),
     "deepspeed": (dict(hardware={"engine": "deepspeed"}, choices={"hardware": "zero3"}), "needs DeepSpeed"),
     "gpu": (dict(train={"bf16": True}), "add the override hardware=cpu"),
     "processes": (dict(hardware={"engine": "ddp"}, choices={"hardware": "ddp"}), "HARDWARE=ddp NPROC="),
@@ -493,6 +494,31 @@ def test_a_sweep_into_an_earlier_sweeps_dir_with_other_overrides_is_refused(tmp_
     assert (
         rundir.sweep_changes([*task, "model=tiny_llama_full", f"hydra.sweep.dir={tmp_path / 'new'}"]) is None
     )
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["task=rewards"], "task: 'rewards' is none of dpo, reward"),
+        (["loss=ipo"], "train.loss_type: not a RewardConfig field"),
+        (["loss=ipo"], "loss=ipo: task=reward trains a reward model"),
+        (["model=tiny_llama_lora"], "model.lora_task_type: a LoRA reward model needs SEQ_CLS"),
+        (["judge=tiny", "judge.every=10"], "judge.every: a reward model generates no answers"),
+        (["train.beta=0.1"], "train.beta: not a RewardConfig field"),
+    ],
+)
+def test_a_reward_model_recipe_reads_train_as_rewardconfig_and_refuses_dpo_options(
+    overrides, words, tmp_path
+):
+    built = config.build(config.compose(["recipes=tiny_reward_model"])[0], tmp_path)
+    assert (
+        built.task == "reward"
+        and type(built.args).__name__ == "RewardConfig"
+        and built.args.learning_rate == 3e-4
+    )
+    with pytest.raises(config.ConfigError) as err:
+        config.check(config.compose(["recipes=tiny_reward_model", *overrides])[0])
+    assert words in str(err.value), err.value
 
 
 @pytest.mark.parametrize(

@@ -191,10 +191,10 @@ def test_batched_generation_gives_the_one_prompt_at_a_time_answers(default_run):
 
 
 @pytest.mark.slow
-def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step(tmp_path):
+def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step(tmp_path, default_run):
     """judge.every=50 on the default recipe (150 steps): a win-rate column with its interval at steps
-    50, 100, 150; the best judged step's checkpoint kept through save_total_limit=1; `--checkpoint best`
-    exports it."""
+    50, 100, 150; the training itself the default run's, loss for loss; the best judged step's checkpoint
+    kept through save_total_limit=1; `--checkpoint best` exports it."""
     import csv
 
     from conftest import python_m, run
@@ -203,6 +203,8 @@ def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step
     rows = list(csv.DictReader((metrics / "training_metrics.csv").open()))
     judged = {int(r["step"]): float(r["eval_judge/win_rate"]) for r in rows if r.get("eval_judge/win_rate")}
     assert list(judged) == [50, 100, 150], judged
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in default_run[0].state.log_history if "loss" in e]
     for r in rows:
         if r.get("eval_judge/win_rate"):
             assert (
@@ -233,3 +235,31 @@ def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step
     assert (
         done.returncode == 2 and "trained with judge.every=N" in done.stderr and not (tmp_path / "y").exists()
     )
+
+
+@pytest.mark.slow
+def test_the_reward_model_recipe_trains_a_judge(tmp_path):
+    """`make train RECIPE=tiny_reward_model`: RewardTrainer through the same groups, the same metrics
+    files with eval accuracy; the run dir judges, preferring the data's chosen answer on the toy eval
+    pairs; samples and eval refuse it with what to do instead."""
+    from conftest import python_m, run
+
+    trainer, metrics = run(tmp_path, ["recipes=tiny_reward_model"])
+    assert type(trainer).__name__ == "RewardTrainer"
+    for name in ("training_metrics.csv", "training_curves.png", "summary.json", "log_history.json"):
+        assert (metrics / name).exists(), name
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["task"] == "reward" and summary["reference"] is None
+    assert summary["final"]["eval_accuracy"] >= 0.95 and summary["best"]["eval_accuracy"]["value"] >= 0.95
+    assert "eval_accuracy" in (metrics / "training_metrics.csv").read_text().splitlines()[0]
+    rows = toy_eval_rows()
+    judge = judges.load("reward", str(metrics.parent))
+    prefs, _ = judge.prefer(
+        [r["prompt"] for r in rows],
+        [judges.text(r["chosen"]) for r in rows],
+        [judges.text(r["rejected"]) for r in rows],
+    )
+    assert judges.outcomes(prefs).mean() >= 0.95
+    for module in ("dpo_recipes.samples", "dpo_recipes.evaluate"):
+        done = python_m(module, str(metrics.parent))
+        assert done.returncode == 2 and "holds a reward model, which scores answers" in done.stderr

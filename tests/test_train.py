@@ -102,7 +102,7 @@ def test_every_recipe_smoke_trains_on_the_tiny_model(recipe, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert (metrics / "summary.json").exists()
-    if trainer.ref_model is not None:  # full fine-tuning: a separate copy, run without grad
+    if getattr(trainer, "ref_model", None) is not None:  # full fine-tuning DPO: a separate copy, no grad
         assert trainer.ref_model is not trainer.model
         assert all(p.grad is None for p in trainer.ref_model.parameters())
 
