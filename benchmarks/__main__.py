@@ -11,7 +11,19 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from benchmarks import data_prep, gpu, jobs, memory, overhead, share, spread, step, sweep, tokenization
+from benchmarks import (
+    data_prep,
+    evaluation,
+    gpu,
+    jobs,
+    memory,
+    overhead,
+    share,
+    spread,
+    step,
+    sweep,
+    tokenization,
+)
 from data_prep.io import write_text
 from dpo_recipes import ROOT
 
@@ -31,6 +43,7 @@ BENCHMARKS = {
         step,
     ),
     "share": ("Share: the prompt computed once per pair vs TRL as shipped (tiny Llama)", share),
+    "eval": ("Eval: `make eval`'s generation, batched vs one prompt at a time (tiny Llama)", evaluation),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
 }
 # Run only when named: `make bench-gpu` is `python -m benchmarks gpu`; the spread takes about 40 minutes.

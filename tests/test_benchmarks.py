@@ -1,4 +1,4 @@
-"""The GPU benchmark's script runs at the tiny Qwen's shape on CPU, so it cannot rot unnoticed."""
+"""Benchmark scripts run (the GPU one at the tiny Qwen's shape on CPU), so they cannot rot unnoticed."""
 
 import math
 
@@ -68,3 +68,14 @@ def test_the_plain_trl_baseline_trains_what_the_default_recipe_does(tmp_path):
         if key not in ("disable_tqdm", "model_init_kwargs"):
             assert getattr(built.args, key) == value, key
     assert {k: getattr(built.peft, k) for k in settings["lora"]} == settings["lora"]
+
+
+@pytest.mark.slow
+def test_the_eval_bench_times_both_ways_on_the_same_answers(monkeypatch):
+    from benchmarks import evaluation
+
+    monkeypatch.setattr(evaluation, "PROMPTS", 8)
+    result = evaluation.run(repeats=1)
+    assert result["same_answers"] and result["prompts"] == 8
+    assert set(result["prompts_per_s"]) == set(evaluation.BATCHES)
+    assert "| batched (16) |" in evaluation.table(result)
