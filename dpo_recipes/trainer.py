@@ -2,8 +2,8 @@
 (tokenize.py), a stable fingerprint on the tokenized data, so that later runs (a sweep's jobs) find
 it and any precomputed reference log-probs again, with a note of whether they did, a CPU log-prob
 head that scores only the positions that have a label, in tiles that fit the cache, padding-free
-batches (`train.padding_free=true`: each micro-batch's sequences packed into one row) and each pair's
-prompt computed once (`train.share_prompt=true`)."""
+batches (`train.padding_free=true`: each micro-batch's sequences packed into one row), each pair's
+prompt computed once (`train.share_prompt=true`), and a judge at evaluations (`judge.every`)."""
 
 import inspect
 import os
