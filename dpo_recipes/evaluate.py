@@ -10,7 +10,6 @@ python -m dpo_recipes.evaluate <run dir> [--n 64] [--judge PATH --kind reward|pa
 The judge is the run's `judge` option (judge=tiny on the tiny recipes) unless --judge names another.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -210,23 +209,14 @@ def write(run: trained.Run, report: dict, prompts: list, policy: list[str], per_
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dpo_recipes.evaluate", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("run", help="the run dir (outputs/<recipe>/<time> or the RUN name's dir)")
-    parser.add_argument("--n", type=int, default=64, help="how many held-out prompts (default 64)")
-    parser.add_argument("--prompts", help="prompts from this file instead of the run's eval set")
+    parser = samples.parser("dpo_recipes.evaluate", __doc__, 64)
     parser.add_argument(
         "--judge", help="a reward model (or, with --kind pairwise, a causal LM): folder or hub id"
     )
     parser.add_argument("--kind", choices=judges.KINDS, help="with --judge: reward (default) or pairwise")
     parser.add_argument("--judge-revision")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--samples", type=int, default=1, help="answers a prompt when sampling")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="use a stopped run's newest checkpoint")
     options = parser.parse_args(argv)
     if options.judge and not options.kind:
         options.kind = "reward"

@@ -162,18 +162,21 @@ def markdown(run: trained.Run, samples: list[dict], rates: dict | None, options)
     return "\n".join(lines) + "\n"
 
 
+def parser(module: str, doc: str, n: int) -> argparse.ArgumentParser:
+    """The options `make samples` and `make eval` share: the run, its prompts and the decoding."""
+    found = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    found.add_argument("run", help="the run dir (outputs/<recipe>/<time> or the RUN name's dir)")
+    found.add_argument("--n", type=int, default=n, help=f"how many held-out prompts (default {n})")
+    found.add_argument("--prompts", help="prompts from this file instead of the run's eval set")
+    found.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    found.add_argument("--max-new-tokens", type=int, default=128)
+    found.add_argument("--seed", type=int, default=0)
+    found.add_argument("--force", action="store_true", help="use a stopped run's newest checkpoint")
+    return found
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dpo_recipes.samples", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("run", help="the run dir (outputs/<recipe>/<time> or the RUN name's dir)")
-    parser.add_argument("--n", type=int, default=16, help="how many prompts (default 16)")
-    parser.add_argument("--prompts", help="prompts from this file instead of the run's eval set")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="use a stopped run's newest checkpoint")
-    options = parser.parse_args(argv)
+    options = parser("dpo_recipes.samples", __doc__, 16).parse_args(argv)
     try:
         run = trained.open_run(options.run, options.force).generates
         rows = prompts(run, options.prompts)
