@@ -352,6 +352,20 @@ def task(v: View) -> list[str]:
     return found
 
 
+def memory(v: View) -> list[str]:
+    found, hardware = [], v.hardware
+    if hardware.memory_gb is not None and hardware.memory_gb <= 0:
+        found.append(
+            f"hardware.memory_gb: {hardware.memory_gb} is no card's memory; give GiB per GPU, e.g. 24 or 80"
+        )
+    if hardware.micro_batch == "auto" and v.task != "dpo":
+        found.append(
+            f"hardware.micro_batch=auto: memory is predicted for DPO runs only; with task={v.task} set "
+            "train.per_device_train_batch_size"
+        )
+    return found
+
+
 RULES = {
     "template": template,
     "data_source": data_source,
@@ -368,6 +382,7 @@ RULES = {
     "share_prompt": share_prompt,
     "judge": judge,
     "task": task,
+    "memory": memory,
 }
 
 

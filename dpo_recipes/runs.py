@@ -83,10 +83,11 @@ def exit_code(err: Exception) -> int | None:
     launch exits with the code the run's summary gives (launch.outcome)."""
     from dpo_recipes.data import DataError
     from dpo_recipes.hub import Unreachable
+    from dpo_recipes.memory import TooBig
 
     if isinstance(err, Stopped):
         return 0 if launched_with() else err.exit_code
-    return 2 if isinstance(err, ConfigError | DataError | Unreachable) else None
+    return 2 if isinstance(err, ConfigError | DataError | Unreachable | TooBig) else None
 
 
 class StopOnSignal(TrainerCallback):

@@ -105,6 +105,8 @@ class HardwareSchema:
     engine: Literal["single", "ddp", "deepspeed", "fsdp"] = "single"  # all but single: accelerate launch
     accelerate_config: str | None = None  # the accelerate config file `make train NPROC=...` launches with
     zero_stage: int | None = None  # DeepSpeed's ZeRO stage, on the options that use it
+    memory_gb: float | None = None  # per GPU, to plan for: the visible GPU's by default (memory.py)
+    micro_batch: Literal["auto"] | None = None  # auto: the largest that fits, same effective batch
 
 
 @dataclass

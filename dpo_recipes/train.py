@@ -35,7 +35,20 @@ from omegaconf import DictConfig, OmegaConf
 from trl import RewardConfig
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, data, hub, reference, rundir, runs, schema, secrets, sweep, tokenize
+from dpo_recipes import (
+    ROOT,
+    config,
+    data,
+    hub,
+    memory,
+    reference,
+    rundir,
+    runs,
+    schema,
+    secrets,
+    sweep,
+    tokenize,
+)
 from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
@@ -173,6 +186,12 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     plan = plan or rundir.fresh(run_dir, built.run)
     if plan.action in ("refuse", "skip"):
         raise config.ConfigError([plan.message])
+    with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
+        predicted, lines = memory.preflight(
+            built, rundir.world()
+        )  # before any weight loads or file is written
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(lines))
     rundir.start(plan, launch_record(cfg))
     use_logger(built.logger, run_dir)
 
@@ -191,6 +210,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     context = {
         **describe(cfg, built, recipe, run_dir, (train_set, eval_set), data_report),
         "torch_threads": threads,
+        "memory": predicted,
     }
     metrics = MetricsCallback(run_dir / "dpo_metrics", context)
     on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(built.run.nan_patience)
@@ -229,6 +249,8 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
                 callbacks=[metrics, on_signal, on_non_finite],
                 judging=judging,
             )
+    if predicted is not None:
+        trainer.add_callback(memory.Measured(trainer, predicted))
     note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
     if plan.message and plan.action != "replace":
         print(plan.message, file=sys.stderr)

@@ -1,6 +1,7 @@
-"""Check a recipe without loading weights: compose, build every TRL object, print the resolved config.
+"""Check a recipe without loading weights: compose, build every TRL object, print the resolved config,
+then the predicted peak memory and whether it fits (memory.py; plan for another card with memory_gb).
 
-python -m dpo_recipes.validate recipes=qwen7b_lora_dpo [overrides...]
+python -m dpo_recipes.validate recipes=qwen7b_lora_dpo [hardware.memory_gb=80] [overrides...]
 """
 
 import sys
@@ -10,7 +11,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from dpo_recipes import config, rules, schema
+from dpo_recipes import config, hub, memory, rules, schema
 
 # TRL's DPOConfig (RewardConfig) refuses bf16 where no GPU is visible: a GPU recipe is built here as on a CPU, said so.
 CPU_STAND_IN = ["train.bf16=false", "train.fp16=false"]
@@ -25,7 +26,7 @@ def overrides_here(cfg) -> list[str]:
 def main(argv: list[str]) -> int:
     try:
         cfg, recipe = config.compose(argv)
-        here = overrides_here(cfg)
+        here, asked = overrides_here(cfg), cfg
         if here:
             cfg, recipe = config.compose([*argv, *here])
         with tempfile.TemporaryDirectory() as scratch:
@@ -33,6 +34,14 @@ def main(argv: list[str]) -> int:
     except (config.ConfigError, HydraException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        half = asked.train.get("bf16") or asked.train.get("fp16")  # as the GPU runs it, not the stand-in
+        mixed = {"mixed": torch.bfloat16 if asked.train.get("bf16") else torch.float16} if half else {}
+        _, fit = memory.preflight(built, **mixed)
+    except (memory.TooBig, hub.Unreachable) as err:
+        fit, refused = [], err
+    else:
+        refused = None
     print(OmegaConf.to_yaml(cfg, resolve=True))
     peft = type(built.peft).__name__ if built.peft else "no PEFT"
     quantization = type(built.quantization).__name__ if built.quantization else "no quantization"
@@ -42,6 +51,10 @@ def main(argv: list[str]) -> int:
         print(
             f"note: no CUDA GPU here, so {args} was built with {' '.join(here)}; to train here add hardware=cpu"
         )
+    print("\n".join(fit))
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,656 @@
+"""Will it fit? A DPO step's peak accelerator memory, predicted before any weight loads, from the model's
+config.json alone.
+
+How: two training steps of the real architecture (TRL's fused log-prob head on it, the PEFT adapter,
+checkpointing, the reference pass, the run's optimizer) run on fake tensors, which have shapes and dtypes
+but no data or memory (PyTorch's FakeTensorMode), under PyTorch's MemTracker, at the run's micro-batch and
+sequence length. Decoder layers repeat, so traces of two and of three layers give the whole model's peak
+(a 7B model takes seconds). What a CPU trace cannot show is added by formula: 4-bit weights, ZeRO/FSDP
+sharding, the CUDA allocator's cache and context. Every run also measures its real peak (the same tracker
+on CPU, torch.cuda's counter on GPU) and records it beside the prediction in summary.json.
+"""
+
+import copy
+import dataclasses
+import json
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import TrainerCallback
+
+MB = 2**20
+# The error measured on CPU is within 10% (tests/test_memory.py): within it of the budget, a warning.
+MARGIN = 0.10
+# CUDA only: the caching allocator's reserve over its allocated peak, and the context and cuBLAS
+# workspaces that no tensor accounts for.
+ALLOCATOR_SHARE = 0.08
+CUDA_CONTEXT_MB = 1024
+NF4_BYTES = 0.5 + 0.016  # a 4-bit weight and its double-quantized block scales, bytes per weight
+# TRL's fused head scores these per-token outputs for DPO (dpo_trainer.py); WPO adds log_sum_sq_probs.
+HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+KINDS = {  # MemTracker's kinds, as the breakdown names them
+    "Parameter": "weights",
+    "Buffer": "weights",
+    "Gradient": "gradients",
+    "Optstate": "optimizer states",
+    "Activation": "activations",
+    "Temp": "temporaries (log-prob head, backward)",
+    "Other": "activations",
+}
+
+
+class _NoHook:
+    def remove(self):
+        pass
+
+
+class Tracker(MemTracker):
+    """MemTracker's totals by kind of memory, without its per-module statistics (they refuse a module run
+    twice in one step, as the policy's modules are for an adapter's reference pass)."""
+
+    def _pre_fw_hook(self, module, inputs):
+        pass
+
+    def _post_fw_hook(self, module, inputs, outputs):
+        pass
+
+    def _pre_bw_hook(self, module, args):
+        pass
+
+    def _post_bw_hook(self, module, args):
+        pass
+
+    def watch(self, *modules, optimizer=None) -> "Tracker":
+        """Track the weights, gradients and optimizer states made before the tracker was entered."""
+        for module in filter(None, modules):
+            for param in module.parameters():
+                if not param.requires_grad:  # MemTracker hooks each weight's gradient; a frozen one has none
+                    self._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+            self._track_module_params_and_buffers(module, install_grad_hooks=True)
+        if optimizer is not None:
+            self.track_external(optimizer)
+        return self
+
+    def restart_peak(self) -> dict[str, int]:
+        """The peak so far; the next peak is counted from now."""
+        found = self.peak()
+        self._peak_mem_snap = self.get_tracker_snapshot("current")
+        self._peak_mem = {dev: snap["Total"] for dev, snap in self._peak_mem_snap.items()}
+        return found
+
+    def peak(self, which: str = "peak") -> dict[str, int]:
+        """Bytes by kind at the peak (or `which`: current), summed over devices, with "Total"."""
+        found: dict[str, int] = {}
+        for snapshot in self.get_tracker_snapshot(which).values():
+            for kind, size in snapshot.items():
+                name = getattr(kind, "value", kind)
+                found[name] = found.get(name, 0) + size
+        return found
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a step's memory depends on, read from a built run; no weights."""
+
+    config: object  # the model's transformers config (config.json)
+    dtype: torch.dtype  # of the loaded weights
+    lora: object | None  # peft.LoraConfig
+    four_bit: bool
+    checkpointing: bool
+    reference: str  # the resolved strategy
+    batch: int  # pairs per micro-batch
+    length: int  # tokens per sequence (prompt and answer)
+    args: object  # the DPOConfig: its optimizer
+    mixed: torch.dtype | None  # autocast's dtype (bf16, fp16), if any
+    cuda: bool
+    engine: str = "single"  # hardware.engine
+    zero_stage: int | None = None
+    processes: int = 1
+    offload: bool = False
+
+
+def _layers(config, n: int):
+    """`config` with its first n decoder layers."""
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    text.num_hidden_layers = n
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:n]
+    return config
+
+
+@contextmanager
+def _head(cuda: bool):
+    """TRL's fused head as the target device runs it: on CUDA its default tiles, the Triton fold and an
+    fp32-output matmul into the gradient, which allocate nothing (so they are skipped here); on CPU the
+    CPU head's tiles (trainer.cpu_head). Every position is scored: a fake tensor cannot count the
+    labelled ones."""
+    import trl.kernels.chunked_logprob as chunked
+    import trl.trainer.utils as trl_utils
+
+    from dpo_recipes.trainer import CPU_TILE
+
+    saved = (
+        trl_utils._use_triton,
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+        chunked.TOKEN_CHUNK_SIZE,
+        chunked._forward_tile,
+        chunked._backward_tile,
+        chunked._addmm_fp32,
+    )
+    trl_utils._use_triton = chunked._use_triton = lambda device: False
+    if cuda:
+        chunked._forward_tile = chunked._backward_tile = chunked._addmm_fp32 = lambda *args, **kwargs: None
+    else:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, chunked.TOKEN_CHUNK_SIZE = (
+            CPU_TILE["VOCAB"],
+            CPU_TILE["TOKENS"],
+        )
+        chunked._forward_tile, chunked._backward_tile = _once(saved[3]), _once(saved[4])
+    try:
+        yield
+    finally:
+        (
+            trl_utils._use_triton,
+            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+            chunked.TOKEN_CHUNK_SIZE,
+            chunked._forward_tile,
+            chunked._backward_tile,
+            chunked._addmm_fp32,
+        ) = saved
+        chunked._use_triton = saved[0]
+
+
+def _once(fold):
+    """`fold` run on its first tile only: every tile's temporaries are alike and freed before the next,
+    so one shows the peak, and a 152k vocabulary's hundreds of tiles trace in a moment."""
+    calls = []
+
+    def first(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            fold(*args, **kwargs)
+
+    return first
+
+
+def _fake_models(shape: Shape, layers: int):
+    """Policy and reference (None where the policy's own weights serve) on fake tensors."""
+    from peft import get_peft_model
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    config = _layers(shape.config, layers)
+    with torch.device("meta"):  # PEFT moves fake tensors in ways they refuse; built on meta, then faked
+        model = AutoModelForCausalLM.from_config(config, dtype=shape.dtype)
+        add_fused_lm_head(model, outputs=HEAD_OUTPUTS)
+        reference = None
+        if shape.reference in ("copy", "path"):  # path: assumed the policy's architecture
+            reference = AutoModelForCausalLM.from_config(config, dtype=shape.dtype).requires_grad_(False)
+            add_fused_lm_head(reference)
+        if shape.lora is not None:
+            lora = copy.deepcopy(shape.lora)  # PEFT writes the modules it found into the config it is given
+            model = get_peft_model(model, lora)
+            if shape.reference == "sft_adapter":
+                model.add_adapter("ref", copy.deepcopy(shape.lora))  # TRL's frozen copy of the adapter
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        model.to_empty(device="cpu")
+        if reference is not None:
+            reference.to_empty(device="cpu")
+    return fake, model, reference
+
+
+def trace(shape: Shape, layers: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Peak bytes by kind over a DPO step (not the first: with optimizer states) of the model cut to
+    `layers` decoder layers: until the backward reaches the first decoder layer (every layer's
+    activations held), and from there through the optimizer step (every layer's gradients held). Each
+    grows linearly with the layers, at its own rate."""
+    from transformers import Trainer
+
+    fake, model, reference = _fake_models(shape, layers)
+    with fake:
+        model.train()
+        if shape.checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if shape.lora is not None:
+                model.enable_input_require_grads()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(shape.args, model)
+        optimizer = optimizer_cls(trainable, **kwargs)
+        for param in trainable:  # the optimizer states of a first step: the step traced has them
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tracker = Tracker().watch(model, reference, optimizer=optimizer)
+        early = {}
+
+        def reached(grad):  # the backward reaches the first decoder layer's output
+            if not early:
+                early.update(tracker.restart_peak())
+
+        def mark(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.requires_grad:
+                hidden.register_hook(reached)
+
+        _decoder_layers(model, layers)[0].register_forward_hook(mark)
+        ids = torch.zeros(2 * shape.batch, shape.length, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        with ExitStack() as stack:
+            stack.enter_context(tracker)
+            stack.enter_context(_head(shape.cuda))
+            if shape.mixed is not None:
+                stack.enter_context(torch.autocast("cpu", dtype=shape.mixed))
+            _step(model, reference, shape, ids, mask)
+            optimizer.step()
+    return early, tracker.peak()
+
+
+def _decoder_layers(model, n: int) -> torch.nn.ModuleList:
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+
+
+def _step(model, reference, shape: Shape, ids, mask) -> None:
+    """The policy pass, the reference pass without gradients (TRL's order), the sigmoid loss, backward."""
+    logps = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True).log_probs.sum(1)
+    if shape.reference != "precomputed":
+        with torch.no_grad():
+            if reference is not None:
+                ref = reference(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+            else:
+                with model.disable_adapter():
+                    ref = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+        logps = logps - ref.log_probs.sum(1)
+    chosen, rejected = logps.chunk(2)
+    torch.nn.functional.logsigmoid(chosen - rejected).mean().neg().backward()
+
+
+def _quantized_linears(shape: Shape) -> tuple[int, int]:
+    """Weights of the decoder's linear layers (those 4-bit loading quantizes) and the largest one's."""
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(shape.config, dtype=shape.dtype)
+    sizes = [
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
+    ]
+    return sum(sizes), max(sizes, default=0)
+
+
+def _weight_bytes(shape: Shape) -> tuple[int, int]:
+    """Bytes of the policy's weights and of a separate reference's, in the loaded dtype."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape.config, dtype=shape.dtype)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size, size if shape.reference in ("copy", "path") else 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A predicted peak in MB and its parts, largest first."""
+
+    peak_mb: float
+    parts: dict[str, float]
+
+    def lines(self) -> list[str]:
+        width = max(map(len, self.parts))
+        return [f"  {name:<{width}}  {mb / 1024:8.2f} GiB" for name, mb in self.parts.items()]
+
+
+_PREDICTED: dict = {}  # shape's fields -> (shape, estimate): a plan asks for the same shape several times
+
+
+def predict(shape: Shape) -> Estimate:
+    key = tuple(id(v) if k in ("config", "lora", "args") else v for k, v in vars(shape).items())
+    if key not in _PREDICTED:
+        _PREDICTED[key] = shape, _predict(shape)
+    return _PREDICTED[key][1]
+
+
+def _predict(shape: Shape) -> Estimate:
+    """The step's peak, from traces of two and three decoder layers (the whole model where it has at
+    most three), with the formula terms the trace cannot show."""
+    layers = shape.config.get_text_config().num_hidden_layers
+    if layers <= 3:
+        phases = trace(shape, layers)
+    else:  # with two layers, the backward before the first layer holds a whole layer's like any depth
+        two, three = trace(shape, 2), trace(shape, 3)
+        phases = [
+            {k: a.get(k, 0) + (layers - 2) * (b.get(k, 0) - a.get(k, 0)) for k in {*a, *b}}
+            for a, b in zip(two, three, strict=True)
+        ]
+    peak = max(phases, key=lambda kinds: kinds["Total"])
+    parts: dict[str, float] = {}
+    policy, separate = _weight_bytes(shape)
+    for kind, size in peak.items():
+        if kind != "Total" and size > 0:
+            name = KINDS.get(kind, kind)
+            parts[name] = parts.get(name, 0) + size / MB
+    held = parts.pop("weights", 0)  # policy (and adapter), and a separate reference
+    parts["policy weights"] = held - separate / MB
+    if separate:
+        parts["reference weights"] = separate / MB
+    if shape.four_bit:  # loaded as 4-bit, used one layer at a time in the compute dtype
+        numel, largest = _quantized_linears(shape)
+        parts["policy weights"] -= numel * (shape.dtype.itemsize - NF4_BYTES) / MB
+        parts["temporaries (log-prob head, backward)"] += largest * shape.dtype.itemsize / MB
+    _shard(parts, shape, policy)
+    if shape.cuda:
+        parts["CUDA allocator and context"] = sum(parts.values()) * ALLOCATOR_SHARE + CUDA_CONTEXT_MB
+    parts = dict(sorted(((k, v) for k, v in parts.items() if v > 0.5), key=lambda kv: -kv[1]))
+    return Estimate(round(sum(parts.values()), 1), parts)
+
+
+def _shard(parts: dict, shape: Shape, policy_bytes: int) -> None:
+    """Per-GPU parts under data parallelism over `processes` GPUs: DDP adds gradient buckets; ZeRO-2
+    shards gradients and optimizer states; ZeRO-3 and FSDP shard the weights too and hold two gathered
+    layers at a time; offloading keeps weights and optimizer states in CPU memory."""
+    n = shape.processes
+    if shape.engine == "ddp" and n > 1:
+        parts["gradient buckets (DDP)"] = parts.get("gradients", 0)
+    stage = 3 if shape.engine == "fsdp" else shape.zero_stage if shape.engine == "deepspeed" else 0
+    sharded = {2: ["gradients", "optimizer states"]}.get(stage, [])
+    if stage == 3:
+        sharded = ["gradients", "optimizer states", "policy weights", "reference weights"]
+        layers = shape.config.get_text_config().num_hidden_layers
+        parts["gathered layers"] = 2 * policy_bytes / layers / MB
+    for name in sharded:
+        if name in parts:
+            parts[name] /= n
+    if shape.offload:
+        for name in ("policy weights", "reference weights", "optimizer states"):
+            parts.pop(name, None)
+
+
+# Configs of the shipped recipes' hub models, for planning on a machine that has not downloaded them
+# (assets/model_configs/README.md gives their source).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "model_configs"
+
+
+def model_config(name: str, revision: str | None = None):
+    """The model's config.json: a local folder, the hub cache or the hub, else the copy the project ships."""
+    from transformers import AutoConfig
+
+    from dpo_recipes import hub
+
+    shipped = SHIPPED_CONFIGS / name.replace("/", "--") / "config.json"
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, local_files_only=True)
+    except OSError:
+        if shipped.is_file():
+            return AutoConfig.from_pretrained(shipped.parent)
+    with hub.fetching("model", name, "model.model_name_or_path"):
+        return AutoConfig.from_pretrained(name, revision=revision)
+
+
+def data_length(dataset, max_length: int | None) -> int | None:
+    """The longest sequence the data can make, from the token counts `make prep` wrote beside a local file
+    (its report), capped at max_length; else max_length."""
+    report = Path(f"{dataset.path}.report.json") if dataset.path else None
+    try:
+        lengths = json.loads(report.read_text())["token_lengths"]
+        longest = lengths["prompt"]["max"] + max(lengths["chosen"]["max"], lengths["rejected"]["max"])
+    except (AttributeError, OSError, KeyError, TypeError, ValueError):
+        return max_length
+    return min(longest, max_length) if max_length else longest
+
+
+def shape_of(built, *, processes: int = 1, **changes) -> Shape:
+    """The Shape of a built DPO run (`changes`: fields to plan with instead, e.g. batch)."""
+    config = model_config(built.model.model_name_or_path, built.model.model_revision)
+    dtype = built.model.dtype
+    dtype = getattr(torch, dtype) if dtype not in (None, "auto") else getattr(config, "dtype", None)
+    args = built.args
+    return dataclasses.replace(
+        Shape(
+            config=config,
+            dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+            lora=built.peft,
+            four_bit=bool(built.model.load_in_4bit),
+            checkpointing=bool(args.activation_checkpointing),
+            reference=built.reference.strategy,
+            batch=args.per_device_train_batch_size,
+            length=data_length(built.dataset, args.max_length) or 1024,
+            args=args,
+            mixed=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None,
+            cuda=built.hardware.device == "cuda",
+            engine=built.hardware.engine,
+            zero_stage=built.hardware.zero_stage,
+            processes=processes,
+            offload="offload" in str(built.hardware.accelerate_config or ""),
+        ),
+        **changes,
+    )
+
+
+class Measured(TrainerCallback):
+    """The run's real peak beside the prediction, in `record` (summary.json's "memory"): on CUDA
+    torch.cuda's counter over the run; elsewhere the Tracker over the first two optimizer steps (with
+    the optimizer states made in the first), which is where a step's peak is."""
+
+    STEPS = 2
+
+    def __init__(self, trainer, record: dict):
+        self.trainer, self.record, self.tracker = trainer, record, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and self.tracker is None and args.device.type == "cpu":
+            trainer = self.trainer
+            self.tracker = Tracker().watch(trainer.model, trainer.ref_model, optimizer=trainer.optimizer)
+            self.tracker.__enter__()
+
+    def _stop(self):
+        if self.tracker is not None and "measured_peak_mb" not in self.record:
+            self.tracker.__exit__(None, None, None)
+            self.record["measured_peak_mb"] = round(self.tracker.peak().get("Total", 0) / MB, 1)
+            self.record["measured_by"] = f"MemTracker, steps 1-{self.STEPS}"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.STEPS:
+            self._stop()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stop()
+        if args.device.type == "cuda":
+            self.record["measured_peak_mb"] = round(torch.cuda.max_memory_allocated(args.device) / MB, 1)
+            self.record["measured_by"] = "torch.cuda.max_memory_allocated"
+
+
+def budget_mb(hardware) -> float | None:
+    """The memory a run may use: hardware.memory_gb (planning for another machine), else the visible
+    GPU's, for a GPU run; None for a CPU run without memory_gb."""
+    if hardware.memory_gb:
+        return hardware.memory_gb * 1024
+    if hardware.device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / MB
+    return None
+
+
+def _fits(shape: Shape, budget: float) -> tuple[bool, Estimate]:
+    estimate = predict(shape)
+    return estimate.peak_mb <= budget, estimate
+
+
+def largest_batch(shape: Shape, budget: float, effective: int) -> tuple[int, Estimate] | None:
+    """The largest micro-batch dividing the effective batch `effective` that fits, with its estimate. The
+    peak grows about linearly with the micro-batch: the first guess comes from micro-batches 1 and 2."""
+    one = predict(dataclasses.replace(shape, batch=1))
+    if one.peak_mb > budget:
+        return None
+    slope = max(predict(dataclasses.replace(shape, batch=2)).peak_mb - one.peak_mb, 1e-3)
+    guess = 1 + (budget - one.peak_mb) / slope
+    for batch in sorted(
+        (b for b in range(1, effective + 1) if effective % b == 0 and b <= guess), reverse=True
+    ):
+        ok, estimate = _fits(dataclasses.replace(shape, batch=batch), budget)
+        if ok:
+            return batch, estimate
+    return 1, one
+
+
+def fixes(shape: Shape, budget: float, effective: int) -> list[tuple[str, Estimate]]:
+    """Changes that would make a run fit, each with its estimate: those that keep the results first (a
+    smaller micro-batch, precomputed reference log-probs, checkpointing), then sharding over GPUs, 4-bit
+    weights, shorter sequences."""
+    found = []
+    if shape.batch > 1 and (best := largest_batch(shape, budget, effective)) and best[0] < shape.batch:
+        b = best[0]
+        found.append(
+            (
+                f"train.per_device_train_batch_size={b} train.gradient_accumulation_steps={effective // b}",
+                best[1],
+            )
+        )
+    candidates = []
+    if shape.reference != "precomputed":
+        candidates.append(("reference=precomputed", dict(reference="precomputed")))
+    if not shape.checkpointing:
+        candidates.append(("train.activation_checkpointing=true", dict(checkpointing=True)))
+    for n in (2, 4, 8):
+        candidates.append((f"hardware=zero3 NPROC={n}", dict(engine="deepspeed", zero_stage=3, processes=n)))
+    if not shape.four_bit and shape.cuda:
+        quantized = dict(four_bit=True, lora=shape.lora or _default_lora(), reference="adapter")
+        candidates.append(
+            ("QLoRA: model=qwen2_5_7b_qlora or model.use_peft=true model.load_in_4bit=true", quantized)
+        )
+    for length in (shape.length * 3 // 4, shape.length // 2, shape.length // 4):
+        candidates.append((f"train.max_length={length}", dict(length=length)))
+    sharded = False
+    for text, change in candidates:
+        if sharded and "NPROC" in text:
+            continue  # the fewest GPUs that fit
+        ok, estimate = _fits(dataclasses.replace(shape, **change), budget)
+        if ok:
+            found.append((text, estimate))
+            sharded = sharded or "NPROC" in text
+            if "max_length" in text:
+                break  # the longest that fits
+    return found
+
+
+def _default_lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+class TooBig(ValueError):
+    """A run predicted not to fit its memory, with the fixes that would."""
+
+
+def preflight(built, processes: int = 1, **changes) -> tuple[dict | None, list[str]]:
+    """Before any weight loads: the predicted peak of a DPO run, `hardware.micro_batch=auto` applied (the
+    run's batch fields set), and the verdict against its budget (budget_mb). Returns summary.json's record
+    and the lines to print; raises TooBig, listing the fixes, for a run predicted not to fit. `changes`:
+    Shape fields to plan with instead of the run's."""
+    if built.task != "dpo":
+        return None, []
+    args, budget = built.args, budget_mb(built.hardware)
+    shape = shape_of(built, processes=processes, **changes)
+    effective = shape.batch * args.gradient_accumulation_steps
+    lines = []
+    if built.hardware.micro_batch == "auto":
+        best = largest_batch(shape, budget, effective) if budget else None
+        if best:
+            args.per_device_train_batch_size, args.gradient_accumulation_steps = best[0], effective // best[0]
+            shape = dataclasses.replace(shape, batch=best[0])
+        lines.append(
+            f"hardware.micro_batch=auto: micro-batch {shape.batch} x accumulation "
+            f"{args.gradient_accumulation_steps}"
+            + ("" if budget else " as set (no budget: see hardware.memory_gb)")
+        )
+    estimate = predict(shape)
+    where = "per GPU" if shape.cuda else "in this process"
+    lines += [
+        f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {shape.batch} pairs "
+        f"of {shape.length} tokens, reference {shape.reference})",
+        *estimate.lines(),
+    ]
+    record = {
+        "predicted_peak_mb": estimate.peak_mb,
+        "budget_mb": round(budget) if budget else None,
+        "micro_batch": shape.batch,
+        "sequence_length": shape.length,
+        "breakdown_mb": {name: round(mb, 1) for name, mb in estimate.parts.items()},
+    }
+    if budget is None:
+        return record, [*lines, "no memory budget on this machine: add hardware.memory_gb=N for a verdict"]
+    gib = f"{budget / 1024:.0f} GiB"
+    if estimate.peak_mb > budget * (1 + MARGIN):
+        found = fixes(shape, budget, effective)
+        raise TooBig(
+            "\n".join(
+                [
+                    f"the run does not fit in {gib}: predicted {estimate.peak_mb / 1024:.1f} GiB; it would fit with"
+                    + (":" if found else " none of the usual fixes: use a smaller model or a larger card"),
+                    *(f"  {text}  ({e.peak_mb / 1024:.1f} GiB)" for text, e in found),
+                    *lines,
+                ]
+            )
+        )
+    if estimate.peak_mb > budget * (1 - MARGIN):
+        room = ["train.activation_checkpointing=true"] if not shape.checkpointing else []
+        room += ["a smaller micro-batch"] if shape.batch > 1 else ["a shorter train.max_length"]
+        lines.append(
+            f"warning: within {MARGIN:.0%} of {gib} (the prediction's error): it may run out of memory; "
+            f"{' or '.join(room)} leaves room"
+        )
+    else:
+        lines.append(f"fits in {gib} ({1 - estimate.peak_mb / budget:.0%} to spare)")
+    if built.hardware.micro_batch != "auto" and (best := largest_batch(shape, budget, effective)):
+        lines.append(
+            f"largest micro-batch that fits, same effective batch {effective}: {best[0]} x accumulation "
+            f"{effective // best[0]} ({best[1].peak_mb / 1024:.1f} GiB); hardware.micro_batch=auto picks it"
+        )
+    return record, lines
+
+
+CARDS_GB = (24, 48, 80, 141)
+README_TABLE = ("<!-- memory table: python -m dpo_recipes.memory -->", "<!-- end of memory table -->")
+
+
+def table(recipes: list[str], cards=CARDS_GB) -> str:
+    """The README's table: each recipe's predicted peak as shipped, and on each card the largest
+    micro-batch that fits at the same effective batch, with its peak."""
+    from dpo_recipes import config, validate
+
+    rows = [
+        f"| recipe | as shipped | {' | '.join(f'{gb} GB' for gb in cards)} |",
+        f"| --- | --- | {' | '.join('---' for _ in cards)} |",
+    ]
+    for recipe in recipes:
+        cfg, _ = config.compose([f"recipes={recipe}", *validate.CPU_STAND_IN])
+        built = config.build(cfg, "unused", machine=False)
+        shape = shape_of(built, mixed=torch.bfloat16)
+        accumulation = built.args.gradient_accumulation_steps
+        shipped = predict(shape)
+        cells = []
+        for gb in cards:
+            best = largest_batch(shape, gb * 1024, shape.batch * accumulation)
+            cells.append(f"{best[0]} ({best[1].peak_mb / 1024:.1f} GiB)" if best else "does not fit")
+        rows.append(
+            f"| `{recipe}` | {shape.batch} x {accumulation}, {shipped.peak_mb / 1024:.1f} GiB | {' | '.join(cells)} |"
+        )
+    return "\n".join(rows)
+
+
+def shipped_gpu_recipes() -> list[str]:
+    from dpo_recipes.schema import CONF_DIR
+
+    recipes = sorted(p.stem for p in (CONF_DIR.parent / "recipes").glob("qwen*.yaml"))
+    return [r for r in recipes if "reward" not in r]  # predicted for DPO steps only
+
+
+if __name__ == "__main__":
+    print(README_TABLE[0])
+    print(table(shipped_gpu_recipes()))
+    print(README_TABLE[1])

@@ -1,0 +1,187 @@
+"""Will it fit: the predicted peak against the peak measured on real tensors, the verdict and its fixes,
+hardware.micro_batch=auto, and the README's table."""
+
+import copy
+import dataclasses
+import json
+import random
+
+import pytest
+from conftest import run
+
+from dpo_recipes import ROOT, config, memory, rules, validate
+
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "stone",
+    "light",
+    "cloud",
+    "market",
+    "garden",
+    "window",
+    "silver",
+    "paper",
+    "music",
+]
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory):
+    """Short prompts, answers far longer than max_length: every sequence of every batch fills max_length,
+    the length the prediction plans for."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("long") / "train.jsonl"
+    with path.open("w") as f:
+        for i in range(64):
+            answers = [" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(2)]
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Question {i}: tell me a story.",
+                        "chosen": answers[0],
+                        "rejected": answers[1],
+                    }
+                )
+            )
+            f.write("\n")
+    return path
+
+
+def built(*overrides: str):
+    cfg, _ = config.compose(list(overrides))
+    return config.build(cfg, "unused", machine=False)
+
+
+# LoRA and full, each reference strategy that holds something different, checkpointing on and off,
+# micro-batch 1 and 4, on the tiny Llama and the tiny Qwen (Qwen2.5's 152k vocabulary)
+MEASURED = [
+    ("recipes=tiny_lora_dpo", "train.per_device_train_batch_size=1"),
+    ("recipes=tiny_lora_dpo", "train.per_device_train_batch_size=4", "train.activation_checkpointing=true"),
+    ("recipes=tiny_lora_dpo", "train.per_device_train_batch_size=4", "reference=precomputed"),
+    ("recipes=tiny_full_dpo", "train.per_device_train_batch_size=4"),
+    ("recipes=tiny_full_dpo", "train.per_device_train_batch_size=1", "reference=precomputed"),
+    ("recipes=tiny_full_dpo", "train.per_device_train_batch_size=4", "train.activation_checkpointing=true"),
+    ("recipes=qwen7b_lora_dpo", "+smoke=tiny_qwen", "train.per_device_train_batch_size=4"),
+    ("recipes=qwen7b_full_dpo", "+smoke=tiny_qwen", "train.per_device_train_batch_size=1"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", MEASURED, ids=lambda o: " ".join(o))
+def test_the_predicted_peak_is_within_10_percent_of_the_measured_one(overrides, long_rows, tmp_path):
+    """The run predicts its peak before weights load and measures it with the same tracker on the real
+    tensors of its first two steps; summary.json holds both."""
+    data = [
+        f"dataset.path={long_rows}",
+        "dataset.eval_path=null",
+        "dataset.format=trl",
+        "train.max_length=64",
+    ]
+    steps = ["train.max_steps=2", "train.eval_strategy=no", "train.save_strategy=no", "logger=none"]
+    _, metrics = run(tmp_path, [*overrides, *data, *steps])
+    record = json.loads((metrics / "summary.json").read_text())["memory"]
+    predicted, measured = record["predicted_peak_mb"], record["measured_peak_mb"]
+    assert record["measured_by"].startswith("MemTracker") and measured > 0
+    assert abs(predicted / measured - 1) <= 0.10, record
+    assert record["sequence_length"] == 64 and record["budget_mb"] is None
+
+
+def test_a_deep_model_predicted_from_two_and_three_layers_matches_its_whole_trace():
+    """The extrapolation: a 6-layer model's peak from traces of 2 and 3 layers equals tracing all 6, for
+    LoRA (its peak while activations are held) and full fine-tuning (its peak while gradients are)."""
+    for recipe in ("tiny_lora_dpo", "tiny_full_dpo"):
+        shape = memory.shape_of(
+            built(f"recipes={recipe}", "train.per_device_train_batch_size=2", "train.max_length=64")
+        )
+        deep = copy.deepcopy(shape.config)
+        deep.num_hidden_layers = 6
+        shape = dataclasses.replace(shape, config=deep)
+        whole = max(memory.trace(shape, 6), key=lambda kinds: kinds["Total"])["Total"] / memory.MB
+        assert memory.predict(shape).peak_mb == pytest.approx(whole, rel=0.01), recipe
+
+
+def test_prediction_leaves_the_runs_lora_config_as_it_was():
+    run_spec = built("recipes=tiny_lora_dpo")
+    targets = copy.deepcopy(run_spec.peft.target_modules)
+    memory.preflight(run_spec)
+    assert run_spec.peft.target_modules == targets  # PEFT rewrites the config it gets; the run's is kept
+
+
+@pytest.mark.slow  # no weights, but a 7B model's traces take seconds
+def test_validate_prints_the_breakdown_and_the_verdict_for_a_7b_recipe(capsys):
+    assert validate.main(["recipes=qwen7b_lora_dpo", "hardware.memory_gb=48"]) == 0
+    out = capsys.readouterr().out
+    for words in (
+        "predicted peak memory per GPU",
+        "policy weights",
+        "optimizer states",
+        "activations",
+        "CUDA allocator and context",
+        "fits in 48 GiB",
+        "largest micro-batch that fits, same effective batch 16",
+    ):
+        assert words in out
+
+
+@pytest.mark.slow
+def test_validate_of_a_run_that_cannot_fit_lists_fixes_that_would(capsys):
+    assert validate.main(["recipes=qwen7b_full_dpo", "hardware.memory_gb=24"]) == 2
+    err = capsys.readouterr().err
+    assert "the run does not fit in 24 GiB" in err
+    fixes = [line for line in err.splitlines() if line.startswith("  ") and line.endswith("GiB)")]
+    fixes = [line for line in fixes if "  (" in line]
+    assert fixes and any("hardware=zero3 NPROC=" in line for line in fixes)
+    assert all(float(line.rsplit("(", 1)[1].split()[0]) <= 24 for line in fixes)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_weights_load_or_its_dir_exists(tmp_path):
+    spec = built("recipes=tiny_lora_dpo")
+    eight = memory.predict(memory.shape_of(spec)).peak_mb
+    budget = f"hardware.memory_gb={eight * 0.6 / 1024:.4f}"  # micro-batch 8 does not fit; a smaller one does
+    with pytest.raises(memory.TooBig) as refused:
+        run(tmp_path, ["recipes=tiny_lora_dpo", budget])
+    message = str(refused.value)
+    assert "the run does not fit in" in message and "train.per_device_train_batch_size=" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_micro_batch_auto_takes_the_largest_that_fits_at_the_same_effective_batch():
+    shape = memory.shape_of(built("recipes=tiny_lora_dpo"))  # 8 x 1
+    two, four = (memory.predict(dataclasses.replace(shape, batch=b)).peak_mb for b in (2, 4))
+    budget = (two + four) / 2 / 1024
+    spec = built("recipes=tiny_lora_dpo", "hardware.micro_batch=auto", f"hardware.memory_gb={budget}")
+    record, lines = memory.preflight(spec)
+    assert (spec.args.per_device_train_batch_size, spec.args.gradient_accumulation_steps) == (2, 4)
+    assert record["micro_batch"] == 2 and "micro-batch 2 x accumulation 4" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "ratio, outcome",
+    [(1.20, "fits in"), (1.05, "warning: within 10%"), (0.95, "warning: within 10%"), (0.8, None)],
+)
+def test_the_verdict_near_the_limit_warns_and_beyond_it_refuses(ratio, outcome):
+    spec = built("recipes=tiny_lora_dpo", "train.per_device_train_batch_size=1", "train.max_length=64")
+    peak = memory.predict(memory.shape_of(spec)).peak_mb
+    spec.hardware.memory_gb = peak * ratio / 1024
+    if outcome is None:
+        with pytest.raises(memory.TooBig):
+            memory.preflight(spec)
+    else:
+        assert any(line.startswith(outcome) for line in memory.preflight(spec)[1])
+
+
+def test_a_reward_model_gets_no_prediction_and_cannot_ask_for_an_automatic_micro_batch():
+    assert memory.preflight(built("recipes=tiny_reward_model")) == (None, [])
+    cfg, _ = config.compose(["recipes=tiny_reward_model", "hardware.micro_batch=auto"])
+    assert any("memory is predicted for DPO runs only" in p for p in rules.problems(rules.read(cfg)))
+
+
+@pytest.mark.slow
+def test_the_readme_table_is_the_tools_output():
+    """Made by `python -m dpo_recipes.memory`; regenerate it there when a recipe or the model changes."""
+    readme = (ROOT / "README.md").read_text()
+    assert memory.table(memory.shipped_gpu_recipes()) in readme
