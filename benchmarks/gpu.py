@@ -3,7 +3,8 @@ bf16 weights built on the GPU, Qwen2.5's real tokenizer, nothing downloaded), on
 UltraFeedback's length, for a fixed number of optimizer steps, against a plain TRL script with the same
 settings (benchmarks/plain_trl.py). Variants: the recipe as shipped, `reference=precomputed`,
 `train.use_liger_kernel=true` (where liger-kernel is installed), and the largest micro-batch that fits
-with the same effective batch of 16.
+with the same effective batch of 16. Each of our runs' own memory prediction (memory.py) stands beside
+its measured `torch.cuda.max_memory_allocated`, with the error.
 
 Model FLOPs per optimizer step, with N the parameters that multiply activations (every linear layer
 and the LM head; not the embedding lookup), T the step's non-padding tokens (prompt + chosen and prompt
@@ -79,7 +80,25 @@ def timed(out: Path, target: list[str]) -> dict:
     return json.loads(result.read_text())
 
 
-def summarize(name: str, run: dict, shape: dict, passes: int, micro_batch: int, pairs: int) -> dict:
+def predicted_mb(run_dir: Path) -> float | None:
+    """The run's own prediction (summary.json's memory) of what torch.cuda.max_memory_allocated counts:
+    the predicted peak without the allocator's reserve and the context, which that counter leaves out."""
+    summary = run_dir / "dpo_metrics" / "summary.json"
+    record = json.loads(summary.read_text()).get("memory") if summary.exists() else None
+    if not record:
+        return None
+    return record["predicted_peak_mb"] - record["breakdown_mb"].get("CUDA allocator and context", 0)
+
+
+def summarize(
+    name: str,
+    run: dict,
+    shape: dict,
+    passes: int,
+    micro_batch: int,
+    pairs: int,
+    predicted: float | None = None,
+) -> dict:
     steps = run["step_s"] or [run["first_step_s"]]
     tokens = [b - a for a, b in zip([0, *run["num_tokens"]], run["num_tokens"], strict=False)]
     per_step = statistics.mean(tokens[1:] or tokens)  # the first step also pays the warm-up
@@ -93,6 +112,10 @@ def summarize(name: str, run: dict, shape: dict, passes: int, micro_batch: int, 
         "step_s": round(step, 3),
         "tokens_per_s": round(per_step / step),
         "peak_gpu_gb": round(run["peak_gpu_mb"] / 1024, 1) if run["peak_gpu_mb"] else None,
+        "predicted_gb": round(predicted / 1024, 1) if predicted else None,
+        "prediction_error": round(predicted / run["peak_gpu_mb"] - 1, 3)
+        if predicted and run["peak_gpu_mb"]
+        else None,
         "mfu": round(flops / step / peak, 3) if peak else None,
         "first_loss": run["loss"][0],
     }
@@ -146,8 +169,19 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
     for name, (cmd, passes, micro) in variants.items():
         if only and name not in only:
             continue
+        dir_ = Path(
+            next((c.split("=", 1)[1] for c in cmd if c.startswith("hydra.run.dir=")), scratch / "none")
+        )
         results.append(
-            summarize(name, timed(scratch / name.split()[0], cmd), shape, passes, micro, accumulation)
+            summarize(
+                name,
+                timed(scratch / name.split()[0], cmd),
+                shape,
+                passes,
+                micro,
+                accumulation,
+                predicted_mb(dir_),
+            )
         )
     for name, extra in (("", []), (", padding_free", ["++train.padding_free=true"]), (", both", BOTH)):
         largest = None
@@ -157,7 +191,15 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
             result = timed(scratch / f"mb{micro}{name}", ours(f"mb{micro}{name}", micro, *extra))
             if result is None:
                 break
-            largest = summarize(f"largest micro-batch that fits{name}", result, shape, 3, micro, accumulation)
+            largest = summarize(
+                f"largest micro-batch that fits{name}",
+                result,
+                shape,
+                3,
+                micro,
+                accumulation,
+                predicted_mb(scratch / f"mb{micro}{name}"),
+            )
         results += [largest] if largest else []
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU, fp32",
@@ -174,13 +216,17 @@ def table(result: dict) -> str:
         f"{result['shape']} shape on {result['device']}: the qwen7b_lora_dpo recipe (LoRA r64 all-linear, "
         f"max_length 2048), effective batch {result['effective_batch']}, {result['steps']} optimizer steps.",
         "",
-        "| run | micro-batch | step s | tokens/s | peak GPU GB | MFU |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| run | micro-batch | step s | tokens/s | peak GPU GB | predicted GB (error) | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["results"]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        error = r.get("prediction_error")
+        predicted = (
+            f"{r['predicted_gb']} ({error:+.1%})" if error is not None else r.get("predicted_gb") or "-"
+        )
         lines.append(
-            f"| {r['what']} | {r['micro_batch']} | {r['step_s']} | {r['tokens_per_s']:,} | {r['peak_gpu_gb'] or '-'} | {mfu} |"
+            f"| {r['what']} | {r['micro_batch']} | {r['step_s']} | {r['tokens_per_s']:,} | {r['peak_gpu_gb'] or '-'} | {predicted} | {mfu} |"
         )
     lines += [f"\nNot run: {s}" for s in result["skipped"]]
     return "\n".join(lines)

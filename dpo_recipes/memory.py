@@ -10,6 +10,7 @@ sharding, the CUDA allocator's cache and context. Every run also measures its re
 on CPU, torch.cuda's counter on GPU) and records it beside the prediction in summary.json.
 """
 
+import builtins
 import copy
 import dataclasses
 import json
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import TrainerCallback
+
+from dpo_recipes import hub
 
 MB = 2**20
 # The error measured on CPU is within 10% (tests/test_memory.py): within it of the budget, a warning.
@@ -96,6 +99,7 @@ class Shape:
     """What a step's memory depends on, read from a built run; no weights."""
 
     config: object  # the model's transformers config (config.json)
+    reference_config: object | None  # a reference=path model's, where it is another model
     dtype: torch.dtype  # of the loaded weights
     lora: object | None  # peft.LoraConfig
     four_bit: bool
@@ -149,10 +153,13 @@ def _head(cuda: bool):
             CPU_TILE["VOCAB"],
             CPU_TILE["TOKENS"],
         )
-        chunked._forward_tile, chunked._backward_tile = _once(saved[3]), _once(saved[4])
+    # Every tile's temporaries are alike and freed before the next: the first tile of each loop shows the
+    # peak, and a 152k vocabulary's thousands of tiles trace in a moment.
+    chunked.range = lambda *bounds: builtins.range(*bounds)[:1]
     try:
         yield
     finally:
+        del chunked.range
         (
             trl_utils._use_triton,
             trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
@@ -162,19 +169,6 @@ def _head(cuda: bool):
             chunked._addmm_fp32,
         ) = saved
         chunked._use_triton = saved[0]
-
-
-def _once(fold):
-    """`fold` run on its first tile only: every tile's temporaries are alike and freed before the next,
-    so one shows the peak, and a 152k vocabulary's hundreds of tiles trace in a moment."""
-    calls = []
-
-    def first(*args, **kwargs):
-        if not calls:
-            calls.append(1)
-            fold(*args, **kwargs)
-
-    return first
 
 
 def _fake_models(shape: Shape, layers: int):
@@ -189,8 +183,9 @@ def _fake_models(shape: Shape, layers: int):
         model = AutoModelForCausalLM.from_config(config, dtype=shape.dtype)
         add_fused_lm_head(model, outputs=HEAD_OUTPUTS)
         reference = None
-        if shape.reference in ("copy", "path"):  # path: assumed the policy's architecture
-            reference = AutoModelForCausalLM.from_config(config, dtype=shape.dtype).requires_grad_(False)
+        if shape.reference in ("copy", "path"):
+            own = _layers(shape.reference_config, layers) if shape.reference_config else config
+            reference = AutoModelForCausalLM.from_config(own, dtype=shape.dtype).requires_grad_(False)
             add_fused_lm_head(reference)
         if shape.lora is not None:
             lora = copy.deepcopy(shape.lora)  # PEFT writes the modules it found into the config it is given
@@ -288,10 +283,13 @@ def _weight_bytes(shape: Shape) -> tuple[int, int]:
     """Bytes of the policy's weights and of a separate reference's, in the loaded dtype."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(shape.config, dtype=shape.dtype)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return size, size if shape.reference in ("copy", "path") else 0
+    def size(config) -> int:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=shape.dtype)
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    separate = shape.reference in ("copy", "path")
+    return size(shape.config), size(shape.reference_config or shape.config) if separate else 0
 
 
 @dataclass(frozen=True)
@@ -376,11 +374,9 @@ def _shard(parts: dict, shape: Shape, policy_bytes: int) -> None:
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "model_configs"
 
 
-def model_config(name: str, revision: str | None = None):
+def model_config(name: str, revision: str | None = None, key: str = "model.model_name_or_path"):
     """The model's config.json: a local folder, the hub cache or the hub, else the copy the project ships."""
     from transformers import AutoConfig
-
-    from dpo_recipes import hub
 
     shipped = SHIPPED_CONFIGS / name.replace("/", "--") / "config.json"
     try:
@@ -388,7 +384,7 @@ def model_config(name: str, revision: str | None = None):
     except OSError:
         if shipped.is_file():
             return AutoConfig.from_pretrained(shipped.parent)
-    with hub.fetching("model", name, "model.model_name_or_path"):
+    with hub.fetching("model", name, key):
         return AutoConfig.from_pretrained(name, revision=revision)
 
 
@@ -409,12 +405,19 @@ def shape_of(built, *, processes: int = 1, **changes) -> Shape:
     config = model_config(built.model.model_name_or_path, built.model.model_revision)
     dtype = built.model.dtype
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else getattr(config, "dtype", None)
-    args = built.args
+    args, reference, lora = built.args, built.reference, built.peft
+    if reference.strategy == "sft_adapter":  # the policy is the SFT adapter, as saved
+        from peft import PeftConfig
+
+        lora = PeftConfig.from_pretrained(reference.path)
     return dataclasses.replace(
         Shape(
             config=config,
+            reference_config=model_config(reference.path, reference.revision, "reference.path")
+            if reference.strategy == "path"
+            else None,
             dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
-            lora=built.peft,
+            lora=lora,
             four_bit=bool(built.model.load_in_4bit),
             checkpointing=bool(args.activation_checkpointing),
             reference=built.reference.strategy,
@@ -434,32 +437,36 @@ def shape_of(built, *, processes: int = 1, **changes) -> Shape:
 
 class Measured(TrainerCallback):
     """The run's real peak beside the prediction, in `record` (summary.json's "memory"): on CUDA
-    torch.cuda's counter over the run; elsewhere the Tracker over the first two optimizer steps (with
-    the optimizer states made in the first), which is where a step's peak is."""
+    torch.cuda's counter over the run; on CPU the Tracker over the first two optimizer steps this process
+    runs (the second with the optimizer states), which is where a step's peak is. Sharded engines keep
+    their weights in forms the tracker does not follow: not measured on CPU."""
 
     STEPS = 2
 
-    def __init__(self, trainer, record: dict):
-        self.trainer, self.record, self.tracker = trainer, record, None
+    def __init__(self, trainer, record: dict, engine: str):
+        self.trainer, self.record, self.tracker, self.until = trainer, record, None, None
+        self.engine = engine
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0 and self.tracker is None and args.device.type == "cpu":
-            trainer = self.trainer
+        if self.until is None and args.device.type == "cpu" and self.engine in ("single", "ddp"):
+            trainer, self.until = self.trainer, state.global_step + self.STEPS
             self.tracker = Tracker().watch(trainer.model, trainer.ref_model, optimizer=trainer.optimizer)
             self.tracker.__enter__()
 
-    def _stop(self):
-        if self.tracker is not None and "measured_peak_mb" not in self.record:
-            self.tracker.__exit__(None, None, None)
-            self.record["measured_peak_mb"] = round(self.tracker.peak().get("Total", 0) / MB, 1)
+    def close(self):
+        """Stop tracking (also when training ended early or failed), recording what was measured."""
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            tracker.__exit__(None, None, None)
+            self.record["measured_peak_mb"] = round(tracker.peak().get("Total", 0) / MB, 1)
             self.record["measured_by"] = f"MemTracker, steps 1-{self.STEPS}"
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.STEPS:
-            self._stop()
+        if self.until is not None and state.global_step >= self.until:
+            self.close()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._stop()
+        self.close()
         if args.device.type == "cuda":
             self.record["measured_peak_mb"] = round(torch.cuda.max_memory_allocated(args.device) / MB, 1)
             self.record["measured_by"] = "torch.cuda.max_memory_allocated"
@@ -555,7 +562,13 @@ def preflight(built, processes: int = 1, **changes) -> tuple[dict | None, list[s
     if built.task != "dpo":
         return None, []
     args, budget = built.args, budget_mb(built.hardware)
-    shape = shape_of(built, processes=processes, **changes)
+    try:
+        shape = shape_of(built, processes=processes, **changes)
+        predict(shape)
+    except hub.Unreachable:
+        raise
+    except Exception as err:  # an architecture the trace cannot run: the run goes on unpredicted
+        return None, [f"note: peak memory not predicted ({type(err).__name__}: {str(err)[:200]})"]
     effective = shape.batch * args.gradient_accumulation_steps
     lines = []
     if built.hardware.micro_batch == "auto":
@@ -571,8 +584,8 @@ def preflight(built, processes: int = 1, **changes) -> tuple[dict | None, list[s
     estimate = predict(shape)
     where = "per GPU" if shape.cuda else "in this process"
     lines += [
-        f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {shape.batch} pairs "
-        f"of {shape.length} tokens, reference {shape.reference})",
+        f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {shape.batch}, "
+        f"{shape.length} tokens a sequence, reference {shape.reference})",
         *estimate.lines(),
     ]
     record = {

@@ -249,15 +249,19 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
                 callbacks=[metrics, on_signal, on_non_finite],
                 judging=judging,
             )
+    measured = memory.Measured(trainer, predicted or {}, built.hardware.engine)
     if predicted is not None:
-        trainer.add_callback(memory.Measured(trainer, predicted))
+        trainer.add_callback(measured)
     note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
     if plan.message and plan.action != "replace":
         print(plan.message, file=sys.stderr)
     if plan.checkpoint:
         print(f"resuming from {plan.checkpoint}")
     rundir.TRAINED.add(plan.dir)
-    trainer.train(resume_from_checkpoint=plan.checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=plan.checkpoint)
+    finally:
+        measured.close()
     runs.finish(trainer, metrics, on_signal, on_non_finite, recipe)
     return trainer
 

@@ -36,6 +36,8 @@ def test_bench_gpu_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
     assert rows[shipped]["first_loss"] == rows[plain]["first_loss"]
     assert rows[packed]["first_loss"] == pytest.approx(rows[plain]["first_loss"], rel=1e-5)
     assert "| make train, as shipped | 1 |" in gpu.table(result)
+    # each of our runs brings its own memory prediction, to stand beside the GPU's measured peak
+    assert rows[shipped]["predicted_gb"] is not None and rows[plain]["predicted_gb"] is None
 
 
 def test_a_partial_bench_keeps_each_sections_own_machine_and_date(tmp_path, monkeypatch):
