@@ -1,10 +1,10 @@
 """Will it fit? A DPO step's peak accelerator memory, predicted before any weight loads, from the model's
 config.json alone.
 
-How: two training steps of the real architecture (TRL's fused log-prob head on it, the PEFT adapter,
-checkpointing, the reference pass, the run's optimizer) run on fake tensors, which have shapes and dtypes
-but no data or memory (PyTorch's FakeTensorMode), under PyTorch's MemTracker, at the run's micro-batch and
-sequence length. Decoder layers repeat, so traces of two and of three layers give the whole model's peak
+How: a training step of the real architecture (TRL's fused log-prob head on it, the PEFT adapter,
+checkpointing, the reference pass, the run's optimizer and its states) runs on fake tensors, which have
+shapes and dtypes but no data or memory (PyTorch's FakeTensorMode), under PyTorch's MemTracker, at the
+run's micro-batch and sequence length. Decoder layers repeat, so traces of two and of three layers give the whole model's peak
 (a 7B model takes seconds). What a CPU trace cannot show is added by formula: 4-bit weights, ZeRO/FSDP
 sharding, the CUDA allocator's cache and context. Every run also measures its real peak (the same tracker
 on CPU, torch.cuda's counter on GPU) and records it beside the prediction in summary.json.
@@ -22,7 +22,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import TrainerCallback
 
-from dpo_recipes import hub
+from dpo_recipes import ROOT, hub
 
 MB = 2**20
 # The error measured on CPU is within 10% (tests/test_memory.py): within it of the budget, a warning.
@@ -84,10 +84,10 @@ class Tracker(MemTracker):
         self._peak_mem = {dev: snap["Total"] for dev, snap in self._peak_mem_snap.items()}
         return found
 
-    def peak(self, which: str = "peak") -> dict[str, int]:
-        """Bytes by kind at the peak (or `which`: current), summed over devices, with "Total"."""
+    def peak(self) -> dict[str, int]:
+        """Bytes by kind at the peak, summed over devices, with "Total"."""
         found: dict[str, int] = {}
-        for snapshot in self.get_tracker_snapshot(which).values():
+        for snapshot in self.get_tracker_snapshot("peak").values():
             for kind, size in snapshot.items():
                 name = getattr(kind, "value", kind)
                 found[name] = found.get(name, 0) + size
@@ -243,7 +243,7 @@ def trace(shape: Shape, layers: int) -> tuple[dict[str, int], dict[str, int]]:
                 stack.enter_context(torch.autocast("cpu", dtype=shape.mixed))
             _step(model, reference, shape, ids, mask)
             optimizer.step()
-    return early, tracker.peak()
+    return early or {"Total": 0}, tracker.peak()
 
 
 def _decoder_layers(model, n: int) -> torch.nn.ModuleList:
@@ -267,9 +267,9 @@ def _step(model, reference, shape: Shape, ids, mask) -> None:
 
 def _quantized_linears(shape: Shape) -> tuple[int, int]:
     """Weights of the decoder's linear layers (those 4-bit loading quantizes) and the largest one's."""
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(shape.config, dtype=shape.dtype)
     sizes = [
         m.weight.numel()
@@ -308,7 +308,7 @@ _PREDICTED: dict = {}  # shape's fields -> (shape, estimate): a plan asks for th
 
 
 def predict(shape: Shape) -> Estimate:
-    key = tuple(id(v) if k in ("config", "lora", "args") else v for k, v in vars(shape).items())
+    key = tuple(v if isinstance(v, int | str | torch.dtype | None) else id(v) for v in vars(shape).values())
     if key not in _PREDICTED:
         _PREDICTED[key] = shape, _predict(shape)
     return _PREDICTED[key][1]
@@ -340,7 +340,8 @@ def _predict(shape: Shape) -> Estimate:
     if shape.four_bit:  # loaded as 4-bit, used one layer at a time in the compute dtype
         numel, largest = _quantized_linears(shape)
         parts["policy weights"] -= numel * (shape.dtype.itemsize - NF4_BYTES) / MB
-        parts["temporaries (log-prob head, backward)"] += largest * shape.dtype.itemsize / MB
+        temporaries = "temporaries (log-prob head, backward)"
+        parts[temporaries] = parts.get(temporaries, 0) + largest * shape.dtype.itemsize / MB
     _shard(parts, shape, policy)
     if shape.cuda:
         parts["CUDA allocator and context"] = sum(parts.values()) * ALLOCATOR_SHARE + CUDA_CONTEXT_MB
@@ -371,7 +372,7 @@ def _shard(parts: dict, shape: Shape, policy_bytes: int) -> None:
 
 # Configs of the shipped recipes' hub models, for planning on a machine that has not downloaded them
 # (assets/model_configs/README.md gives their source).
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "model_configs"
+SHIPPED_CONFIGS = ROOT / "assets" / "model_configs"
 
 
 def model_config(name: str, revision: str | None = None, key: str = "model.model_name_or_path"):
@@ -437,8 +438,8 @@ def shape_of(built, *, processes: int = 1, **changes) -> Shape:
 
 class Measured(TrainerCallback):
     """The run's real peak beside the prediction, in `record` (summary.json's "memory"): on CUDA
-    torch.cuda's counter over the run; on CPU the Tracker over the first two optimizer steps this process
-    runs (the second with the optimizer states), which is where a step's peak is. Sharded engines keep
+    torch.cuda's counter over the run; on CPU the Tracker over the run's first two optimizer steps (the
+    second with the optimizer states), which is where a step's peak is; a resumed run is not measured. Sharded engines keep
     their weights in forms the tracker does not follow: not measured on CPU."""
 
     STEPS = 2
@@ -448,7 +449,8 @@ class Measured(TrainerCallback):
         self.engine = engine
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.until is None and args.device.type == "cpu" and self.engine in ("single", "ddp"):
+        fresh = state.global_step == 0  # a resumed run's steps are not its first
+        if self.until is None and fresh and args.device.type == "cpu" and self.engine in ("single", "ddp"):
             trainer, self.until = self.trainer, state.global_step + self.STEPS
             self.tracker = Tracker().watch(trainer.model, trainer.ref_model, optimizer=trainer.optimizer)
             self.tracker.__enter__()
@@ -657,9 +659,7 @@ def table(recipes: list[str], cards=CARDS_GB) -> str:
 
 
 def shipped_gpu_recipes() -> list[str]:
-    from dpo_recipes.schema import CONF_DIR
-
-    recipes = sorted(p.stem for p in (CONF_DIR.parent / "recipes").glob("qwen*.yaml"))
+    recipes = sorted(p.stem for p in (ROOT / "recipes").glob("qwen*.yaml"))
     return [r for r in recipes if "reward" not in r]  # predicted for DPO steps only
 
 

@@ -186,11 +186,9 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     plan = plan or rundir.fresh(run_dir, built.run)
     if plan.action in ("refuse", "skip"):
         raise config.ConfigError([plan.message])
-    with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        predicted, lines = memory.preflight(
-            built, rundir.world()
-        )  # before any weight loads or file is written
-    if int(os.environ.get("RANK", "0")) == 0:
+    # Before any weight loads or file is written: a run that cannot fit stops here, naming the fixes
+    predicted, lines = memory.preflight(built, rundir.world())
+    if lines and int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(lines))
     rundir.start(plan, launch_record(cfg))
     use_logger(built.logger, run_dir)

@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
         print(
             f"note: no CUDA GPU here, so {args} was built with {' '.join(here)}; to train here add hardware=cpu"
         )
-    print("\n".join(fit))
+    if fit:
+        print("\n".join(fit))
     if refused:
         print(f"error: {refused}", file=sys.stderr)
         return 2

@@ -104,6 +104,19 @@ def test_a_deep_model_predicted_from_two_and_three_layers_matches_its_whole_trac
         assert memory.predict(shape).peak_mb == pytest.approx(whole, rel=0.01), recipe
 
 
+def test_the_length_planned_for_is_the_longest_row_make_prep_counted_or_max_length(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text((ROOT / "data/toy/train.jsonl").read_text())
+    spec = built(
+        "recipes=tiny_lora_dpo", f"dataset.path={data}", "dataset.eval_path=null", "train.max_length=512"
+    )
+    assert memory.data_length(spec.dataset, 512) == 512  # no report: max_length
+    lengths = {"prompt": {"max": 40}, "chosen": {"max": 100}, "rejected": {"max": 70}}
+    (tmp_path / "pairs.jsonl.report.json").write_text(json.dumps({"token_lengths": lengths}))
+    assert memory.data_length(spec.dataset, 512) == 140 and memory.data_length(spec.dataset, 128) == 128
+    assert memory.shape_of(spec).length == 140
+
+
 def test_prediction_leaves_the_runs_lora_config_as_it_was():
     run_spec = built("recipes=tiny_lora_dpo")
     targets = copy.deepcopy(run_spec.peft.target_modules)

@@ -136,7 +136,7 @@ def test_every_real_batch_gives_trls_per_sequence_log_probs_in_each_layout(real,
 # Each reference strategy's run-level comparison: (recipe, steps, data, learning rate, the layouts run).
 RUNS = {
     "adapter": ("tiny_lora_dpo", 20, "toy", 5e-4, ("padding_free", "both")),
-    "precomputed": ("tiny_lora_dpo", 2, "real_ultrafeedback", 5e-5, ("share_prompt",)),
+    "precomputed": ("tiny_lora_dpo", 2, "real_ultrafeedback", 5e-6, ("share_prompt",)),
     "copy": ("tiny_full_dpo", 2, "toy", 5e-5, ("both",)),
 }
 FLAGS = {"padding_free": ["++train.padding_free=true"], "share_prompt": ["++train.share_prompt=true"]}
@@ -148,10 +148,11 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
     """The first step's every logged number within 1e-5, then the loss and grad-norm trajectories within
     1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr
     5e-4 (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
-    precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-5: the first
-    step's gradient norm is 397, and Adam's first update moves each weight by about lr times the sign of
-    its gradient, so at 5e-4 the signs of near-zero gradients, decided by rounding, move the second
-    step's grad norm by 4.2e-4 (relative, measured; the first step agreed within 1e-5); the reference
+    precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-6: the first
+    step's gradient norm is 287, and Adam's first update moves each weight by about lr times the sign of
+    its gradient, so the signs of near-zero gradients, decided by rounding, move the second step's grad
+    norm in proportion to lr (relative, measured: 4.2e-4 at lr 5e-4; at 5e-5, 1.5e-4 on an AMD EPYC with
+    AVX-512 and under 1e-5 elsewhere; at 5e-6, 3e-5 there); the reference
     copy of full fine-tuning for 2 steps."""
     recipe, steps, data, lr, layouts = RUNS[reference]
     overrides = tiny_overrides(

@@ -96,8 +96,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_ctrl_c_resume
     assert summary["epochs"] == pytest.approx(24 * 2 * 8 / 256)  # global batch = 2 processes x 8
     got, reference = losses(run_dir), {e["step"]: e["loss"] for e in one if "loss" in e}
     assert sorted(got) == sorted(reference) == list(range(1, 25))
-    for s in reference:
-        assert got[s] == pytest.approx(reference[s], abs=1e-4), s
+    for s in reference:  # gloo's sum of two half-batches rounds apart from one batch: 2.3e-4 by step 18
+        assert got[s] == pytest.approx(reference[s], abs=5e-4), s  # on an AMD EPYC with AVX-512
     records = rundir.records(run_dir)
     assert len(records) == 2  # the first launch and the resume: no record from the second rank
     assert all(rundir.read_launch(r).world == 2 for r in records)
