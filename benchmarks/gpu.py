@@ -2,9 +2,10 @@
 bf16 weights built on the GPU, Qwen2.5's real tokenizer, nothing downloaded), on synthetic rows of
 UltraFeedback's length, for a fixed number of optimizer steps, against a plain TRL script with the same
 settings (benchmarks/plain_trl.py). Variants: the recipe as shipped, `reference=precomputed`,
-`train.use_liger_kernel=true` (where liger-kernel is installed), and the largest micro-batch that fits
-with the same effective batch of 16. Each of our runs' own memory prediction (memory.py) stands beside
-its measured `torch.cuda.max_memory_allocated`, with the error.
+`train.use_liger_kernel=true` (where liger-kernel is installed), padding-free batches, the shared
+prompt and both (each under the attention that runs its layout best here: `layout`), and the largest
+micro-batch that fits with the same effective batch of 16, padded, packed and both. Each of our runs'
+own memory prediction (memory.py) stands beside its measured `torch.cuda.max_memory_allocated`, with the error.
 
 Model FLOPs per optimizer step, with N the parameters that multiply activations (every linear layer
 and the LM head; not the embedding lookup), T the step's non-padding tokens (prompt + chosen and prompt
@@ -121,7 +122,18 @@ def summarize(
     }
 
 
-BOTH = ("++train.padding_free=true", "++train.share_prompt=true")
+def attention_of(cmd) -> str:
+    return next((c.split("=", 1)[1] for c in cmd if c.startswith("model.attn_implementation=")), "sdpa")
+
+
+def layout(device: str, *flags: str) -> tuple:
+    """`flags` (padding_free, share_prompt) with the attention that layout runs best under: on a GPU, flash
+    attention 2's varlen kernel for packed rows where flash-attn is installed (it takes no shared-prompt
+    mask), else flex attention's block mask; on CPU, sdpa (PyTorch has no flex backward there)."""
+    best = "sdpa" if device != "cuda" else "flex_attention"
+    if best != "sdpa" and "share_prompt" not in flags and importlib.util.find_spec("flash_attn"):
+        best = "flash_attention_2"
+    return *(f"++train.{flag}=true" for flag in flags), f"model.attn_implementation={best}"
 
 
 def run(
@@ -150,13 +162,14 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
 
     plain = [str(ROOT / "benchmarks" / "plain_trl.py"), str(scratch / "plain"), "--recipe", "qwen7b_lora_dpo"]
     plain += ["--model", str(model), "--train", str(rows), "--max-steps", str(steps)]
+    packed, both = layout(device, "padding_free"), layout(device, "padding_free", "share_prompt")
     variants = {  # name: (command, forward passes a step, micro-batch)
         "make train, as shipped": (ours("shipped", 1), 3, 1),
         "plain TRL script": ([*plain, "--accumulation", str(accumulation)], 3, 1),
         "reference=precomputed": (ours("precomputed", 1, "reference=precomputed"), 2, 1),
-        "train.padding_free=true": (ours("packed", 1, "++train.padding_free=true"), 3, 1),
-        "train.share_prompt=true": (ours("shared", 1, "++train.share_prompt=true"), 3, 1),
-        "padding_free + share_prompt": (ours("both", 1, *BOTH), 3, 1),
+        "train.padding_free=true": (ours("packed", 1, *packed), 3, 1),
+        "train.share_prompt=true": (ours("shared", 1, *layout(device, "share_prompt")), 3, 1),
+        "padding_free + share_prompt": (ours("both", 1, *both), 3, 1),
     }
     skipped = []
     if importlib.util.find_spec("liger_kernel") is not None:
@@ -172,18 +185,17 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
         dir_ = Path(
             next((c.split("=", 1)[1] for c in cmd if c.startswith("hydra.run.dir=")), scratch / "none")
         )
-        results.append(
-            summarize(
-                name,
-                timed(scratch / name.split()[0], cmd),
-                shape,
-                passes,
-                micro,
-                accumulation,
-                predicted_mb(dir_),
-            )
+        row = summarize(
+            name,
+            timed(scratch / name.split()[0], cmd),
+            shape,
+            passes,
+            micro,
+            accumulation,
+            predicted_mb(dir_),
         )
-    for name, extra in (("", []), (", padding_free", ["++train.padding_free=true"]), (", both", BOTH)):
+        results.append({**row, "attention": attention_of(cmd)})
+    for name, extra in (("", []), (", padding_free", packed), (", both", both)):
         largest = None
         for micro in (
             (2, 4, 8, 16) if device == "cuda" else ()
@@ -199,7 +211,7 @@ def measure(scratch: Path, tiny_shape: bool, steps: int, accumulation: int, only
                 micro,
                 accumulation,
                 predicted_mb(scratch / f"mb{micro}{name}"),
-            )
+            ) | {"attention": attention_of(extra)}
         results += [largest] if largest else []
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU, fp32",
@@ -216,8 +228,8 @@ def table(result: dict) -> str:
         f"{result['shape']} shape on {result['device']}: the qwen7b_lora_dpo recipe (LoRA r64 all-linear, "
         f"max_length 2048), effective batch {result['effective_batch']}, {result['steps']} optimizer steps.",
         "",
-        "| run | micro-batch | step s | tokens/s | peak GPU GB | predicted GB (error) | MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | attention | micro-batch | step s | tokens/s | peak GPU GB | predicted GB (error) | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["results"]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
@@ -226,7 +238,7 @@ def table(result: dict) -> str:
             f"{r['predicted_gb']} ({error:+.1%})" if error is not None else r.get("predicted_gb") or "-"
         )
         lines.append(
-            f"| {r['what']} | {r['micro_batch']} | {r['step_s']} | {r['tokens_per_s']:,} | {r['peak_gpu_gb'] or '-'} | {predicted} | {mfu} |"
+            f"| {r['what']} | {r.get('attention', 'sdpa')} | {r['micro_batch']} | {r['step_s']} | {r['tokens_per_s']:,} | {r['peak_gpu_gb'] or '-'} | {predicted} | {mfu} |"
         )
     lines += [f"\nNot run: {s}" for s in result["skipped"]]
     return "\n".join(lines)

@@ -287,9 +287,9 @@ def padding_free(v: View) -> list[str]:
     return []
 
 
-# A shared-prompt sequence needs a 4D mask (its rejected answer sees the prompt, not the chosen answer):
-# eager and sdpa attention take one as given; flash kernels cannot, flex attention wants a block mask.
-SHAREABLE = (None, "sdpa", "eager")
+# A shared-prompt sequence needs its own mask (its rejected answer sees the prompt, not the chosen answer):
+# a 4D mask under eager and sdpa attention, a block mask under flex attention; flash kernels take none.
+SHAREABLE = (None, "sdpa", "eager", "flex_attention")
 
 
 def share_prompt(v: View) -> list[str]:
@@ -297,10 +297,19 @@ def share_prompt(v: View) -> list[str]:
     if v.train.get("share_prompt") and attention not in SHAREABLE:
         return [
             f"train.share_prompt: attention {attention!r} cannot take the mask that keeps a pair's "
-            "rejected answer from its chosen one; set model.attn_implementation=sdpa (or eager), or "
-            "train.share_prompt=false"
+            f"rejected answer from its chosen one; set model.attn_implementation to one of "
+            f"{', '.join(map(str, SHAREABLE[1:]))}, or train.share_prompt=false"
         ]
     return []
+
+
+def flex_on_cpu(v: View) -> list[str]:
+    if v.model.get("attn_implementation") != "flex_attention" or on_gpu(v.hardware.device, v.train):
+        return []
+    return [
+        "model.attn_implementation=flex_attention: PyTorch's flex attention has no backward pass on CPU; "
+        "set model.attn_implementation=sdpa to train here"
+    ]
 
 
 def judge(v: View) -> list[str]:
@@ -380,6 +389,7 @@ RULES = {
     "lora_targets": lora_targets,
     "padding_free": padding_free,
     "share_prompt": share_prompt,
+    "flex_on_cpu": flex_on_cpu,
     "judge": judge,
     "task": task,
     "memory": memory,

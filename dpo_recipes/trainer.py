@@ -58,6 +58,33 @@ def cpu_head():
 PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
+def sees(query: list, key: list) -> torch.Tensor:
+    """A shared-prompt layout's attention: a query sees a key of its own sequence at or before its column,
+    in its branch or shared. Each side: (sequence, column, branch, shared) of its tokens; padding slots are
+    sequence -1, so they see each other (a query that sees no key would be NaN under sdpa)."""
+    (s, c, b, _), (s2, c2, b2, h2) = query, key
+    return (s == s2) & (c2 <= c) & ((b == b2) | h2)
+
+
+def share_mask(where: list, attention: str | None):
+    """`sees` over a layout's (rows, length) tensors `where`, as `attention` takes a mask: a block mask for
+    flex attention (built without the dense mask, compiled as transformers builds its own), a 4D mask for
+    eager (additive) and sdpa (boolean)."""
+    rows, length = where[0].shape
+    if attention == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(row, head, q, k):
+            return sees([t[row, q] for t in where], [t[row, k] for t in where])
+
+        device = where[0].device
+        return torch.compile(create_block_mask)(mask_mod, rows, None, length, length, device=device)
+    mask = sees([t[:, :, None] for t in where], [t[:, None] for t in where])[:, None]
+    if attention == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
 def packed(fused_forward, *, share: bool = False, one_row: bool = True):
     """`fused_forward` (TRL's fused LM head) run on a padded batch's real tokens laid out afresh, each token
     scored against the next token of its own row, the per-token outputs put back in the padded batch's
@@ -67,7 +94,7 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
     keeps attention within a sequence (a varlen kernel under flash attention).
     `share`: each pair (TRL's batch: B chosen rows, then B rejected rows) as one sequence, the prompt they
     share, then the chosen answer, then the rejected one from the prompt's last token on, its positions
-    continuing the prompt's and a 4D mask keeping it from the chosen answer; pairs padded to one length,
+    continuing the prompt's and a mask keeping it from the chosen answer (`share_mask`); pairs padded to one length,
     or side by side in one row with `one_row`. A prompt the two rows do not share (truncated from the
     left) shares as many tokens as agree. Positions are the padded columns: TRL pads on the right."""
 
@@ -110,16 +137,9 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
         shared = (branch == 0) & (cols < skip[seq])
         inputs = {"input_ids": laid(input_ids[rows, cols], 0), "shift_labels": laid(after[rows, cols], -100)}
         inputs["position_ids"] = laid(cols, 0)
-        if share:  # query i sees key j of its sequence at or before its column, in its branch or shared;
-            # a padding slot sees padding slots (never no key: sdpa would give NaN)
-            s, c, b, h = laid(seq, -1), laid(cols, 0), laid(branch, 0), laid(shared, False)
-            mask = (s[:, :, None] == s[:, None]) & (c[:, None] <= c[:, :, None])
-            mask &= (b[:, None] == b[:, :, None]) | h[:, None]
-            if fused_forward.__self__.config._attn_implementation == "eager":  # eager adds the mask
-                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(torch.float32).min
-                )
-            inputs["attention_mask"] = mask[:, None]
+        if share:
+            where = [laid(seq, -1), laid(cols, 0), laid(branch, 0), laid(shared, False)]
+            inputs["attention_mask"] = share_mask(where, fused_forward.__self__.config._attn_implementation)
         out = fused_forward(**inputs, fused_lm_head=True, **kwargs)
         src = torch.cat([index, index[shared]])  # a shared token's values, the rejected row's too
         rows, cols = torch.cat([rows, rows[shared] + n]), torch.cat([cols, cols[shared]])
@@ -164,11 +184,11 @@ class Trainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         self.packing = packing
         attention = getattr(self.model.config, "_attn_implementation", None)
-        if packing and not str(attention).startswith("flash_attention"):
+        if packing and attention in ("eager", "sdpa"):
             print(
                 f"note: train.padding_free under {attention} attention: a packed row's mask covers all of "
                 "its tokens, so attention costs more than padding saves (README, padding-free batches); "
-                "flash_attention_2/3 attend within each sequence",
+                "flash_attention_2/3 and flex_attention attend within each sequence",
                 file=sys.stderr,
             )
         self.share_prompt = bool(getattr(config, "share_prompt", False)) and not self.trl_changed

@@ -1,5 +1,6 @@
 """Benchmark scripts run (the GPU one at the tiny Qwen's shape on CPU), so they cannot rot unnoticed."""
 
+import importlib.util
 import math
 
 import pytest
@@ -19,6 +20,23 @@ def test_flop_count_takes_every_weight_that_multiplies_activations():
     assert gpu.flops_per_token({**tiny.QWEN, **gpu.QWEN2_5_7B}, seq=0) / 2 == pytest.approx(7.07e9, rel=0.01)
 
 
+@pytest.mark.parametrize("flash", [False, True], ids=["no flash-attn", "flash-attn"])
+def test_each_gpu_layout_runs_under_an_attention_its_rule_allows(flash, monkeypatch):
+    from dpo_recipes import rules
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: (flash or None) if name == "flash_attn" else found(name)
+    )
+    for flags, allowed in ((["padding_free"], rules.PACKABLE), (["share_prompt"], rules.SHAREABLE)):
+        for device in ("cuda", "cpu"):
+            *_, attention = gpu.layout(device, *flags)
+            assert attention.split("=")[1] in allowed, (flags, device)
+            assert attention.endswith("sdpa") == (device == "cpu")  # no flex backward on CPU
+    *_, attention = gpu.layout("cuda", "padding_free")
+    assert attention.endswith("flash_attention_2" if flash else "flex_attention")
+
+
 @pytest.mark.slow
 def test_bench_gpu_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
     import tempfile
@@ -35,7 +53,7 @@ def test_bench_gpu_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
     # the same settings, the same first step
     assert rows[shipped]["first_loss"] == rows[plain]["first_loss"]
     assert rows[packed]["first_loss"] == pytest.approx(rows[plain]["first_loss"], rel=1e-5)
-    assert "| make train, as shipped | 1 |" in gpu.table(result)
+    assert "| make train, as shipped | sdpa | 1 |" in gpu.table(result)
     # each of our runs brings its own memory prediction, to stand beside the GPU's measured peak
     assert rows[shipped]["predicted_gb"] is not None and rows[plain]["predicted_gb"] is None
 

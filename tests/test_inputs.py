@@ -73,6 +73,10 @@ CASES = {
         dict(train={"share_prompt": True}, model={"attn_implementation": "flash_attention_2"}),
         "train.share_prompt: attention 'flash_attention_2' cannot take the mask",
     ),
+    "flex_on_cpu": (
+        dict(model={"attn_implementation": "flex_attention"}, hardware={"device": "cpu"}),
+        "flex attention has no backward pass on CPU",
+    ),
     "judge": (dict(judge={"kind": "pairwise"}), "judge.path: judge.kind=pairwise needs"),
     "task": (dict(task="reward", choices={"loss": "sigmoid"}), "loss=sigmoid: task=reward trains a reward"),
     "memory": (dict(hardware={"memory_gb": 0}), "hardware.memory_gb: 0 is no card's memory"),

@@ -88,6 +88,48 @@ def test_each_layout_gives_the_padded_batchs_values_and_gradients(
         assert (our_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
 
 
+def test_flex_attention_gives_the_padded_batchs_values_in_each_layout(monkeypatch):
+    """Forward only: PyTorch has no flex attention backward on CPU (training with it there is refused,
+    rule flex_on_cpu). The shared layouts' block mask (`trainer.share_mask`) and the mask transformers
+    derives from a packed row's positions give the padded sdpa batch's values within 1e-5. Each shape
+    compiles on its own: PyTorch 2.13's CPU flex kernel does not build with dynamic shapes."""
+    net = model(tied=False, lora=False)
+    inputs = edge_batch(net.config.vocab_size)
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        net.config._attn_implementation = "sdpa"
+        padded = net(**inputs, fused_lm_head=True, use_cache=False)
+        net.config._attn_implementation = "flex_attention"
+        forward = net.forward
+        for layout, how in LAYOUTS.items():
+            monkeypatch.setattr(net, "forward", trainer.packed(forward, **how))
+            ours = net(**inputs, fused_lm_head=True, use_cache=False)
+            for name in OUTPUTS:
+                a, b = getattr(ours, name).float(), getattr(padded, name).float()
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (layout, name, (a - b).abs().max())
+
+
+def test_the_block_mask_lists_the_blocks_the_mask_allows():
+    """The compiled block mask, shape after shape (compiled for dynamic shapes from the third on, as in
+    training): a 128 x 128 block is listed exactly where the dense mask allows a pair in it, and its
+    token-level mask is the dense one."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, length in [(2, 300), (3, 260), (1, 700)]:
+        where = [
+            torch.randint(0, 4, (rows, length), generator=generator).sort(1).values,  # sequences
+            torch.randint(0, length, (rows, length), generator=generator),  # columns
+            torch.randint(0, 2, (rows, length), generator=generator),  # branches
+            torch.rand(rows, length, generator=generator) < 0.3,  # shared
+        ]
+        block, dense = trainer.share_mask(where, "flex_attention"), trainer.share_mask(where, "sdpa")
+        assert torch.equal(create_mask(block.mask_mod, rows, 1, length, length), dense)
+        side = -(-length // 128) * 128
+        tiles = torch.nn.functional.pad(dense, (0, side - length, 0, side - length))
+        tiles = tiles.reshape(rows, 1, side // 128, 128, side // 128, 128).any(5).any(3)
+        assert torch.equal(block.to_dense().bool(), tiles) and not tiles.all()
+
+
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """A trainer of the tiny full fine-tuning recipe on the 300 real UltraFeedback-layout pairs (varied
@@ -138,13 +180,40 @@ RUNS = {
     "adapter": ("tiny_lora_dpo", 20, "toy", 5e-4, ("padding_free", "both")),
     "precomputed": ("tiny_lora_dpo", 2, "real_ultrafeedback", 5e-6, ("share_prompt",)),
     "copy": ("tiny_full_dpo", 2, "toy", 5e-5, ("both",)),
+    "path": ("tiny_full_dpo", 4, "toy", 5e-5, ("share_prompt", "both")),
+    "sft_adapter": ("tiny_lora_dpo", 4, "toy", 5e-4, ("padding_free", "both")),
 }
+
+
+def made_reference(strategy: str, where) -> list[str]:
+    """The reference a strategy reads from disk, unlike the policy so that the rewards are not ties:
+    `path`, the tiny base with every weight moved by noise; `sft_adapter`, a non-zero LoRA adapter on it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_recipes import tiny
+
+    if strategy not in ("path", "sft_adapter"):
+        return []
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_pretrained(tiny.path())
+    if strategy == "path":
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        AutoTokenizer.from_pretrained(tiny.path()).save_pretrained(where)
+    else:
+        net = get_peft_model(net, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    net.save_pretrained(where)
+    return [f"reference.path={where}"]
+
+
 FLAGS = {"padding_free": ["++train.padding_free=true"], "share_prompt": ["++train.share_prompt=true"]}
 FLAGS["both"] = FLAGS["padding_free"] + FLAGS["share_prompt"]
 
 
 @pytest.mark.parametrize("reference", RUNS)
-def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
+def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, capsys):
     """The first step's every logged number within 1e-5, then the loss and grad-norm trajectories within
     1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr
     5e-4 (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
@@ -153,11 +222,13 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
     its gradient, so the signs of near-zero gradients, decided by rounding, move the second step's grad
     norm in proportion to lr (relative, measured: 4.2e-4 at lr 5e-4; at 5e-5, 1.5e-4 on an AMD EPYC with
     AVX-512 and under 1e-5 elsewhere; at 5e-6, 3e-5 there); the reference
-    copy of full fine-tuning for 2 steps."""
+    copy of full fine-tuning for 2 steps; a reference from its own path (full fine-tuning) and an SFT
+    adapter's frozen copy for 4 steps. Packing under sdpa says when it starts that it costs more there."""
     recipe, steps, data, lr, layouts = RUNS[reference]
     overrides = tiny_overrides(
         recipe, f"dataset={data}", f"reference={reference}", f"++train.max_steps={steps}",
         f"++train.eval_steps={steps}", f"train.learning_rate={lr}",
+        *made_reference(reference, tmp_path / "reference"),
     )  # fmt: skip
     padded, _ = run(tmp_path / "padded", overrides)
     assert not padded.packing and not padded.share_prompt
@@ -168,8 +239,10 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path):
         # first step's rewards are ties decided by it; its grad norm (270, long real rows) is 2e-5 apart
         first = {k: v for k, v in first.items() if k == "loss"}
     for layout in layouts:
+        capsys.readouterr()
         ours, _ = run(tmp_path / layout, [*overrides, *FLAGS[layout]])
         assert (ours.packing, ours.share_prompt) == (layout != "share_prompt", layout != "padding_free")
+        assert ("note: train.padding_free under sdpa" in capsys.readouterr().err) == ours.packing
         history = ours.state.log_history
         assert len(history) == len(expected) and first and set(history[0]) == set(expected[0])
         for k, v in first.items():
