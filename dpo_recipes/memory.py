@@ -17,6 +17,7 @@ import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -137,38 +138,20 @@ def _head(cuda: bool):
 
     from dpo_recipes.trainer import CPU_TILE
 
-    saved = (
-        trl_utils._use_triton,
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
-        chunked.TOKEN_CHUNK_SIZE,
-        chunked._forward_tile,
-        chunked._backward_tile,
-        chunked._addmm_fp32,
-    )
-    trl_utils._use_triton = chunked._use_triton = lambda device: False
+    never, nothing = (lambda device: False), (lambda *args, **kwargs: None)
+    patches = [(trl_utils, "_use_triton", never), (chunked, "_use_triton", never)]
     if cuda:
-        chunked._forward_tile = chunked._backward_tile = chunked._addmm_fp32 = lambda *args, **kwargs: None
+        patches += [(chunked, name, nothing) for name in ("_forward_tile", "_backward_tile", "_addmm_fp32")]
     else:
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, chunked.TOKEN_CHUNK_SIZE = (
-            CPU_TILE["VOCAB"],
-            CPU_TILE["TOKENS"],
-        )
+        patches += [(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", CPU_TILE["VOCAB"])]
+        patches += [(chunked, "TOKEN_CHUNK_SIZE", CPU_TILE["TOKENS"])]
     # Every tile's temporaries are alike and freed before the next: the first tile of each loop shows the
     # peak, and a 152k vocabulary's thousands of tiles trace in a moment.
-    chunked.range = lambda *bounds: builtins.range(*bounds)[:1]
-    try:
+    patches.append((chunked, "range", lambda *bounds: builtins.range(*bounds)[:1]))
+    with ExitStack() as stack:
+        for owner, name, value in patches:
+            stack.enter_context(mock.patch.object(owner, name, value, create=True))
         yield
-    finally:
-        del chunked.range
-        (
-            trl_utils._use_triton,
-            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
-            chunked.TOKEN_CHUNK_SIZE,
-            chunked._forward_tile,
-            chunked._backward_tile,
-            chunked._addmm_fp32,
-        ) = saved
-        chunked._use_triton = saved[0]
 
 
 def _fake_models(shape: Shape, layers: int):

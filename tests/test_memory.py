@@ -7,9 +7,10 @@ import json
 import random
 
 import pytest
+import torch
 from conftest import run
 
-from dpo_recipes import ROOT, config, memory, rules, validate
+from dpo_recipes import ROOT, config, memory, rules, trainer, validate
 
 WORDS = [
     "alpha",
@@ -122,6 +123,20 @@ def test_prediction_leaves_the_runs_lora_config_as_it_was():
     targets = copy.deepcopy(run_spec.peft.target_modules)
     memory.preflight(run_spec)
     assert run_spec.peft.target_modules == targets  # PEFT rewrites the config it gets; the run's is kept
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_the_traced_head_leaves_trls_head_as_it_was(cuda):
+    import trl.kernels.chunked_logprob as chunked
+    import trl.trainer.utils as trl_utils
+
+    names = [(trl_utils, "_use_triton"), (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"), (chunked, "_use_triton")]
+    names += [(chunked, n) for n in ("TOKEN_CHUNK_SIZE", "_forward_tile", "_backward_tile", "_addmm_fp32")]
+    before = [getattr(owner, name) for owner, name in names]
+    with memory._head(cuda):
+        assert len(list(chunked.range(5))) == 1 and not trl_utils._use_triton(torch.device("cuda"))
+        assert cuda == (trainer.CPU_TILE["TOKENS"] != chunked.TOKEN_CHUNK_SIZE)
+    assert [getattr(owner, name) for owner, name in names] == before and not hasattr(chunked, "range")
 
 
 @pytest.mark.slow  # no weights, but a 7B model's traces take seconds
