@@ -7,8 +7,12 @@ import statistics
 LN2 = math.log(2)
 
 
+def _entries(history: list[dict], key: str) -> list[dict]:
+    return [e for e in history if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
+
+
 def _series(history: list[dict], key: str) -> list[float]:
-    return [e[key] for e in history if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
+    return [e[key] for e in _entries(history, key)]
 
 
 # A trend (likelihood displacement, over-fitting) means something only over enough of the run: at
@@ -73,20 +77,25 @@ def _overfitting(h):
         )
 
 
+# A spike stands out from its neighbours: SPIKE times the median of the SPIKE_WINDOW logged norms on
+# each side. A whole run's median would flag the first steps of a run whose norms fall as it converges.
+SPIKE, SPIKE_WINDOW = 10, 3
+
+
 def _grad_spikes(h):
-    norms = _series(h, "grad_norm")
-    if len(norms) < 5:
+    logged = [(e["step"], e["grad_norm"]) for e in _entries(h, "grad_norm") if "step" in e]
+    if len(logged) < 5:
         return None
-    typical = statistics.median(norms)
-    spikes = [
-        (e["step"], e["grad_norm"])
-        for e in h
-        if isinstance(e.get("grad_norm"), float) and e["grad_norm"] > 10 * typical
-    ]
-    if typical > 0 and spikes:
-        step, value = spikes[0]
+    norms, spikes = [norm for _, norm in logged], []
+    for i, (step, norm) in enumerate(logged):
+        local = statistics.median(norms[max(0, i - SPIKE_WINDOW) : i] + norms[i + 1 : i + 1 + SPIKE_WINDOW])
+        if local > 0 and norm > SPIKE * local:
+            spikes.append((step, norm, local))
+    if spikes:
+        step, value, local = spikes[0]
         return (
-            f"grad-norm spikes: {len(spikes)} logged steps above 10x the median {typical:.3g} (first: {value:.3g} at step {step})",
+            f"grad-norm spikes: {len(spikes)} logged steps above {SPIKE}x the median of their neighbours "
+            f"(first: {value:.3g} at step {step}, beside {local:.3g})",
             "lower train.learning_rate, add warmup (train.warmup_steps), or lower train.max_grad_norm",
         )
 

@@ -51,6 +51,14 @@ def test_every_check_is_exercised():
     assert set(CASES) == set(health.CHECKS)
 
 
+def test_a_grad_norm_falling_as_the_run_converges_is_no_spike():
+    falling = history(n=30, every=1, grad_norm=lambda i: 10 * 0.8**i)  # 10 -> 0.02: 10x the run's median
+    assert health.check(falling) == []
+    spiked = history(n=30, every=1, grad_norm=lambda i: 10 * 0.8**i * (20 if i == 20 else 1))
+    flags = health.check(spiked)
+    assert [f["flag"] for f in flags] == ["grad_norm_spikes"] and "at step 21" in flags[0]["problem"]
+
+
 def test_trend_flags_need_enough_of_the_run():
     falling = {"logps/chosen": lambda i: -100 - 3 * i}
     assert health.check(history(n=30, every=1, **falling)) == []  # 30 steps: too short to call a trend
