@@ -94,9 +94,9 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
     keeps attention within a sequence (a varlen kernel under flash attention).
     `share`: each pair (TRL's batch: B chosen rows, then B rejected rows) as one sequence, the prompt they
     share, then the chosen answer, then the rejected one from the prompt's last token on, its positions
-    continuing the prompt's and a mask keeping it from the chosen answer (`share_mask`); pairs padded to one length,
-    or side by side in one row with `one_row`. A prompt the two rows do not share (truncated from the
-    left) shares as many tokens as agree. Positions are the padded columns: TRL pads on the right."""
+    continuing the prompt's and a mask keeping it from the chosen answer (`share_mask`); pairs padded to
+    one length, or side by side in one row with `one_row`. A prompt the two rows do not share (truncated
+    from the left) shares as many tokens as agree. Positions are the padded columns: TRL pads on the right."""
 
     def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
         other = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}

@@ -109,7 +109,7 @@ def test_flex_attention_gives_the_padded_batchs_values_in_each_layout(monkeypatc
 
 
 def test_the_block_mask_lists_the_blocks_the_mask_allows():
-    """The compiled block mask, shape after shape (compiled for dynamic shapes from the third on, as in
+    """The compiled block mask, shape after shape (recompiled for dynamic shapes after the first, as in
     training): a 128 x 128 block is listed exactly where the dense mask allows a pair in it, and its
     token-level mask is the dense one."""
     from torch.nn.attention.flex_attention import create_mask
