@@ -272,7 +272,8 @@ def lora_targets(v: View) -> list[str]:
 
 
 # Attention implementations that keep packed sequences apart: transformers derives the mask from the
-# restarting position ids (eager, sdpa, flex) or runs a varlen kernel (flash). None is transformers' default.
+# restarting position ids (eager, flex) or runs a varlen kernel (flash); sdpa attends sequence by sequence
+# (trainer.by_segment). None is transformers' default (sdpa where the model has it).
 PACKABLE = (None, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -288,7 +289,8 @@ def padding_free(v: View) -> list[str]:
 
 
 # A shared-prompt sequence needs its own mask (its rejected answer sees the prompt, not the chosen answer):
-# a 4D mask under eager and sdpa attention, a block mask under flex attention; flash kernels take none.
+# a 4D mask under eager attention, a block mask under flex attention, attention by segment under sdpa
+# (its rejected answer against the prompt's keys and its own); flash kernels take none.
 SHAREABLE = (None, "sdpa", "eager", "flex_attention")
 
 

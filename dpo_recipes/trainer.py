@@ -16,6 +16,9 @@ import trl
 import trl.kernels.chunked_logprob as trl_chunked
 import trl.trainer.utils as trl_utils
 from datasets.fingerprint import Hasher
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from trl import DPOTrainer
 
 from dpo_recipes import tokenize
@@ -85,6 +88,47 @@ def share_mask(where: list, attention: str | None):
     return mask
 
 
+def by_segment(module, query, key, value, attention_mask, *, segments=None, **kwargs):
+    """sdpa; given `segments`, a packed layout's (row, start, end, context start, context end), sdpa on each
+    segment alone: its queries see its context's keys (a shared prompt) and its own up to themselves. Each
+    call keeps sdpa's causal path where an explicit mask over the row would cost it: per layer, attention
+    on each sequence alone, as padded rows have it, not on the whole row. Slots outside any segment
+    (padding) get zeros."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = query.new_zeros(query.size(0), query.size(2), query.size(1), value.size(-1))  # rows, tokens, heads
+    for row, start, end, first, last in segments:
+        keys, values = (
+            torch.cat([t[row, :, first:last], t[row, :, start:end]], 1)[None] for t in (key, value)
+        )
+        mask = torch.ones(end - start, keys.size(2), dtype=torch.bool, device=query.device).tril(last - first)
+        mask = mask[None, None] if last > first else None  # none: sdpa's causal path
+        out[row, start:end] = sdpa_attention_forward(
+            module, query[row, None, :, start:end], keys, values, mask, **kwargs
+        )[0][0]
+    return out, None
+
+
+# Under sdpa a packed or shared layout attends by segment; otherwise this is sdpa, masks and all.
+SEGMENTED = "sdpa_by_segment"
+AttentionInterface.register(SEGMENTED, by_segment)
+AttentionMaskInterface.register(SEGMENTED, sdpa_mask)
+
+
+def segments(seq, branch, skip, n: int, one_row: bool) -> list:
+    """`by_segment`'s segments of a layout laid out by `packed`: each sequence's first branch (a packed
+    sequence, or a prompt and its chosen answer), then its second (the rejected answer from the prompt's
+    last token on), which also sees the `skip` tokens of the prompt it shares."""
+    counts = torch.bincount(seq * 2 + branch, minlength=2 * n).view(n, 2).tolist()
+    out, at = [], 0
+    for s, ((chosen, rejected), shared) in enumerate(zip(counts, skip.tolist(), strict=True)):
+        row, start = (0, at) if one_row else (s, 0)
+        out += [(row, start, start + chosen, start, start)] if chosen else []
+        out += [(row, start + chosen, start + chosen + rejected, start, start + shared)] if rejected else []
+        at += chosen + rejected
+    return out
+
+
 def packed(fused_forward, *, share: bool = False, one_row: bool = True):
     """`fused_forward` (TRL's fused LM head) run on a padded batch's real tokens laid out afresh, each token
     scored against the next token of its own row, the per-token outputs put back in the padded batch's
@@ -137,9 +181,13 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
         shared = (branch == 0) & (cols < skip[seq])
         inputs = {"input_ids": laid(input_ids[rows, cols], 0), "shift_labels": laid(after[rows, cols], -100)}
         inputs["position_ids"] = laid(cols, 0)
-        if share:
+        attention = fused_forward.__self__.config._attn_implementation
+        if attention == SEGMENTED:
+            kwargs["segments"] = segments(seq, branch, skip, n, one_row)
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])  # sdpa then builds no mask
+        elif share:
             where = [laid(seq, -1), laid(cols, 0), laid(branch, 0), laid(shared, False)]
-            inputs["attention_mask"] = share_mask(where, fused_forward.__self__.config._attn_implementation)
+            inputs["attention_mask"] = share_mask(where, attention)
         out = fused_forward(**inputs, fused_lm_head=True, **kwargs)
         src = torch.cat([index, index[shared]])  # a shared token's values, the rejected row's too
         rows, cols = torch.cat([rows, rows[shared] + n]), torch.cat([cols, cols[shared]])
@@ -183,11 +231,10 @@ class Trainer(DPOTrainer):
             config.padding_free = False
         super().__init__(*args, **kwargs)
         self.packing = packing
-        attention = getattr(self.model.config, "_attn_implementation", None)
-        if packing and attention in ("eager", "sdpa"):
+        if packing and getattr(self.model.config, "_attn_implementation", None) == "eager":
             print(
-                f"note: train.padding_free under {attention} attention: a packed row's mask covers all of "
-                "its tokens, so attention costs more than padding saves (README, padding-free batches); "
+                "note: train.padding_free under eager attention: a packed row's mask covers all of its "
+                "tokens, so attention costs more than padding saves (README, padding-free batches); sdpa, "
                 "flash_attention_2/3 and flex_attention attend within each sequence",
                 file=sys.stderr,
             )
@@ -195,6 +242,8 @@ class Trainer(DPOTrainer):
         for model in (self.model, self.ref_model) if packing or self.share_prompt else ():
             if model is not None:
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                if base.config._attn_implementation == "sdpa":
+                    base.config._attn_implementation = SEGMENTED
                 base.forward = packed(base.forward, share=self.share_prompt, one_row=packing)
 
     def train(self, *args, **kwargs):

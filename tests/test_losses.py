@@ -1,5 +1,6 @@
 """The loss group: every option trains, known closed forms at step 1, and `loss=` touches loss keys only."""
 
+import itertools
 import math
 
 import pytest
@@ -180,11 +181,11 @@ def test_cdpo_weights_that_do_not_match_its_label_smoothing_are_refused():
 @pytest.mark.parametrize("option", LOSSES)
 def test_each_layout_gives_each_losss_first_step(option, shared, monkeypatch):
     """One micro-batch through TRL's own loss code, padded and in each layout of trainer.packed (on the
-    policy and the reference: padding-free, the prompt shared, both): the loss, every metric TRL records
-    and every gradient within 1e-5 (relative)."""
+    policy and the reference: padding-free, the prompt shared, both; under sdpa's mask and by segment):
+    the loss, every metric TRL records and every gradient within 1e-5 (relative)."""
     from test_packing import LAYOUTS
 
-    from dpo_recipes.trainer import packed
+    from dpo_recipes.trainer import SEGMENTED, packed
 
     trainer = trainer_for(option, shared)
     trainer.model.train()
@@ -201,10 +202,12 @@ def test_each_layout_gives_each_losss_first_step(option, shared, monkeypatch):
 
     padded = step()
     forwards = {model: model.forward for model in (trainer.model, trainer.ref_model)}
-    for layout, how in LAYOUTS.items():
+    for attention, (layout, how) in itertools.product(["sdpa", SEGMENTED], LAYOUTS.items()):
         for model, forward in forwards.items():
+            monkeypatch.setattr(model.config, "_attn_implementation", attention)
             monkeypatch.setattr(model, "forward", packed(forward, **how))
         ours = step()
+        layout = (attention, layout)
         assert ours[0] == pytest.approx(padded[0], rel=1e-5, abs=1e-6), layout
         assert set(ours[1]) == set(padded[1]) and ours[1]
         for key, value in padded[1].items():

@@ -3,6 +3,8 @@ what TRL's padded path gives, measured against it in the same test: per-token va
 (relative and absolute), gradients within 1e-5 relative, a 20-step run's losses and grad norms within
 1e-4."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import run, tiny_overrides
@@ -63,16 +65,19 @@ LAYOUTS = {"padding_free": {}, "share_prompt": {"share": True, "one_row": False}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", trainer.SEGMENTED])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_each_layout_gives_the_padded_batchs_values_and_gradients(
     family, attention, lora, layout, monkeypatch
 ):
+    """Under sdpa and eager, the layout's mask; under `trainer.SEGMENTED` (what the Trainer runs sdpa as),
+    attention segment by segment, against sdpa's padded batch."""
     net = model(tied=False, lora=lora) if family == "llama" else qwen2(lora)
-    net.config._attn_implementation = attention
+    net.config._attn_implementation = "sdpa" if attention == trainer.SEGMENTED else attention
     inputs = edge_batch(net.config.vocab_size)
     padded, padded_grads = scored(net, inputs)
+    net.config._attn_implementation = attention
     base = net.get_base_model() if lora else net
     monkeypatch.setattr(base, "forward", trainer.packed(base.forward, **LAYOUTS[layout]))
     ours, our_grads = scored(net, inputs)
@@ -172,13 +177,14 @@ def test_every_real_batch_gives_trls_per_sequence_log_probs_in_each_layout(real,
         with torch.no_grad(), real._head():
             return [real.compute_ref_log_probs(real.model, b) for b in real.get_train_dataloader()]
 
-    forward = real.model.forward
+    forward, config = real.model.forward, real.model.config
     padded = logps()
-    for layout, how in LAYOUTS.items():
+    for attention, (layout, how) in itertools.product(["sdpa", trainer.SEGMENTED], LAYOUTS.items()):
+        monkeypatch.setattr(config, "_attn_implementation", attention)
         monkeypatch.setattr(real.model, "forward", trainer.packed(forward, **how))
         for ours, theirs in zip(logps(), padded, strict=True):
             for a, b in zip(ours, theirs, strict=True):
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (layout, (a - b).abs().max())
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (attention, layout, (a - b).abs().max())
     assert sum(len(chosen) for chosen, _ in padded) == len(real.train_dataset) > 75  # each pair
 
 
@@ -222,15 +228,16 @@ FLAGS["both"] = FLAGS["padding_free"] + FLAGS["share_prompt"]
 @pytest.mark.parametrize("reference", RUNS)
 def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, capsys):
     """The first step's every logged number within 1e-5, then the loss and grad-norm trajectories within
-    1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr
-    5e-4 (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
-    precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-6: the first
-    step's gradient norm is 287, and Adam's first update moves each weight by about lr times the sign of
-    its gradient, so the signs of near-zero gradients, decided by rounding, move the second step's grad
-    norm in proportion to lr (relative, measured: 4.2e-4 at lr 5e-4; at 5e-5, 1.5e-4 on an AMD EPYC with
-    AVX-512 and under 1e-5 elsewhere; at 5e-6, 3e-5 there); the reference
-    copy of full fine-tuning for 2 steps; a reference from its own path (full fine-tuning) and an SFT
-    adapter's frozen copy for 4 steps. Packing under sdpa says when it starts that it costs more there."""
+        1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr
+        5e-4 (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
+        precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-6: the first
+        step's gradient norm is 287, and Adam's first update moves each weight by about lr times the sign of
+        its gradient, so the signs of near-zero gradients, decided by rounding, move the second step's grad
+        norm in proportion to lr (relative, measured: 4.2e-4 at lr 5e-4; at 5e-5, 1.5e-4 on an AMD EPYC with
+        AVX-512 and under 1e-5 elsewhere; at 5e-6, 3e-5 there); the reference
+        copy of full fine-tuning for 2 steps; a reference from its own path (full fine-tuning) and an SFT
+        adapter's frozen copy for 4 steps. Under sdpa each layout runs as `trainer.SEGMENTED`, with no note of
+    packing costing more there."""
     recipe, steps, data, lr, layouts = RUNS[reference]
     overrides = tiny_overrides(
         recipe, f"dataset={data}", f"reference={reference}", f"++train.max_steps={steps}",
@@ -249,7 +256,9 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, caps
         capsys.readouterr()
         ours, _ = run(tmp_path / layout, [*overrides, *FLAGS[layout]])
         assert (ours.packing, ours.share_prompt) == (layout != "share_prompt", layout != "padding_free")
-        assert ("note: train.padding_free under sdpa" in capsys.readouterr().err) == ours.packing
+        assert "note: train.padding_free" not in capsys.readouterr().err  # sdpa attends by segment
+        for net in (ours.model, ours.ref_model) if ours.ref_model is not None else (ours.model,):
+            assert net.config._attn_implementation == trainer.SEGMENTED
         history = ours.state.log_history
         assert len(history) == len(expected) and first and set(history[0]) == set(expected[0])
         for k, v in first.items():
