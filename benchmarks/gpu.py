@@ -46,7 +46,7 @@ QWEN2_5_7B = dict(
     vocab_size=152064,
 )
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-STEPS, EFFECTIVE_BATCH = 4, 16  # the first step warms up (and compiles flex attention); 3 are timed
+STEPS, EFFECTIVE_BATCH = 4, 16  # the first step warms up; 3 are timed
 
 
 def write_rows(path: Path, n: int, words: tuple[int, int, int]) -> None:
@@ -127,11 +127,11 @@ def attention_of(cmd) -> str:
 
 
 def layout(device: str, *flags: str) -> tuple:
-    """`flags` (padding_free, share_prompt) with the attention that layout runs best under: on a GPU, flash
-    attention 2's varlen kernel for packed rows where flash-attn is installed (it takes no shared-prompt
-    mask), else flex attention's block mask; on CPU, sdpa (PyTorch has no flex backward there)."""
-    best = "sdpa" if device != "cuda" else "flex_attention"
-    if best != "sdpa" and "share_prompt" not in flags and importlib.util.find_spec("flash_attn"):
+    """`flags` (padding_free, share_prompt) with the attention that layout runs best under: flash attention
+    2's varlen kernel for packed rows on a GPU where flash-attn is installed (it takes no shared-prompt
+    mask), else sdpa, which attends by segment (`trainer.by_segment`), as a run gets by default."""
+    best = "sdpa"
+    if device == "cuda" and "share_prompt" not in flags and importlib.util.find_spec("flash_attn"):
         best = "flash_attention_2"
     return *(f"++train.{flag}=true" for flag in flags), f"model.attn_implementation={best}"
 

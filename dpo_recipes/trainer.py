@@ -89,24 +89,27 @@ def share_mask(where: list, attention: str | None):
 
 
 def by_segment(module, query, key, value, attention_mask, *, segments=None, **kwargs):
-    """sdpa; given `segments`, a packed layout's (row, start, end, context start, context end), sdpa on each
-    segment alone: its queries see its context's keys (a shared prompt) and its own up to themselves. Each
-    call keeps sdpa's causal path where an explicit mask over the row would cost it: per layer, attention
-    on each sequence alone, as padded rows have it, not on the whole row. Slots outside any segment
+    """sdpa; given `segments` (a packed layout's, from `segments`), sdpa on its segments gathered into
+    padded batches of similar length, one call each: the sequences (or prompts with their chosen answers)
+    under sdpa's causal path, the rejected answers each against its shared prompt's keys and its own. The
+    network's other layers still see the layout without padding, and attention costs about what each
+    sequence alone costs, not what an explicit mask over a packed row costs. Slots outside any segment
     (padding) get zeros."""
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = query.new_zeros(query.size(0), query.size(2), query.size(1), value.size(-1))  # rows, tokens, heads
-    for row, start, end, first, last in segments:
-        keys, values = (
-            torch.cat([t[row, :, first:last], t[row, :, start:end]], 1)[None] for t in (key, value)
-        )
-        mask = torch.ones(end - start, keys.size(2), dtype=torch.bool, device=query.device).tril(last - first)
-        mask = mask[None, None] if last > first else None  # none: sdpa's causal path
-        out[row, start:end] = sdpa_attention_forward(
-            module, query[row, None, :, start:end], keys, values, mask, **kwargs
-        )[0][0]
-    return out, None
+    rows, heads, length = query.shape[:3]
+    flat = [t.transpose(1, 2).reshape(rows * length, t.size(1), t.size(3)) for t in (query, key, value)]
+    out = flat[0].new_zeros(rows * length, heads, value.size(-1))
+    for gather, pick, put, context, mask in segments:
+        q, k, v = (t[gather].transpose(1, 2) for t in flat)  # (segments, heads, tokens, dim)
+        if context is not None:
+            k, v = (
+                torch.cat([t[context].transpose(1, 2), own], 2)
+                for t, own in zip(flat[1:], (k, v), strict=True)
+            )
+        seen, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)  # (segments, tokens, heads, dim)
+        out[put] = seen[pick]
+    return out.view(rows, length, heads, -1), None
 
 
 # Under sdpa a packed or shared layout attends by segment; otherwise this is sdpa, masks and all.
@@ -115,17 +118,54 @@ AttentionInterface.register(SEGMENTED, by_segment)
 AttentionMaskInterface.register(SEGMENTED, sdpa_mask)
 
 
-def segments(seq, branch, skip, n: int, one_row: bool) -> list:
-    """`by_segment`'s segments of a layout laid out by `packed`: each sequence's first branch (a packed
-    sequence, or a prompt and its chosen answer), then its second (the rejected answer from the prompt's
-    last token on), which also sees the `skip` tokens of the prompt it shares."""
-    counts = torch.bincount(seq * 2 + branch, minlength=2 * n).view(n, 2).tolist()
-    out, at = [], 0
-    for s, ((chosen, rejected), shared) in enumerate(zip(counts, skip.tolist(), strict=True)):
-        row, start = (0, at) if one_row else (s, 0)
-        out += [(row, start, start + chosen, start, start)] if chosen else []
-        out += [(row, start + chosen, start + chosen + rejected, start, start + shared)] if rejected else []
-        at += chosen + rejected
+# Segments go to sdpa in buckets of similar length, the longest at most SPREAD times the shortest plus
+# SLACK tokens: padding within a bucket stays small, and short segments share one call.
+SPREAD, SLACK = 1.1, 32
+
+
+def buckets(size: torch.Tensor) -> list:
+    """Indices into `size`, sorted and split where a size exceeds SPREAD x its bucket's first + SLACK."""
+    order, out, first = torch.argsort(size), [], 0
+    sizes = size[order].tolist()
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or sizes[i] > sizes[first] * SPREAD + SLACK:
+            out, first = [*out, order[first:i]], i
+    return out
+
+
+def segments(seq, branch, skip, n: int, width: int, one_row: bool) -> list:
+    """`by_segment`'s buckets for a layout laid out by `packed` (rows of `width`), each as (gather, pick,
+    put, context, mask): the index taking its segments' tokens from the flat layout, padded to the
+    bucket's longest (a slice, a view, for a bucket of one), the index picking the real ones from the
+    result and where they go back; for rejected answers (from the prompt's last token on), the index of
+    the `skip` prompt tokens each shares, and the mask letting each see those and its own tokens up to
+    itself."""
+    counts = torch.bincount(seq * 2 + branch, minlength=2 * n).view(n, 2)
+    total = counts.sum(1)
+    start = total.cumsum(0) - total if one_row else torch.arange(n, device=seq.device) * width
+
+    def gathered(first, length) -> tuple:  # (gather, pick, put)
+        if len(first) == 1:
+            first, length = int(first), int(length)
+            return (None, slice(first, first + length)), 0, slice(first, first + length)
+        at = torch.arange(int(length.max()), device=seq.device)
+        valid = at < length[:, None]
+        index = torch.where(valid, first[:, None] + at, 0)
+        return index, valid, index[valid]
+
+    out, chosen = [], counts[:, 0]
+    for length, first, shared in ((chosen, start, None), (counts[:, 1], start + chosen, skip)):
+        kept = (length > 0).nonzero()[:, 0]
+        for some in buckets(length[kept] + (0 if shared is None else shared[kept])) if len(kept) else ():
+            some = kept[some]
+            if shared is None or not shared[some].any():
+                out.append((*gathered(first[some], length[some]), None, None))  # none: sdpa's causal path
+                continue
+            longest, seen = int(length[some].max()), torch.arange(int(shared[some].max()), device=seq.device)
+            own = torch.ones(longest, longest, dtype=torch.bool, device=seq.device).tril()
+            seen = (seen < shared[some, None])[:, None].expand(-1, longest, -1)
+            mask = torch.cat([seen, own.expand(len(some), -1, -1)], 2)[:, None]
+            out.append((*gathered(first[some], length[some]), gathered(start[some], shared[some])[0], mask))
     return out
 
 
@@ -183,7 +223,7 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
         inputs["position_ids"] = laid(cols, 0)
         attention = fused_forward.__self__.config._attn_implementation
         if attention == SEGMENTED:
-            kwargs["segments"] = segments(seq, branch, skip, n, one_row)
+            kwargs["segments"] = segments(seq, branch, skip, n, shape[1], one_row)
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])  # sdpa then builds no mask
         elif share:
             where = [laid(seq, -1), laid(cols, 0), laid(branch, 0), laid(shared, False)]

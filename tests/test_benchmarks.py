@@ -32,9 +32,10 @@ def test_each_gpu_layout_runs_under_an_attention_its_rule_allows(flash, monkeypa
         for device in ("cuda", "cpu"):
             *_, attention = gpu.layout(device, *flags)
             assert attention.split("=")[1] in allowed, (flags, device)
-            assert attention.endswith("sdpa") == (device == "cpu")  # no flex backward on CPU
     *_, attention = gpu.layout("cuda", "padding_free")
-    assert attention.endswith("flash_attention_2" if flash else "flex_attention")
+    assert attention.endswith("flash_attention_2" if flash else "sdpa")
+    assert gpu.layout("cuda", "padding_free", "share_prompt")[-1].endswith("sdpa")
+    assert gpu.layout("cpu", "padding_free")[-1].endswith("sdpa")
 
 
 @pytest.mark.slow

