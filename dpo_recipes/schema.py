@@ -54,7 +54,7 @@ class TrainArgs(DPOConfig):
         default=False,
         metadata={
             "help": "each pair as one sequence, prompt + chosen + rejected: the prompt computed once "
-            "(eager or sdpa attention)"
+            "(sdpa, eager or flex attention)"
         },
     )
 
