@@ -192,10 +192,9 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
             or labels is None
             or (share and len(labels) % 2)
         ):
-            return fused_forward(
-                *args, fused_lm_head=fused_lm_head, input_ids=input_ids, attention_mask=attention_mask,
-                labels=labels, **kwargs,
-            )  # fmt: skip
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            given = {k: v for k, v in given.items() if v is not None}  # positional ids stay positional
+            return fused_forward(*args, fused_lm_head=fused_lm_head, **given, **kwargs)
         real = attention_mask.bool()
         after = torch.nn.functional.pad(labels.masked_fill(~real, -100), (0, 1), value=-100)[:, 1:]
         n = len(labels) // 2 if share else len(labels)  # sequences: pairs, or rows
