@@ -32,12 +32,22 @@ CASES = {
     "tiny Llama, real rows, micro-batch 4": [*REAL, "train.per_device_train_batch_size=4"],
     "tiny Llama default, 30 steps": ["train.max_steps=30", "train.eval_strategy=no"],
 }
+
+
+def layout(padding_free: bool, share_prompt: bool) -> list[str]:
+    """Both fields named: the tiny recipes ship with both on, the 7B ones with both off."""
+    return [
+        f"++train.padding_free={str(padding_free).lower()}",
+        f"++train.share_prompt={str(share_prompt).lower()}",
+    ]
+
+
 WAYS = {  # name: (label, overrides)
-    "trl": ("TRL 1.16 as shipped", []),
-    "ours": ("CPU head", []),
-    "packed": ("CPU head + padding_free", ["++train.padding_free=true"]),
-    "shared": ("CPU head + share_prompt", ["++train.share_prompt=true"]),
-    "both": ("CPU head + both", ["++train.padding_free=true", "++train.share_prompt=true"]),
+    "trl": ("TRL 1.16 as shipped", layout(False, False)),
+    "ours": ("CPU head", layout(False, False)),
+    "packed": ("CPU head + padding_free", layout(True, False)),
+    "shared": ("CPU head + share_prompt", layout(False, True)),
+    "both": ("CPU head + both", layout(True, True)),
 }
 CHILD = """
 import contextlib, json, sys, time

@@ -73,6 +73,15 @@ def tiny_overrides(recipe: str, *extra: str) -> list[str]:
     ]
 
 
+# Each batch layout of trainer.packed as overrides; the tiny recipes ship with "both".
+LAYOUT = {
+    "padded": ["++train.padding_free=false", "++train.share_prompt=false"],
+    "padding_free": ["++train.padding_free=true", "++train.share_prompt=false"],
+    "share_prompt": ["++train.padding_free=false", "++train.share_prompt=true"],
+    "both": ["++train.padding_free=true", "++train.share_prompt=true"],
+}
+
+
 def python_m(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m module args` run in this process, without a new interpreter's seconds of imports: its
     exit code and what it printed. What it changes of the process (argv, environment, signal handlers,

@@ -13,12 +13,14 @@ from conftest import run, tiny_overrides
 from dpo_recipes import ROOT, export, samples
 
 # The proof: how often each model answers the first 64 eval prompts in the asked-for mood (greedy, as
-# `make samples N=64`), and the final eval accuracy. Its bounds come from the spread's worst cells
-# (`python -m benchmarks spread`, BENCHMARKS.md: 3 instruction sets, 1 and 2 threads, 5 seeds of the base
-# and the run): the policy in the asked mood for 56-100% of the prompts, the reference for 39-75%, the
-# policy ahead by +0.06 to +0.56, eval accuracy 0.95-1.00. Greedy rates rest on one answer per mood (the
-# tiny model writes the same remark whatever the topic), so the policy is only asserted ahead of the
-# reference; eval accuracy, the steady measure, is asserted well clear of chance.
+# `make samples N=64`), and the final eval accuracy, for the run as it ships. Its bounds come from the
+# spread (`python -m benchmarks spread`, BENCHMARKS.md: 3 instruction sets, 1 and 2 threads, 5 seeds of
+# the base and the run). The run as it ships (seed 0) in every cell: the policy in the asked mood for
+# 94-100% of the prompts, the reference for 48-50%, the policy ahead by +0.45 to +0.52, eval accuracy
+# 0.96-1.00. Greedy rates rest on one answer per mood (the tiny model writes the same remark whatever the
+# topic), so they jump: another base, seed 3, answers in the asked mood for 42-44% against its
+# reference's 48%, at eval accuracy 0.98-0.99. So the policy is only asserted ahead of the reference;
+# eval accuracy, the steady measure (0.96-1.00 in all 13 cells), is asserted well clear of chance.
 BOUNDS = {"policy": 0.45, "reference": (0.25, 0.85), "margin": 0.0, "accuracy": 0.9}
 
 

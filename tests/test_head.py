@@ -146,11 +146,12 @@ def test_lora_on_lm_head_is_refused(targets):
 def test_a_run_with_the_cpu_head_logs_what_trls_head_gives(loss, tmp_path, monkeypatch):
     from contextlib import nullcontext
 
-    from conftest import tiny_overrides
+    from conftest import LAYOUT, tiny_overrides
 
     from dpo_recipes import train
 
-    cfg, recipe = compose(tiny_overrides("tiny_lora_dpo", f"loss={loss}", "++train.eval_steps=1"))
+    overrides = tiny_overrides("tiny_lora_dpo", f"loss={loss}", "++train.eval_steps=1", *LAYOUT["padded"])
+    cfg, recipe = compose(overrides)  # padded, as TRL lays batches out
     ours = train.run(cfg, tmp_path / "ours", recipe).state.log_history
     monkeypatch.setattr(trainer, "cpu_head", nullcontext)  # TRL's head as shipped
     trls = train.run(cfg, tmp_path / "trl", recipe).state.log_history

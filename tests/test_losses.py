@@ -4,7 +4,7 @@ import itertools
 import math
 
 import pytest
-from conftest import tiny_overrides
+from conftest import LAYOUT, tiny_overrides
 from omegaconf import OmegaConf
 
 from dpo_recipes import config, schema
@@ -100,7 +100,7 @@ def shared(tmp_path_factory):
     from dpo_recipes.trainer import Trainer
 
     out = tmp_path_factory.mktemp("losses")
-    built = config.build(config.compose(tiny_overrides("tiny_full_dpo"))[0], out)
+    built = config.build(config.compose(tiny_overrides("tiny_full_dpo", *LAYOUT["padded"]))[0], out)
     tokenizer = models.tokenizer(built)
     train_set, eval_set, _ = data.load(built.dataset, built.args.seed)
     policy = AutoModelForCausalLM.from_pretrained(tiny.path(), dtype="float32")
@@ -123,7 +123,7 @@ def trainer_for(option: str, shared):
 
     out, first = shared
     args = config.build(
-        config.compose(tiny_overrides("tiny_full_dpo", f"loss={option}"))[0], out / option
+        config.compose(tiny_overrides("tiny_full_dpo", f"loss={option}", *LAYOUT["padded"]))[0], out / option
     ).args
     return Trainer(
         model=copy.deepcopy(first.model),

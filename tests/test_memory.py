@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import run
+from conftest import LAYOUT, run
 
 from dpo_recipes import ROOT, config, memory, rules, trainer, validate
 
@@ -71,11 +71,8 @@ MEASURED = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("overrides", MEASURED, ids=lambda o: " ".join(o))
-def test_the_predicted_peak_is_within_10_percent_of_the_measured_one(overrides, long_rows, tmp_path):
-    """The run predicts its peak before weights load and measures it with the same tracker on the real
-    tensors of its first two steps; summary.json holds both."""
+def measured(tmp_path, long_rows, overrides) -> tuple[float, float]:
+    """A 2-step run on rows that fill max_length 64: its (predicted, measured) peak from summary.json."""
     data = [
         f"dataset.path={long_rows}",
         "dataset.eval_path=null",
@@ -85,10 +82,30 @@ def test_the_predicted_peak_is_within_10_percent_of_the_measured_one(overrides, 
     steps = ["train.max_steps=2", "train.eval_strategy=no", "train.save_strategy=no", "logger=none"]
     _, metrics = run(tmp_path, [*overrides, *data, *steps])
     record = json.loads((metrics / "summary.json").read_text())["memory"]
-    predicted, measured = record["predicted_peak_mb"], record["measured_peak_mb"]
-    assert record["measured_by"].startswith("MemTracker") and measured > 0
-    assert abs(predicted / measured - 1) <= 0.10, record
+    assert record["measured_by"].startswith("MemTracker") and record["measured_peak_mb"] > 0
     assert record["sequence_length"] == 64 and record["budget_mb"] is None
+    return record["predicted_peak_mb"], record["measured_peak_mb"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", MEASURED, ids=lambda o: " ".join(o))
+def test_the_predicted_peak_is_within_10_percent_of_the_measured_one(overrides, long_rows, tmp_path):
+    """The run predicts its peak before weights load and measures it with the same tracker on the real
+    tensors of its first two steps; summary.json holds both. Batches padded, as the prediction counts."""
+    predicted, peak = measured(tmp_path, long_rows, [*overrides, *LAYOUT["padded"]])
+    assert abs(predicted / peak - 1) <= 0.10, (predicted, peak)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["tiny_lora_dpo", "tiny_full_dpo"])
+def test_a_layouts_peak_stays_under_the_padded_prediction(recipe, long_rows, tmp_path):
+    """The tiny recipes ship padding-free with the prompt shared: fewer tokens than the padded batch the
+    prediction counts, so the prediction is an upper bound there (measured on these rows, whose short
+    prompts leave little to share: 1.08x the peak for LoRA, 1.06x for full fine-tuning)."""
+    predicted, peak = measured(
+        tmp_path, long_rows, [f"recipes={recipe}", "train.per_device_train_batch_size=4"]
+    )
+    assert peak <= predicted <= 1.15 * peak, (predicted, peak)
 
 
 def test_a_deep_model_predicted_from_two_and_three_layers_matches_its_whole_trace():

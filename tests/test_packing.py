@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import run, tiny_overrides
+from conftest import LAYOUT, run, tiny_overrides
 from test_head import OUTPUTS, model
 
 from dpo_recipes import config, trainer
@@ -62,6 +62,19 @@ def qwen2(lora: bool):
 
 
 LAYOUTS = {"padding_free": {}, "share_prompt": {"share": True, "one_row": False}, "both": {"share": True}}
+
+
+def test_a_call_the_layout_does_not_take_is_the_models_own():
+    """Positional ids, no labels, a cache: what evaluation code, generation and users call a trained model
+    with goes to its own forward, unchanged."""
+    net = model(tied=False, lora=False)
+    ids = torch.randint(net.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = net(ids).logits
+        net.forward = trainer.packed(net.forward, share=True)
+        assert torch.equal(net(ids).logits, want)
+        assert torch.equal(net(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, want)
+        assert torch.equal(net(ids, use_cache=True).logits, want)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -176,7 +189,7 @@ def real(tmp_path_factory):
     out = tmp_path_factory.mktemp("packing")
     overrides = tiny_overrides(
         "tiny_full_dpo", "dataset=real_ultrafeedback", "dataset.max_samples=null", "train.max_length=256",
-        "train.eval_strategy=no",
+        "train.eval_strategy=no", *LAYOUT["padded"],
     )  # fmt: skip
     built = config.build(config.compose(overrides)[0], out)
     train_set, _, _ = data.load(built.dataset, built.args.seed)
@@ -242,10 +255,6 @@ def made_reference(strategy: str, where) -> list[str]:
     return [f"reference.path={where}"]
 
 
-FLAGS = {"padding_free": ["++train.padding_free=true"], "share_prompt": ["++train.share_prompt=true"]}
-FLAGS["both"] = FLAGS["padding_free"] + FLAGS["share_prompt"]
-
-
 @pytest.mark.parametrize("reference", RUNS)
 def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, capsys):
     """The first step's every logged number within 1e-5, then the loss and grad-norm trajectories within
@@ -266,7 +275,7 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, caps
         f"++train.eval_steps={steps}", f"train.learning_rate={lr}",
         *made_reference(reference, tmp_path / "reference"),
     )  # fmt: skip
-    padded, _ = run(tmp_path / "padded", overrides)
+    padded, _ = run(tmp_path / "padded", [*overrides, *LAYOUT["padded"]])
     assert not padded.packing and not padded.share_prompt
     expected = padded.state.log_history
     assert sum("loss" in e for e in expected) == steps
@@ -276,7 +285,7 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, caps
         first = {k: v for k, v in first.items() if k == "loss"}
     for layout in layouts:
         capsys.readouterr()
-        ours, _ = run(tmp_path / layout, [*overrides, *FLAGS[layout]])
+        ours, _ = run(tmp_path / layout, [*overrides, *LAYOUT[layout]])
         assert (ours.packing, ours.share_prompt) == (layout != "share_prompt", layout != "padding_free")
         assert "note: train.padding_free" not in capsys.readouterr().err  # sdpa attends by segment
         for net in (ours.model, ours.ref_model) if ours.ref_model is not None else (ours.model,):

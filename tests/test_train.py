@@ -81,6 +81,20 @@ def test_summary_describes_the_run(default_run):
     assert "git_commit" in summary and summary["torch_threads"] == os.cpu_count()
 
 
+def test_the_cpu_recipes_ship_padding_free_with_the_prompt_shared(default_run):
+    """As `make train` runs: each micro-batch packed, each prompt computed once, attended by segment;
+    the 7B recipes, not yet measured on a GPU, keep TRL's padded batches."""
+    from dpo_recipes.trainer import SEGMENTED
+
+    trainer, _ = default_run
+    assert trainer.packing and trainer.share_prompt
+    assert trainer.model.get_base_model().config._attn_implementation == SEGMENTED
+    for recipe in schema.recipes():
+        train_args = config.compose([f"recipes={recipe}"])[0].train
+        shipped = [bool(train_args.get(key)) for key in ("padding_free", "share_prompt")]
+        assert shipped == [recipe in ("tiny_lora_dpo", "tiny_full_dpo")] * 2, recipe
+
+
 def test_evaluate_takes_data_the_trainer_already_tokenized(default_run):
     trainer, _ = default_run
     assert "prompt_ids" in trainer.eval_dataset.column_names
