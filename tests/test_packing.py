@@ -297,3 +297,12 @@ def test_each_layouts_run_logs_the_padded_runs_numbers(reference, tmp_path, caps
         for key, rel in (("loss", 1e-4), ("grad_norm", 2e-4 if reference == "precomputed" else 1e-4)):
             got, want = ([e[key] for e in h if key in e] for h in (history, expected))
             assert got == pytest.approx(want, rel=rel), (layout, key)
+
+
+def test_padding_free_under_eager_attention_says_what_it_costs(tmp_path, capsys):
+    """Eager attention takes a packed row's mask over all of its tokens: the run keeps eager (no
+    attention by segment) and says so when it starts."""
+    overrides = tiny_overrides("tiny_lora_dpo", "model.attn_implementation=eager", "++train.max_steps=1")
+    ours, _ = run(tmp_path, [*overrides, *LAYOUT["both"]])
+    assert ours.packing and ours.model.get_base_model().config._attn_implementation == "eager"
+    assert "note: train.padding_free under eager attention" in capsys.readouterr().err
