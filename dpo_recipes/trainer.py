@@ -118,19 +118,26 @@ AttentionInterface.register(SEGMENTED, by_segment)
 AttentionMaskInterface.register(SEGMENTED, sdpa_mask)
 
 
-# Segments go to sdpa in buckets of similar length, the longest at most SPREAD times the shortest plus
-# SLACK tokens: padding within a bucket stays small, and short segments share one call.
+# Segments go to sdpa in buckets of similar lengths, each length within SPREAD times its bucket's first's
+# plus SLACK tokens, either way: padding within a bucket stays small, and short segments share one call.
 SPREAD, SLACK = 1.1, 32
 
 
 def buckets(size: torch.Tensor) -> list:
-    """Indices into `size`, sorted and split where a size exceeds SPREAD x its bucket's first + SLACK."""
-    order, out, first = torch.argsort(size), [], 0
-    sizes = size[order].tolist()
-    for i in range(1, len(sizes) + 1):
-        if i == len(sizes) or sizes[i] > sizes[first] * SPREAD + SLACK:
-            out, first = [*out, order[first:i]], i
-    return out
+    """Indices into `size`, one length per segment or several ((segments, lengths): a rejected answer's own
+    tokens and its shared prompt's, the queries and keys its call pads). Shortest first, each segment joins
+    the first bucket whose first segment's lengths all band with its own, or starts one."""
+    lengths, firsts, out = size.view(len(size), -1).tolist(), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: sum(lengths[i])):
+        near = [
+            n
+            for n, first in enumerate(firsts)
+            if all(max(a, b) <= min(a, b) * SPREAD + SLACK for a, b in zip(first, lengths[i], strict=True))
+        ]
+        if not near:
+            firsts, out = [*firsts, lengths[i]], [*out, []]
+        out[near[0] if near else -1].append(i)
+    return [torch.tensor(b, device=size.device) for b in out]
 
 
 def segments(seq, branch, skip, n: int, width: int, one_row: bool) -> list:
@@ -156,7 +163,8 @@ def segments(seq, branch, skip, n: int, width: int, one_row: bool) -> list:
     out, chosen = [], counts[:, 0]
     for length, first, shared in ((chosen, start, None), (counts[:, 1], start + chosen, skip)):
         kept = (length > 0).nonzero()[:, 0]
-        for some in buckets(length[kept] + (0 if shared is None else shared[kept])) if len(kept) else ():
+        size = length[kept] if shared is None else torch.stack([length[kept], shared[kept]], 1)
+        for some in buckets(size) if len(kept) else ():
             some = kept[some]
             if shared is None or not shared[some].any():
                 out.append((*gathered(first[some], length[some]), None, None))  # none: sdpa's causal path

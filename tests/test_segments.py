@@ -58,7 +58,18 @@ def test_attention_by_segment_is_sdpa_under_the_layouts_mask(one_row, share):
 
 def test_buckets_keep_similar_lengths_together():
     sizes = torch.tensor([5, 300, 10, 90, 1000, 200, 64, 330])
-    found = [sorted(sizes[b].tolist()) for b in trainer.buckets(sizes)]
+    found = sorted(sorted(sizes[b].tolist()) for b in trainer.buckets(sizes))
     assert found == [[5, 10], [64, 90], [200], [300, 330], [1000]]
     for bucket in found:
         assert bucket[-1] <= bucket[0] * trainer.SPREAD + trainer.SLACK
+
+
+def test_buckets_keep_a_rejected_answers_queries_and_keys_alike():
+    # (own tokens, shared prompt tokens): the first two have equal sums, but one call for both would pad
+    # the second's 100 queries to 400 and the first's 100-token prompt to 400
+    sizes = torch.tensor([[400, 100], [100, 400], [410, 120], [90, 50], [100, 60]])
+    found = sorted(sorted(map(tuple, sizes[b].tolist())) for b in trainer.buckets(sizes))
+    assert found == [[(90, 50), (100, 60)], [(100, 400)], [(400, 100), (410, 120)]]
+    for bucket in found:
+        for lengths in zip(*bucket, strict=True):
+            assert max(lengths) <= min(lengths) * trainer.SPREAD + trainer.SLACK
