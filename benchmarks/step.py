@@ -7,7 +7,8 @@ head, and the CPU head with `train.padding_free=true`, `train.share_prompt=true`
 time, peak RSS, and the tokens the network processed per optimizer step (padding included; the policy's
 and the reference's passes, counted at the backbone's input).
 - the Qwen smoke line as a user runs it (`qwen7b_lora_dpo +smoke=tiny_qwen train.max_steps=4`: the
-  real 152,064-token vocabulary, real-length UltraFeedback rows, micro-batch 1);
+  real 152,064-token vocabulary, real-length UltraFeedback rows, micro-batch 1), and the same at
+  micro-batch 4 for 2 steps (TRL's head takes over a minute a step there);
 - the tiny Llama on the same 300 real pairs at micro-batch 1 and 4 (LoRA, the reference by disabling
   the adapter), and on the toy data as the default recipe ships.
 """
@@ -27,6 +28,12 @@ CASES = {
         "recipes=qwen7b_lora_dpo",
         "+smoke=tiny_qwen",
         "train.max_steps=4",
+    ],
+    "tiny Qwen smoke, 2 steps, micro-batch 4": [
+        "recipes=qwen7b_lora_dpo",
+        "+smoke=tiny_qwen",
+        "train.max_steps=2",
+        "train.per_device_train_batch_size=4",
     ],
     "tiny Llama, real rows, micro-batch 1": [*REAL, "train.per_device_train_batch_size=1"],
     "tiny Llama, real rows, micro-batch 4": [*REAL, "train.per_device_train_batch_size=4"],
