@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 2
 REAL = ["dataset=real_ultrafeedback", "train.max_steps=12", "train.eval_strategy=no", "train.max_length=1024"]
+QWEN = "tiny Qwen smoke, 4 steps, micro-batch 1"
 CASES = {
-    "tiny Qwen smoke, 4 steps, micro-batch 1": [
+    QWEN: [
         "recipes=qwen7b_lora_dpo",
         "+smoke=tiny_qwen",
         "train.max_steps=4",
@@ -39,6 +40,14 @@ CASES = {
     "tiny Llama, real rows, micro-batch 4": [*REAL, "train.per_device_train_batch_size=4"],
     "tiny Llama default, 30 steps": ["train.max_steps=30", "train.eval_strategy=no"],
 }
+
+
+GOALS = [  # this CPU's goals: (case, way, ratio, at most, what)
+    ("tiny Llama, real rows, micro-batch 4", "both", "step_ratio", 0.65, "step"),
+    ("tiny Llama, real rows, micro-batch 1", "shared", "step_ratio", 0.85, "step"),
+    (QWEN, "ours", "step_ratio", 0.35, "step"),
+    (QWEN, "ours", "wall_ratio", 1 / 3, "process wall time (3x faster)"),
+]
 
 
 def layout(padding_free: bool, share_prompt: bool) -> list[str]:
@@ -123,4 +132,19 @@ def table(result: dict) -> str:
             f"| {r['case']} | {r['way']} | {r['step_s']} | {r['step_ratio']} | {r['tokens_per_step']:,.0f} | "
             f"{r['train_s']} | {r['wall_s']} | {r['wall_ratio']} | {r['peak_rss_mb']:.0f} |"
         )
-    return "\n".join(lines) + f"\n\nMedian of {result['repeats']} alternating runs in fresh processes."
+    return "\n".join([*lines, "", *goals(result["rows"]), ""]) + (
+        f"\nMedian of {result['repeats']} alternating runs in fresh processes."
+    )
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Each goal whose row was measured, met or missed by how much."""
+    found = {(r["case"], r["way"]): r for r in rows}
+    lines = []
+    for case, way, ratio, limit, what in GOALS:
+        if row := found.get((case, WAYS[way][0])):
+            verdict = "met" if row[ratio] <= limit else f"missed by {row[ratio] - limit:.3f}"
+            lines.append(
+                f"- Goal: {case}, {WAYS[way][0]}, {what} <= {limit:.3g}x TRL's: {row[ratio]}, {verdict}."
+            )
+    return lines

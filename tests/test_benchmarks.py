@@ -100,3 +100,25 @@ def test_the_eval_bench_times_both_ways_on_the_same_answers(monkeypatch):
     assert result["same_answers"] and result["prompts"] == 8
     assert set(result["prompts_per_s"]) == set(evaluation.BATCHES)
     assert "| batched (16) |" in evaluation.table(result)
+
+
+def test_the_step_table_says_which_goal_was_met_and_by_how_much_one_was_missed():
+    from benchmarks import step
+
+    def row(case, way, step_ratio, wall_ratio=1.0):
+        values = dict(step_s=1.0, tokens_per_step=10, train_s=1.0, wall_s=1.0, peak_rss_mb=1)
+        return {
+            "case": case,
+            "way": step.WAYS[way][0],
+            **values,
+            "step_ratio": step_ratio,
+            "wall_ratio": wall_ratio,
+        }
+
+    micro_batch_1 = "tiny Llama, real rows, micro-batch 1"
+    rows = [row(micro_batch_1, "shared", 0.861), row(step.QWEN, "ours", 0.117, wall_ratio=0.249)]
+    text = step.table({"rows": rows, "repeats": 2})
+    assert "CPU head + share_prompt, step <= 0.85x TRL's: 0.861, missed by 0.011." in text
+    assert "CPU head, step <= 0.35x TRL's: 0.117, met." in text
+    assert "process wall time (3x faster) <= 0.333x TRL's: 0.249, met." in text
+    assert "micro-batch 4" not in text  # a goal whose row was not measured is not judged
