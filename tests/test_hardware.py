@@ -151,21 +151,28 @@ def free_port() -> int:
 
 
 @pytest.mark.e2e
-def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process(monkeypatch, tmp_path):
-    classes = ",".join(sorted(set(fsdp_wrapped(monkeypatch))))
+def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process_with_and_without_the_layouts(
+    monkeypatch, tmp_path
+):
+    """The layouts (padding-free, prompt shared) under FSDP2 give the padded batch's log-probs (1e-5
+    relative) and losses (1e-4), as does sharding itself against one process."""
+    classes, script = ",".join(sorted(set(fsdp_wrapped(monkeypatch)))), ROOT / "tests" / "fsdp_cpu.py"
     results = {}
-    for world in (1, 2):
-        out = tmp_path / f"{world}.json"
+    for world, layout in ((1, "padded"), (2, "padded"), (2, "both")):
+        out = tmp_path / f"{world}-{layout}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-        cmd += ["--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_cpu.py"), str(out), classes]
+        cmd += ["--master_port", str(free_port()), str(script), str(out), classes, layout]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[world] = json.loads(out.read_text())
-    one, two = results[1], results[2]
-    assert two["root"] == "FSDPQwen2ForCausalLM"
-    assert two["embedding_rows_per_rank"] == tiny.QWEN["vocab_size"] // 2  # each rank holds half
+        results[world, layout] = json.loads(out.read_text())
+    one, two, both = results[1, "padded"], results[2, "padded"], results[2, "both"]
+    for sharded in (two, both):
+        assert sharded["root"] == "FSDPQwen2ForCausalLM"
+        assert sharded["embedding_rows_per_rank"] == tiny.QWEN["vocab_size"] // 2  # each rank holds half
     assert one["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert both["first_logps"] == pytest.approx(two["first_logps"], rel=1e-5)
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    assert both["losses"] == pytest.approx(one["losses"], abs=1e-4)
     assert one["losses"][-1] < one["losses"][0]
 
 
