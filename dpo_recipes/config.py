@@ -6,9 +6,12 @@ DPOConfig, ModelConfig, the PEFT and quantization configs and our own nodes, wit
 """
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -17,7 +20,7 @@ from peft import PeftConfig
 from transformers import BitsAndBytesConfig
 from trl import get_peft_config, get_quantization_config
 
-from dpo_recipes import reference, rules
+from dpo_recipes import precision, reference, rules
 from dpo_recipes.schema import (
     CONF_DIR,
     TASKS,
@@ -97,8 +100,17 @@ def build(cfg: DictConfig, output_dir: Path, recipe: str | None = None, *, machi
         "dtype": model_args.dtype,
         **(train.get("model_init_kwargs") or {}),
     }
+    if precision.upcast(view.hardware.engine, view.lora, train, view.hardware.master_weights):
+        train["model_init_kwargs"]["dtype"] = "float32"  # the weights are their own fp32 masters
+    # TrainingArguments refuses bf16 where no GPU is visible: a run planned here for a GPU (make validate,
+    # machine=False) is built as that GPU would build it; nothing trains from it here.
+    gpu = "transformers.training_args.is_torch_bf16_gpu_available"
+    planned = (
+        mock.patch(gpu, lambda: True) if not machine and not torch.cuda.is_available() else nullcontext()
+    )
     try:
-        args = TASKS[view.task](output_dir=str(output_dir), **train)  # raises on bf16 without a GPU
+        with planned:
+            args = TASKS[view.task](output_dir=str(output_dir), **train)
     except (ValueError, TypeError) as err:
         raise ConfigError([f"train: {err}"]) from err
     return Built(

@@ -100,7 +100,24 @@ def _grad_spikes(h):
         )
 
 
+# precision.UpdateProbe's share of sampled updates that left the stored weight unchanged: above this,
+# the weights barely train (bf16 weights without fp32 masters lose ~99% at DPO's learning rates).
+LOST = 0.5
+
+
+def _lost_updates(h):
+    lost = _series(h, "updates/lost")
+    if lost and statistics.fmean(lost) > LOST:
+        return (
+            f"{statistics.fmean(lost):.0%} of the sampled weight updates were lost to rounding (the stored "
+            "weight did not change): the weights barely train",
+            "keep fp32 master weights: train.bf16=true with model.dtype=float32 (or the default "
+            "hardware.master_weights=true), hardware=zero3 or hardware=fsdp; or raise train.learning_rate",
+        )
+
+
 CHECKS = {
+    "lost_updates": _lost_updates,
     "stuck_at_ln2": _stuck,
     "binary_accuracy": _binary_accuracy,
     "likelihood_displacement": _displacement,

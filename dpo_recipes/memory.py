@@ -262,17 +262,42 @@ def _quantized_linears(shape: Shape) -> tuple[int, int]:
     return sum(sizes), max(sizes, default=0)
 
 
-def _weight_bytes(shape: Shape) -> tuple[int, int]:
-    """Bytes of the policy's weights and of a separate reference's, in the loaded dtype."""
+@dataclass(frozen=True)
+class Counts:
+    """The policy's weights (elements, and bytes as loaded), those trained, the largest module's own
+    weights (DeepSpeed's "largest layer"), and a separate reference's bytes."""
+
+    weights: int
+    weight_bytes: int
+    trainable: int
+    trainable_bytes: int
+    largest: int
+    reference_bytes: int
+
+
+def _counts(shape: Shape) -> Counts:
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    def size(config) -> int:
+    def build(config):
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=shape.dtype)
-        return sum(p.numel() * p.element_size() for p in model.parameters())
+            return AutoModelForCausalLM.from_config(config, dtype=shape.dtype)
 
+    model = build(shape.config)
+    if shape.lora is not None:
+        model = get_peft_model(model, copy.deepcopy(shape.lora))
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     separate = shape.reference in ("copy", "path")
-    return size(shape.config), size(shape.reference_config or shape.config) if separate else 0
+    reference = build(shape.reference_config or shape.config) if separate else None
+    return Counts(
+        weights=sum(p.numel() for p in params),
+        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        largest=largest,
+        reference_bytes=sum(p.numel() * p.element_size() for p in reference.parameters()) if reference else 0,
+    )
 
 
 @dataclass(frozen=True)
@@ -311,7 +336,8 @@ def _predict(shape: Shape) -> Estimate:
         ]
     peak = max(phases, key=lambda kinds: kinds["Total"])
     parts: dict[str, float] = {}
-    policy, separate = _weight_bytes(shape)
+    counts = _counts(shape)
+    separate = counts.reference_bytes
     for kind, size in peak.items():
         if kind != "Total" and size > 0:
             name = KINDS.get(kind, kind)
@@ -325,31 +351,62 @@ def _predict(shape: Shape) -> Estimate:
         parts["policy weights"] -= numel * (shape.dtype.itemsize - NF4_BYTES) / MB
         temporaries = "temporaries (log-prob head, backward)"
         parts[temporaries] = parts.get(temporaries, 0) + largest * shape.dtype.itemsize / MB
-    _shard(parts, shape, policy)
+    _shard(parts, shape, counts)
     if shape.cuda:
         parts["CUDA allocator and context"] = sum(parts.values()) * ALLOCATOR_SHARE + CUDA_CONTEXT_MB
     parts = dict(sorted(((k, v) for k, v in parts.items() if v > 0.5), key=lambda kv: -kv[1]))
     return Estimate(round(sum(parts.values()), 1), parts)
 
 
-def _shard(parts: dict, shape: Shape, policy_bytes: int) -> None:
-    """Per-GPU parts under data parallelism over `processes` GPUs: DDP adds gradient buckets; ZeRO-2
-    shards gradients and optimizer states; ZeRO-3 and FSDP shard the weights too and hold two gathered
-    layers at a time; offloading keeps weights and optimizer states in CPU memory."""
-    n = shape.processes
+FP32 = 4
+ADAM_FP32 = 8  # AdamW's two fp32 states a trained weight
+
+
+def _shard(parts: dict, shape: Shape, counts: Counts) -> None:
+    """Per-GPU parts as each engine holds them over `processes` GPUs (the trace is one process's):
+    DDP adds gradient buckets. DeepSpeed under mixed precision runs bf16 weights and gradients with fp32
+    master weights, gradients and AdamW states in its optimizer, as its own estimator counts them: ZeRO-2
+    keeps the bf16 weights and gradients whole and shards the rest (4 + 16/N bytes a parameter); ZeRO-3
+    shards everything (18/N) and gathers up to 4 bytes per weight of the largest module; the reference is
+    sharded under ZeRO-3 only. FSDP2 under accelerate's mixed precision keeps the trained weights in fp32
+    (its master weights), shards weights, gradients and states, and gathers two layers in bf16.
+    Offloading keeps weights, masters, gradients and optimizer states in CPU memory."""
+    n, t, mixed = shape.processes, counts.trainable, shape.mixed is not None
     if shape.engine == "ddp" and n > 1:
         parts["gradient buckets (DDP)"] = parts.get("gradients", 0)
-    stage = 3 if shape.engine == "fsdp" else shape.zero_stage if shape.engine == "deepspeed" else 0
-    sharded = {2: ["gradients", "optimizer states"]}.get(stage, [])
-    if stage == 3:
-        sharded = ["gradients", "optimizer states", "policy weights", "reference weights"]
+    if shape.engine not in ("deepspeed", "fsdp"):
+        return
+    stage = 3 if shape.engine == "fsdp" else shape.zero_stage or 0
+    # The trace's optimizer states are in the trained weights' loaded dtype; these engines keep them in fp32
+    states = parts.get("optimizer states", 0)
+    if mixed:
+        states *= FP32 / max(1, counts.trainable_bytes / max(1, t))
+    if shape.engine == "deepspeed":
+        half = shape.mixed.itemsize if mixed else FP32
+        parts["policy weights"] = counts.weights * half / MB / (n if stage == 3 else 1)
+        parts["gradients"] = (t * FP32 / n + (t * half if stage < 3 and mixed else 0)) / MB
+        if mixed:
+            parts["master weights (fp32)"] = t * FP32 / n / MB
+        if stage == 3:
+            parts["gathered layers"] = FP32 * counts.largest / MB
+    else:  # FSDP2
+        frozen = counts.weight_bytes - counts.trainable_bytes
+        trained = t * FP32 if mixed else counts.trainable_bytes
+        parts["policy weights"] = (frozen + trained) / n / MB
+        parts["gradients"] = trained / n / MB
         layers = shape.config.get_text_config().num_hidden_layers
-        parts["gathered layers"] = 2 * policy_bytes / layers / MB
-    for name in sharded:
-        if name in parts:
-            parts[name] /= n
+        parts["gathered layers"] = 2 * counts.weights * (shape.mixed or shape.dtype).itemsize / layers / MB
+    parts["optimizer states"] = states / (n if stage else 1)
+    if stage == 3 and "reference weights" in parts:
+        parts["reference weights"] /= n
     if shape.offload:
-        for name in ("policy weights", "reference weights", "optimizer states"):
+        for name in (
+            "policy weights",
+            "reference weights",
+            "optimizer states",
+            "master weights (fp32)",
+            "gradients",
+        ):
             parts.pop(name, None)
 
 
@@ -384,10 +441,21 @@ def data_length(dataset, max_length: int | None) -> int | None:
     return min(longest, max_length) if max_length else longest
 
 
-def shape_of(built, *, processes: int = 1, **changes) -> Shape:
+def accelerate_setting(built, key: str):
+    """A setting of the accelerate config the run's hardware option launches with (fsdp_config's too)."""
+    import yaml
+
+    path = built.hardware.accelerate_config
+    if built.hardware.engine == "single" or not path or not Path(path).is_file():
+        return None
+    launch = yaml.safe_load(Path(path).read_text()) or {}
+    return launch.get(key, (launch.get("fsdp_config") or {}).get(key))
+
+
+def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
     """The Shape of a built DPO run (`changes`: fields to plan with instead, e.g. batch)."""
     config = model_config(built.model.model_name_or_path, built.model.model_revision)
-    dtype = built.model.dtype
+    dtype = (built.args.model_init_kwargs or {}).get("dtype", built.model.dtype)  # precision.upcast's
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else getattr(config, "dtype", None)
     args, reference, lora = built.args, built.reference, built.peft
     if reference.strategy == "sft_adapter":  # the policy is the SFT adapter, as saved
@@ -403,7 +471,8 @@ def shape_of(built, *, processes: int = 1, **changes) -> Shape:
             dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
             lora=lora,
             four_bit=bool(built.model.load_in_4bit),
-            checkpointing=bool(args.activation_checkpointing),
+            checkpointing=bool(args.activation_checkpointing)
+            or accelerate_setting(built, "fsdp_activation_checkpointing"),
             reference=built.reference.strategy,
             batch=args.per_device_train_batch_size,
             length=data_length(built.dataset, args.max_length) or 1024,
@@ -412,7 +481,7 @@ def shape_of(built, *, processes: int = 1, **changes) -> Shape:
             cuda=built.hardware.device == "cuda",
             engine=built.hardware.engine,
             zero_stage=built.hardware.zero_stage,
-            processes=processes,
+            processes=processes or int(accelerate_setting(built, "num_processes") or 1),
             offload="offload" in str(built.hardware.accelerate_config or ""),
         ),
         **changes,
@@ -502,30 +571,31 @@ def fixes(shape: Shape, budget: float, effective: int) -> list[tuple[str, Estima
                 best[1],
             )
         )
-    candidates = []
+    candidates = []  # (kind, text, change): the first shard that fits and the longest length only
     if shape.reference != "precomputed":
-        candidates.append(("reference=precomputed", dict(reference="precomputed")))
+        candidates.append(("reference", "reference=precomputed", dict(reference="precomputed")))
     if not shape.checkpointing:
-        candidates.append(("train.activation_checkpointing=true", dict(checkpointing=True)))
+        candidates.append(("checkpointing", "train.activation_checkpointing=true", dict(checkpointing=True)))
+    # DeepSpeed stores the weights in the compute dtype (its masters are fp32), whatever they loaded as
+    stored = shape.mixed if shape.mixed is not None else shape.dtype
     for n in (2, 4, 8):
-        candidates.append((f"hardware=zero3 NPROC={n}", dict(engine="deepspeed", zero_stage=3, processes=n)))
+        shard = dict(engine="deepspeed", zero_stage=3, processes=n, dtype=stored, offload=False)
+        candidates.append(("shard", f"hardware=zero3 NPROC={n}", shard))
     if not shape.four_bit and shape.cuda:
         quantized = dict(four_bit=True, lora=shape.lora or _default_lora(), reference="adapter")
-        candidates.append(
-            ("QLoRA: model=qwen2_5_7b_qlora or model.use_peft=true model.load_in_4bit=true", quantized)
-        )
+        text = "QLoRA: model=qwen2_5_7b_qlora or model.use_peft=true model.load_in_4bit=true"
+        candidates.append(("quantize", text, quantized))
     for length in (shape.length * 3 // 4, shape.length // 2, shape.length // 4):
-        candidates.append((f"train.max_length={length}", dict(length=length)))
-    sharded = False
-    for text, change in candidates:
-        if sharded and "NPROC" in text:
-            continue  # the fewest GPUs that fit
+        candidates.append(("length", f"train.max_length={length}", dict(length=length)))
+    done = set()
+    for kind, text, change in candidates:
+        if kind in done:
+            continue
         ok, estimate = _fits(dataclasses.replace(shape, **change), budget)
         if ok:
             found.append((text, estimate))
-            sharded = sharded or "NPROC" in text
-            if "max_length" in text:
-                break  # the longest that fits
+            if kind in ("shard", "length"):
+                done.add(kind)  # the fewest GPUs, the longest sequences
     return found
 
 
@@ -539,7 +609,7 @@ class TooBig(ValueError):
     """A run predicted not to fit its memory, with the fixes that would."""
 
 
-def preflight(built, processes: int = 1, **changes) -> tuple[dict | None, list[str]]:
+def preflight(built, processes: int | None = None, **changes) -> tuple[dict | None, list[str]]:
     """Before any weight loads: the predicted peak of a DPO run, `hardware.micro_batch=auto` applied (the
     run's batch fields set), and the verdict against its budget (budget_mb). Returns summary.json's record
     and the lines to print; raises TooBig, listing the fixes, for a run predicted not to fit. `changes`:
@@ -567,7 +637,7 @@ def preflight(built, processes: int = 1, **changes) -> tuple[dict | None, list[s
             + ("" if budget else " as set (no budget: see hardware.memory_gb)")
         )
     estimate = predict(shape)
-    where = "per GPU" if shape.cuda else "in this process"
+    where = f"per GPU ({shape.processes} x {built.hardware.engine})" if shape.cuda else "in this process"
     lines += [
         f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {shape.batch}, "
         f"{shape.length} tokens a sequence, reference {shape.reference})",
@@ -619,16 +689,16 @@ README_TABLE = ("<!-- memory table: python -m dpo_recipes.memory -->", "<!-- end
 def table(recipes: list[str], cards=CARDS_GB) -> str:
     """The README's table: each recipe's predicted peak as shipped, and on each card the largest
     micro-batch that fits at the same effective batch, with its peak."""
-    from dpo_recipes import config, validate
+    from dpo_recipes import config
 
     rows = [
         f"| recipe | as shipped | {' | '.join(f'{gb} GB' for gb in cards)} |",
         f"| --- | --- | {' | '.join('---' for _ in cards)} |",
     ]
     for recipe in recipes:
-        cfg, _ = config.compose([f"recipes={recipe}", *validate.CPU_STAND_IN])
+        cfg, _ = config.compose([f"recipes={recipe}"])
         built = config.build(cfg, "unused", machine=False)
-        shape = shape_of(built, mixed=torch.bfloat16)
+        shape = shape_of(built)
         accumulation = built.args.gradient_accumulation_steps
         shipped = predict(shape)
         cells = []

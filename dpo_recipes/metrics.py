@@ -35,6 +35,8 @@ METRICS = [
     ("logps/chosen", None, "log-probs: chosen vs rejected"),
     ("logps/rejected", None, "log-probs: chosen vs rejected"),
     ("learning_rate", None, "learning rate"),
+    # precision.UpdateProbe: the share of sampled non-zero updates that rounding left unstored
+    ("updates/lost", False, "updates lost to rounding"),
     # task=reward (TRL's RewardTrainer): the share of pairs ranked right, the mean score margin
     ("accuracy", True, "reward model: accuracy"),
     ("margin", True, "reward model: chosen - rejected score"),

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.convert import Messages
-from dpo_recipes import hub, reference, secrets
+from dpo_recipes import hub, precision, reference, secrets
 from dpo_recipes.schema import (
     CONF_DIR,
     OURS,
@@ -384,6 +384,7 @@ RULES = {
     "eval_data": eval_data,
     "secrets": lambda v: secrets.found(v.raw),
     "scale": scale,
+    "precision": precision.problems,
     "resume": resume,
     "losses": losses,
     "reference": reference_strategy,

@@ -107,6 +107,7 @@ class HardwareSchema:
     zero_stage: int | None = None  # DeepSpeed's ZeRO stage, on the options that use it
     memory_gb: float | None = None  # per GPU, to plan for: the visible GPU's by default (memory.py)
     micro_batch: Literal["auto"] | None = None  # auto: the largest that fits, same effective batch
+    master_weights: bool = True  # full fine-tuning keeps fp32 masters (precision.py); false: knowingly not
 
 
 @dataclass

@@ -41,6 +41,7 @@ from dpo_recipes import (
     data,
     hub,
     memory,
+    precision,
     reference,
     rundir,
     runs,
@@ -188,6 +189,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
         raise config.ConfigError([plan.message])
     # Before any weight loads or file is written: a run that cannot fit stops here, naming the fixes
     predicted, lines = memory.preflight(built, rundir.world())
+    lines = [note for note in [precision.note(built)] if note] + lines
     if lines and int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(lines))
     rundir.start(plan, launch_record(cfg))
@@ -250,6 +252,8 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     measured = memory.Measured(trainer, predicted or {}, built.hardware.engine)
     if predicted is not None:
         trainer.add_callback(measured)
+    if hasattr(trainer, "_metrics"):  # TRL's per-step metrics, averaged at each log
+        trainer.add_callback(precision.UpdateProbe(trainer))
     note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
     if plan.message and plan.action != "replace":
         print(plan.message, file=sys.stderr)

@@ -26,13 +26,14 @@ def evals(values):
     ]
 
 
-HEALTHY = history() + evals([0.55, 0.7, 0.8])
+HEALTHY = history(**{"updates/lost": lambda i: 0.02}) + evals([0.55, 0.7, 0.8])
 CASES = {
     "stuck_at_ln2": history(loss=lambda i: math.log(2), **{"rewards/margins": lambda i: 0.0}),
     "binary_accuracy": history(**{"rewards/accuracies": lambda i: float(i % 2)}),
     "likelihood_displacement": history(**{"logps/chosen": lambda i: -100 - 3 * i}),
     "overfitting": history() + evals([0.6, 0.8, 0.7, 0.62]),
     "grad_norm_spikes": history(grad_norm=lambda i: 50.0 if i == 7 else 1.0),
+    "lost_updates": history(**{"updates/lost": lambda i: 0.9}),
 }
 
 

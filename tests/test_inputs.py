@@ -60,6 +60,10 @@ CASES = {
         dict(train={"use_cpu": True}, hardware={"engine": "fsdp"}, choices={"hardware": "fsdp"}),
         "hardware=fsdp shards on GPUs only",
     ),
+    "precision": (
+        dict(model={"dtype": "bfloat16"}),
+        "full fine-tuning with bfloat16 weights and no fp32 master",
+    ),
     "resume": (dict(run={"resume": "/no/checkpoint"}), "run.resume: '/no/checkpoint' is not auto"),
     "losses": (dict(train={"loss_type": ["sigmoidd"]}), "did you mean 'sigmoid'?"),
     "reference": (dict(reference={"strategy": "path"}), "reference.path: reference=path needs"),

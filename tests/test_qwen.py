@@ -13,8 +13,17 @@ from dpo_recipes import config, schema, tiny, train
 
 QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen")]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-# What the smoke may change: the weights, the device and precision, one pair a step, the data and logger.
-SWAPPED = {"per_device_train_batch_size", "per_device_eval_batch_size", "report_to"}
+# What the smoke may change: the weights, the device and the processes, one pair a step, the data and
+# logger; never the precision (train.bf16 / fp16, model.dtype).
+SWAPPED = {
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "report_to",
+    "use_cpu",
+    "dataset_num_proc",
+    "activation_checkpointing",
+}
 
 
 def smoke(recipe: str, *extra: str) -> list[str]:
@@ -25,8 +34,9 @@ def smoke(recipe: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("recipe", QWEN_RECIPES)
 def test_the_smoke_keeps_everything_the_recipe_ships_but_weights_hardware_and_data(recipe):
-    shipped, _ = config.compose([f"recipes={recipe}", "hardware=cpu"])
+    shipped, _ = config.compose([f"recipes={recipe}"])
     smoked, _ = config.compose([f"recipes={recipe}", "+smoke=tiny_qwen"])
+    assert smoked.train.bf16 == shipped.train.bf16 is True and smoked.model.dtype == shipped.model.dtype
     assert smoked.model.model_name_or_path == str(tiny.qwen_path())
     for key, value in shipped.model.items():
         if key != "model_name_or_path":
@@ -34,7 +44,8 @@ def test_the_smoke_keeps_everything_the_recipe_ships_but_weights_hardware_and_da
     for key, value in shipped.train.items():
         if key not in SWAPPED:
             assert smoked.train[key] == value, key
-    assert smoked.hardware.device == "cpu" and smoked.dataset.format == "ultrafeedback"
+    assert smoked.hardware.device == "cpu" and smoked.hardware.engine == "single" and smoked.train.use_cpu
+    assert smoked.dataset.format == "ultrafeedback"
     assert (
         config.compose(["recipes=qwen7b_lora_dpo"])[0].dataset.path == "HuggingFaceH4/ultrafeedback_binarized"
     )

@@ -187,8 +187,8 @@ def test_an_atomic_folder_replaces_keeps_or_refuses_one_already_there(tmp_path):
 
 def test_recipes_load_safetensors_only_and_no_remote_code(tmp_path):
     for recipe in schema.recipes():
-        cfg, _ = config.compose([f"recipes={recipe}", "hardware=cpu"])
-        built = config.build(cfg, tmp_path)
+        cfg, _ = config.compose([f"recipes={recipe}"])
+        built = config.build(cfg, tmp_path, machine=False)  # as the recipe's GPUs build it
         assert built.args.trust_remote_code is False
         assert built.args.model_init_kwargs["use_safetensors"] is True
 

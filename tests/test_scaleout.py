@@ -167,7 +167,9 @@ def test_an_fsdp_run_saves_full_weights_that_load(names):
 
     name = names()
     cmd = [sys.executable, "-m", "dpo_recipes.launch", "--nproc", "1", "recipes=qwen7b_full_dpo"]
-    cmd += ["+smoke=tiny_qwen", "hardware=fsdp", "train.max_steps=2", f"run.name={name}"]
+    # the smoke's weights and data on the GPUs: +smoke=tiny_qwen itself runs one CPU process
+    cmd += ["model.model_name_or_path=${tiny_qwen:}", "dataset=real_ultrafeedback", "logger=none"]
+    cmd += ["hardware=fsdp", "train.max_steps=2", "dataset.max_eval_samples=4", f"run.name={name}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = ROOT / "outputs/qwen7b_full_dpo" / name
