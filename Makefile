@@ -42,7 +42,7 @@ setup: $(STAMP) ## Create .venv and install: torch first (TORCH_SPEC), then the 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev,sweep]"
+	$(PY) -m pip install --quiet -e ".[dev,sweep,deepspeed]"
 	@touch $@
 
 # NPROC processes per node through accelerate, with the accelerate config the composed hardware option names.

@@ -366,8 +366,8 @@ def _shard(parts: dict, shape: Shape, counts: Counts) -> None:
     """Per-GPU parts as each engine holds them over `processes` GPUs (the trace is one process's):
     DDP adds gradient buckets. DeepSpeed under mixed precision runs bf16 weights and gradients with fp32
     master weights, gradients and AdamW states in its optimizer, as its own estimator counts them: ZeRO-2
-    keeps the bf16 weights and gradients whole and shards the rest (4 + 16/N bytes a parameter); ZeRO-3
-    shards everything (18/N) and gathers up to 4 bytes per weight of the largest module; the reference is
+    keeps the bf16 weights whole and shards the rest, bf16 gradients too (2 + 18/N bytes a parameter);
+    ZeRO-3 shards everything (18/N) and gathers 4 bytes per weight of the largest module; the reference is
     sharded under ZeRO-3 only. FSDP2 under accelerate's mixed precision keeps the trained weights in fp32
     (its master weights), shards weights, gradients and states, and gathers two layers in bf16.
     Offloading keeps weights, masters, gradients and optimizer states in CPU memory."""
@@ -384,7 +384,7 @@ def _shard(parts: dict, shape: Shape, counts: Counts) -> None:
     if shape.engine == "deepspeed":
         half = shape.mixed.itemsize if mixed else FP32
         parts["policy weights"] = counts.weights * half / MB / (n if stage == 3 else 1)
-        parts["gradients"] = (t * FP32 / n + (t * half if stage < 3 and mixed else 0)) / MB
+        parts["gradients"] = t * (FP32 + (half if stage < 3 and mixed else 0)) / n / MB
         if mixed:
             parts["master weights (fp32)"] = t * FP32 / n / MB
         if stage == 3:
@@ -687,13 +687,14 @@ README_TABLE = ("<!-- memory table: python -m dpo_recipes.memory -->", "<!-- end
 
 
 def table(recipes: list[str], cards=CARDS_GB) -> str:
-    """The README's table: each recipe's predicted peak as shipped, and on each card the largest
-    micro-batch that fits at the same effective batch, with its peak."""
+    """The README's table: each recipe's predicted peak per GPU as shipped (its engine over the GPUs its
+    accelerate config names), and on each card the largest micro-batch that fits at the same effective
+    batch, with its peak."""
     from dpo_recipes import config
 
     rows = [
-        f"| recipe | as shipped | {' | '.join(f'{gb} GB' for gb in cards)} |",
-        f"| --- | --- | {' | '.join('---' for _ in cards)} |",
+        f"| recipe | engine | as shipped | {' | '.join(f'{gb} GB' for gb in cards)} |",
+        f"| --- | --- | --- | {' | '.join('---' for _ in cards)} |",
     ]
     for recipe in recipes:
         cfg, _ = config.compose([f"recipes={recipe}"])
@@ -706,7 +707,8 @@ def table(recipes: list[str], cards=CARDS_GB) -> str:
             best = largest_batch(shape, gb * 1024, shape.batch * accumulation)
             cells.append(f"{best[0]} ({best[1].peak_mb / 1024:.1f} GiB)" if best else "does not fit")
         rows.append(
-            f"| `{recipe}` | {shape.batch} x {accumulation}, {shipped.peak_mb / 1024:.1f} GiB | {' | '.join(cells)} |"
+            f"| `{recipe}` | {shape.processes} x {shape.engine} | {shape.batch} x {accumulation}, "
+            f"{shipped.peak_mb / 1024:.1f} GiB | {' | '.join(cells)} |"
         )
     return "\n".join(rows)
 

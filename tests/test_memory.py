@@ -174,13 +174,23 @@ def test_validate_prints_the_breakdown_and_the_verdict_for_a_7b_recipe(capsys):
 
 @pytest.mark.slow
 def test_validate_of_a_run_that_cannot_fit_lists_fixes_that_would(capsys):
-    assert validate.main(["recipes=qwen7b_full_dpo", "hardware.memory_gb=24"]) == 2
+    """The full recipe on one 24 GiB GPU: refused; each `hardware=zero3 NPROC=N` it offers is no lower
+    than DeepSpeed's own estimate of the model states alone at N GPUs."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    assert validate.main(["recipes=qwen7b_full_dpo", "hardware=gpu", "hardware.memory_gb=24"]) == 2
     err = capsys.readouterr().err
     assert "the run does not fit in 24 GiB" in err
     fixes = [line for line in err.splitlines() if line.startswith("  ") and line.endswith("GiB)")]
     fixes = [line for line in fixes if "  (" in line]
-    assert fixes and any("hardware=zero3 NPROC=" in line for line in fixes)
-    assert all(float(line.rsplit("(", 1)[1].split()[0]) <= 24 for line in fixes)
+    sharded = [line for line in fixes if "hardware=zero3 NPROC=" in line]
+    assert sharded and all(float(line.rsplit("(", 1)[1].split()[0]) <= 24 for line in fixes)
+    for line in sharded:
+        gpus = int(line.split("NPROC=")[1].split()[0])
+        _, states, _ = estimate_zero3_model_states_mem_needs(
+            QWEN7B_PARAMS, QWEN7B_EMBEDDING, num_gpus_per_node=gpus, cpu_offload=False
+        )
+        assert float(line.rsplit("(", 1)[1].split()[0]) * 2**30 >= states, line
 
 
 def test_a_run_that_cannot_fit_is_refused_before_weights_load_or_its_dir_exists(tmp_path):
@@ -230,3 +240,55 @@ def test_the_readme_table_is_the_tools_output():
     """Made by `python -m dpo_recipes.memory`; regenerate it there when a recipe or the model changes."""
     readme = (ROOT / "README.md").read_text()
     assert memory.table(memory.shipped_gpu_recipes()) in readme
+
+
+# What DeepSpeed's estimator calls model states: weights, gradients, fp32 masters and optimizer states,
+# and ZeRO-3's gathered layer
+MODEL_STATES = ("policy weights", "gradients", "master weights (fp32)", "optimizer states", "gathered layers")
+QWEN7B_PARAMS, QWEN7B_EMBEDDING = 7_615_616_512, 152_064 * 3_584  # the published count; the largest module
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_model_states_are_deepspeeds_own_estimate(stage, gpus):
+    """DeepSpeed's estimator functions (run on CPU) for Qwen2.5-7B: ZeRO-2 keeps the bf16 weights whole
+    and shards 18 bytes a parameter (2 + 18/N), ZeRO-3 shards all 18 and adds 4 bytes per weight of the
+    largest module; ours within 5%."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape = memory.shape_of(built("recipes=qwen7b_full_dpo", f"hardware=zero{stage}"), processes=gpus)
+    counts = memory._counts(shape)
+    assert (counts.weights, counts.largest) == (QWEN7B_PARAMS, QWEN7B_EMBEDDING)
+    if stage == 3:
+        _, expected, _ = estimate_zero3_model_states_mem_needs(
+            QWEN7B_PARAMS, QWEN7B_EMBEDDING, num_gpus_per_node=gpus, cpu_offload=False
+        )
+    else:
+        _, expected = estimate_zero2_model_states_mem_needs(
+            QWEN7B_PARAMS, num_gpus_per_node=gpus, cpu_offload=False
+        )
+    parts = memory.predict(shape).parts
+    ours = sum(parts.get(name, 0) for name in MODEL_STATES) * memory.MB
+    assert ours == pytest.approx(expected, rel=0.05)
+    assert ("reference weights" in parts) and parts["reference weights"] * memory.MB == pytest.approx(
+        2 * QWEN7B_PARAMS / (gpus if stage == 3 else 1), rel=0.01
+    )  # bf16, sharded under ZeRO-3 only
+
+
+def test_fsdp_counts_its_own_checkpointing_and_accelerates_fp32_upcast():
+    spec = built("recipes=qwen7b_full_dpo", "hardware=fsdp")
+    shape = memory.shape_of(spec)
+    assert not spec.args.activation_checkpointing and shape.checkpointing  # accelerate/fsdp.yaml's
+    assert shape.processes == 8  # the accelerate config's, where no launch says otherwise
+    parts = memory.predict(shape).parts
+    assert parts["policy weights"] * memory.MB == pytest.approx(4 * QWEN7B_PARAMS / 8, rel=0.01)
+    assert parts["optimizer states"] * memory.MB == pytest.approx(8 * QWEN7B_PARAMS / 8, rel=0.01)
+
+
+def test_one_gpu_full_fine_tuning_is_planned_with_fp32_weights_under_bf16_autocast():
+    shape = memory.shape_of(built("recipes=qwen7b_full_dpo", "hardware=gpu"))
+    assert (shape.dtype, shape.mixed) == (torch.float32, torch.bfloat16)
+    parts = memory.predict(shape).parts
+    assert parts["policy weights"] * memory.MB == pytest.approx(4 * QWEN7B_PARAMS, rel=0.01)
+    assert parts["optimizer states"] * memory.MB == pytest.approx(8 * QWEN7B_PARAMS, rel=0.01)
