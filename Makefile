@@ -39,7 +39,7 @@ help: ## List every target
 
 setup: $(STAMP) ## Create .venv and install: torch first (TORCH_SPEC), then the project with dev and sweep extras
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev,sweep,deepspeed]"

@@ -15,7 +15,15 @@ from pyarrow import ArrowException
 
 from data_prep import io
 from data_prep.convert import FORMATS, RULES, STYLES, Messages
-from data_prep.pipeline import Options, convert, describe, read, summary_line, token_lengths
+from data_prep.pipeline import (
+    Options,
+    convert,
+    describe,
+    read,
+    summary_line,
+    token_lengths,
+    tokenizer_id,
+)
 
 
 def mapping(text: str) -> dict[str, str]:
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         report.update(token_lengths(kept, tokenizer, args.max_length, args.num_proc))
+        # what counted them, so that a run with another tokenizer or template does not plan with them
+        report["counted_with"] = {"tokenizer": tokenizer_id(args.tokenizer), "chat_template": "its own"}
         lengths = ", ".join(
             f"{k} {v['median']:g} (max {v['max']})" for k, v in report["token_lengths"].items()
         )

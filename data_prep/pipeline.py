@@ -408,6 +408,12 @@ def summary_line(report: dict) -> str:
     return f"kept {report['rows_out']} of {report['rows_in']} rows (dropped: {dropped})"
 
 
+def tokenizer_id(name: str) -> str:
+    """A tokenizer as a report names it: a local folder by its absolute path, else the hub id."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def token_ids(tokenizer, prompt, answer=None) -> list[int]:
     """The ids of a prompt (ending with the generation prompt) or of a prompt and its answer, in either
     style: plain text, or messages through the chat template."""

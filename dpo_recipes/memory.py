@@ -5,8 +5,9 @@ How: a training step of the real architecture (TRL's fused log-prob head on it, 
 checkpointing, the reference pass, the run's optimizer and its states) runs on fake tensors, which have
 shapes and dtypes but no data or memory (PyTorch's FakeTensorMode), under PyTorch's MemTracker, at the
 run's micro-batch and sequence length. Decoder layers repeat, so traces of two and of three layers give the whole model's peak
-(a 7B model takes seconds). What a CPU trace cannot show is added by formula: 4-bit weights, ZeRO/FSDP
-sharding, the CUDA allocator's cache and context. Every run also measures its real peak (the same tracker
+(a 7B model takes seconds). What a CPU trace cannot show is added by formula: 4-bit weights, each
+engine's masters and sharding (DeepSpeed's as its own estimator counts them), a judge's weights and
+generation cache under judge.every, the CUDA allocator's cache and context. Every run also measures its real peak (the same tracker
 on CPU, torch.cuda's counter on GPU) and records it beside the prediction in summary.json.
 """
 
@@ -112,6 +113,13 @@ class Shape:
     mixed: torch.dtype | None  # autocast's dtype (bf16, fp16), if any
     cuda: bool
     engine: str = "single"  # hardware.engine
+    # Eager attention holds each row's whole score matrix, and a packed layout's rows are longer than a
+    # pair's sequences (padding_free: one row a micro-batch; share_prompt alone: one a pair): traced so,
+    # at the padded batch's token count (an upper bound: sharing the prompt saves some)
+    layout: str = "padded"  # padded, one_row, per_pair
+    eager: bool = False
+    judge_bytes: int = 0  # judge.every: the judge's weights, kept on the device from the first judging
+    generation_tokens: int = 0  # judge.every: the KV cache of a generation batch, in tokens
     zero_stage: int | None = None
     processes: int = 1
     offload: bool = False
@@ -163,12 +171,14 @@ def _fake_models(shape: Shape, layers: int):
 
     config = _layers(shape.config, layers)
     with torch.device("meta"):  # PEFT moves fake tensors in ways they refuse; built on meta, then faked
-        model = AutoModelForCausalLM.from_config(config, dtype=shape.dtype)
+        attention = {"attn_implementation": "eager"} if shape.eager else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=shape.dtype, **attention)
         add_fused_lm_head(model, outputs=HEAD_OUTPUTS)
         reference = None
         if shape.reference in ("copy", "path"):
             own = _layers(shape.reference_config, layers) if shape.reference_config else config
-            reference = AutoModelForCausalLM.from_config(own, dtype=shape.dtype).requires_grad_(False)
+            reference = AutoModelForCausalLM.from_config(own, dtype=shape.dtype, **attention)
+            reference.requires_grad_(False)
             add_fused_lm_head(reference)
         if shape.lora is not None:
             lora = copy.deepcopy(shape.lora)  # PEFT writes the modules it found into the config it is given
@@ -217,7 +227,9 @@ def trace(shape: Shape, layers: int) -> tuple[dict[str, int], dict[str, int]]:
                 hidden.register_hook(reached)
 
         _decoder_layers(model, layers)[0].register_forward_hook(mark)
-        ids = torch.zeros(2 * shape.batch, shape.length, dtype=torch.long)
+        b, n = shape.batch, shape.length
+        rows = {"one_row": (1, 2 * b * n), "per_pair": (b, 2 * n)}.get(shape.layout) if shape.eager else None
+        ids = torch.zeros(*(rows or (2 * b, n)), dtype=torch.long)
         mask = torch.ones_like(ids)
         with ExitStack() as stack:
             stack.enter_context(tracker)
@@ -244,7 +256,7 @@ def _step(model, reference, shape: Shape, ids, mask) -> None:
                 with model.disable_adapter():
                     ref = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
         logps = logps - ref.log_probs.sum(1)
-    chosen, rejected = logps.chunk(2)
+    chosen, rejected = logps.chunk(2) if len(logps) % 2 == 0 else (logps, -logps)  # one packed row
     torch.nn.functional.logsigmoid(chosen - rejected).mean().neg().backward()
 
 
@@ -352,6 +364,14 @@ def _predict(shape: Shape) -> Estimate:
         temporaries = "temporaries (log-prob head, backward)"
         parts[temporaries] = parts.get(temporaries, 0) + largest * shape.dtype.itemsize / MB
     _shard(parts, shape, counts)
+    if shape.judge_bytes:
+        parts["judge weights (judge.every)"] = shape.judge_bytes / MB
+    if shape.generation_tokens:  # held while judging, not beside a step's gradients: counted as if it were
+        text = shape.config.get_text_config()
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        per_token = text.num_hidden_layers * 2 * heads * head_dim * (shape.mixed or shape.dtype).itemsize
+        parts["generation cache (judge.every)"] = shape.generation_tokens * per_token / MB
     if shape.cuda:
         parts["CUDA allocator and context"] = sum(parts.values()) * ALLOCATOR_SHARE + CUDA_CONTEXT_MB
     parts = dict(sorted(((k, v) for k, v in parts.items() if v > 0.5), key=lambda kv: -kv[1]))
@@ -429,16 +449,65 @@ def model_config(name: str, revision: str | None = None, key: str = "model.model
         return AutoConfig.from_pretrained(name, revision=revision)
 
 
-def data_length(dataset, max_length: int | None) -> int | None:
-    """The longest sequence the data can make, from the token counts `make prep` wrote beside a local file
-    (its report), capped at max_length; else max_length."""
-    report = Path(f"{dataset.path}.report.json") if dataset.path else None
+def prep_report(dataset) -> dict | None:
+    """The report `make prep` wrote beside a local data file, if any."""
     try:
-        lengths = json.loads(report.read_text())["token_lengths"]
+        return json.loads(Path(f"{dataset.path}.report.json").read_text()) if dataset.path else None
+    except (OSError, ValueError):
+        return None
+
+
+def counted_elsewise(report: dict, tokenizer: str, template: str | None) -> str | None:
+    """Why a prep report's token counts do not hold for a run with `tokenizer` (and `model.chat_template`
+    `template`, if set), or None where they do."""
+    from data_prep.pipeline import tokenizer_id
+
+    counted = report.get("counted_with") or {}
+    if not counted.get("tokenizer"):
+        return "it does not say which tokenizer counted them"
+    if counted["tokenizer"] != tokenizer_id(tokenizer):
+        return f"they were counted with {counted['tokenizer']}, the run tokenizes with {tokenizer}"
+    if template:
+        return f"they were counted with the tokenizer's own chat template, the run applies {template}"
+    return None
+
+
+def data_length(dataset, max_length: int | None, tokenizer: str, template: str | None = None) -> int | None:
+    """The longest sequence the data can make, from the token counts `make prep` wrote beside a local file
+    (its report) with the run's tokenizer and template, capped at max_length; else max_length."""
+    report = prep_report(dataset)
+    try:
+        lengths = report["token_lengths"]
         longest = lengths["prompt"]["max"] + max(lengths["chosen"]["max"], lengths["rejected"]["max"])
-    except (AttributeError, OSError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError):
+        return max_length
+    if counted_elsewise(report, tokenizer, template):
         return max_length
     return min(longest, max_length) if max_length else longest
+
+
+def _judging(built, length: int) -> dict:
+    """judge.every's terms: the judge's weights as saved, and a generation batch's cache (the prompts of a
+    batch at the planned length, plus the new tokens)."""
+    judge = built.judge
+    if not judge.every or judge.kind == "none":
+        return {}
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        config = model_config(judge.path, judge.revision, "judge.path")
+    except hub.Unreachable:  # preflight says it is not counted
+        return {}
+    dtype = getattr(config, "dtype", None) or torch.float32  # judge.load keeps the saved dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kind = AutoModelForSequenceClassification if judge.kind == "reward" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = kind.from_config(config, dtype=dtype)
+    batch = min(judge.prompts, 16)  # evaluate.Judging's batch
+    return {
+        "judge_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "generation_tokens": batch * (length + judge.max_new_tokens),
+    }
 
 
 def accelerate_setting(built, key: str):
@@ -458,6 +527,8 @@ def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
     dtype = (built.args.model_init_kwargs or {}).get("dtype", built.model.dtype)  # precision.upcast's
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else getattr(config, "dtype", None)
     args, reference, lora = built.args, built.reference, built.peft
+    model = built.model
+    length = data_length(built.dataset, args.max_length, model.model_name_or_path, model.chat_template) or 1024
     if reference.strategy == "sft_adapter":  # the policy is the SFT adapter, as saved
         from peft import PeftConfig
 
@@ -475,7 +546,7 @@ def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
             or accelerate_setting(built, "fsdp_activation_checkpointing"),
             reference=built.reference.strategy,
             batch=args.per_device_train_batch_size,
-            length=data_length(built.dataset, args.max_length) or 1024,
+            length=length,
             args=args,
             mixed=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None,
             cuda=built.hardware.device == "cuda",
@@ -483,6 +554,13 @@ def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
             zero_stage=built.hardware.zero_stage,
             processes=processes or int(accelerate_setting(built, "num_processes") or 1),
             offload="offload" in str(built.hardware.accelerate_config or ""),
+            layout="one_row"
+            if getattr(args, "padding_free", False)
+            else "per_pair"
+            if getattr(args, "share_prompt", False)
+            else "padded",
+            eager=built.model.attn_implementation == "eager",
+            **_judging(built, length),
         ),
         **changes,
     )
@@ -637,6 +715,13 @@ def preflight(built, processes: int | None = None, **changes) -> tuple[dict | No
             + ("" if budget else " as set (no budget: see hardware.memory_gb)")
         )
     estimate = predict(shape)
+    report = prep_report(built.dataset)
+    if report and "token_lengths" in report:
+        why = counted_elsewise(report, built.model.model_name_or_path, built.model.chat_template)
+        if why:
+            lines.append(f"note: the token counts of {built.dataset.path}.report.json are not used: {why}")
+    if built.judge.every and built.judge.kind != "none" and not shape.judge_bytes:
+        lines.append(f"note: the judge's weights are not counted: no config.json for {built.judge.path} here")
     where = f"per GPU ({shape.processes} x {built.hardware.engine})" if shape.cuda else "in this process"
     lines += [
         f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {shape.batch}, "

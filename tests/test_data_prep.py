@@ -263,6 +263,8 @@ def test_report_location_and_token_statistics(tmp_path, capsys):
     assert set(stats["token_lengths"]) == {"prompt", "chosen", "rejected"}
     assert stats["token_lengths"]["prompt"]["max"] >= stats["token_lengths"]["prompt"]["median"] > 0
     assert 1 <= stats["trl_would_drop"] <= 4
+    # what counted them: a run with another tokenizer or template plans without them (memory.py)
+    assert stats["counted_with"] == {"tokenizer": str(tiny.path().resolve()), "chat_template": "its own"}
     out = capsys.readouterr().out
     assert f"TRL would drop {stats['trl_would_drop']} of 4 rows" in out and "median tokens: prompt" in out
 

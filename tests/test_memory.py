@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,17 +123,27 @@ def test_a_deep_model_predicted_from_two_and_three_layers_matches_its_whole_trac
         assert memory.predict(shape).peak_mb == pytest.approx(whole, rel=0.01), recipe
 
 
-def test_the_length_planned_for_is_the_longest_row_make_prep_counted_or_max_length(tmp_path):
+def test_the_length_planned_for_is_the_longest_row_make_prep_counted_with_the_runs_tokenizer(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text((ROOT / "data/toy/train.jsonl").read_text())
     spec = built(
         "recipes=tiny_lora_dpo", f"dataset.path={data}", "dataset.eval_path=null", "train.max_length=512"
     )
-    assert memory.data_length(spec.dataset, 512) == 512  # no report: max_length
+    tokenizer = spec.model.model_name_or_path
+    assert memory.data_length(spec.dataset, 512, tokenizer) == 512  # no report: max_length
     lengths = {"prompt": {"max": 40}, "chosen": {"max": 100}, "rejected": {"max": 70}}
-    (tmp_path / "pairs.jsonl.report.json").write_text(json.dumps({"token_lengths": lengths}))
-    assert memory.data_length(spec.dataset, 512) == 140 and memory.data_length(spec.dataset, 128) == 128
-    assert memory.shape_of(spec).length == 140
+    report = tmp_path / "pairs.jsonl.report.json"
+    counted = {"tokenizer": str(Path(tokenizer).resolve()), "chat_template": "its own"}
+    report.write_text(json.dumps({"token_lengths": lengths, "counted_with": counted}))
+    assert memory.data_length(spec.dataset, 512, tokenizer) == 140
+    assert memory.data_length(spec.dataset, 128, tokenizer) == 128
+    assert memory.shape_of(spec).length == 140 and not any("not used" in x for x in memory.preflight(spec)[1])
+    # counted with another tokenizer, with a template the run replaces, or by an older report: not used
+    for counted_with, template in ({"tokenizer": "Qwen/Qwen2.5-7B"}, None), (counted, "chatml"), (None, None):
+        report.write_text(json.dumps({"token_lengths": lengths, "counted_with": counted_with}))
+        assert memory.data_length(spec.dataset, 512, tokenizer, template) == 512
+    assert memory.shape_of(spec).length == 512
+    assert any("pairs.jsonl.report.json are not used" in line for line in memory.preflight(spec)[1])
 
 
 def test_prediction_leaves_the_runs_lora_config_as_it_was():
@@ -292,3 +303,38 @@ def test_one_gpu_full_fine_tuning_is_planned_with_fp32_weights_under_bf16_autoca
     parts = memory.predict(shape).parts
     assert parts["policy weights"] * memory.MB == pytest.approx(4 * QWEN7B_PARAMS, rel=0.01)
     assert parts["optimizer states"] * memory.MB == pytest.approx(8 * QWEN7B_PARAMS, rel=0.01)
+
+
+QWEN3_8B_REWARD = (
+    151_936 * 4_096
+    + 36 * (2 * 4_096 * 4_096 + 2 * 4_096 * 1_024 + 3 * 4_096 * 12_288 + 2 * 4_096 + 2 * 128)
+    + 4_096
+    + 4_096
+)  # embedding, 36 layers (attention, MLP, two norms, q/k norms), the final norm, the score
+
+
+def test_judging_while_training_counts_the_judge_and_its_generation_cache():
+    """judge.every loads the judge onto the training GPU at the first judged evaluation and keeps it; the
+    policy generates a batch of answers with its KV cache."""
+    plain = memory.predict(memory.shape_of(built("recipes=qwen7b_lora_dpo")))
+    spec = built("recipes=qwen7b_lora_dpo", "judge=skywork_v2_qwen3_8b", "judge.every=200")
+    judged = memory.predict(memory.shape_of(spec))
+    assert judged.parts["judge weights (judge.every)"] * memory.MB == 2 * QWEN3_8B_REWARD  # bf16, as saved
+    tokens = min(spec.judge.prompts, 16) * (2048 + spec.judge.max_new_tokens)
+    cache = tokens * 28 * 2 * 4 * 128 * 2  # layers, key and value, kv heads, head size, bf16
+    assert judged.parts["generation cache (judge.every)"] * memory.MB == pytest.approx(cache)
+    assert judged.peak_mb > plain.peak_mb + (2 * QWEN3_8B_REWARD + cache) / memory.MB
+
+
+@pytest.mark.slow
+def test_eager_attention_under_the_layouts_is_counted_as_the_longer_rows_it_attends(long_rows, tmp_path):
+    """A packed row under eager attention holds its whole score matrix: more than the padded batch's
+    (measured 1.5x); the prediction traces the layout's rows and stays above the measured peak."""
+    eager = [
+        "recipes=tiny_lora_dpo",
+        "train.per_device_train_batch_size=4",
+        "model.attn_implementation=eager",
+    ]
+    padded = memory.predict(memory.shape_of(built(*eager, *LAYOUT["padded"], "train.max_length=64")))
+    predicted, peak = measured(tmp_path, long_rows, eager)  # as the recipe ships: both layouts
+    assert predicted > padded.peak_mb and peak <= predicted <= 1.5 * peak, (predicted, peak, padded.peak_mb)
