@@ -96,8 +96,8 @@ test-e2e: setup ## Subprocesses and equality: resume, DDP/FSDP vs one process, l
 bench: setup ## Run every benchmark (or ONLY="data_prep memory"); writes benchmarks/results.json and BENCHMARKS.md
 	$(PY) -m benchmarks $(ONLY)
 
-bench-gpu: setup ## On a CUDA GPU: qwen7b_lora_dpo at Qwen2.5-7B's shape (random weights) vs plain TRL; writes the GPU section of BENCHMARKS.md
-	$(PY) -m benchmarks gpu
+bench-gpu: setup ## On a CUDA GPU: qwen7b_lora_dpo at Qwen2.5-7B's shape (random weights) vs plain TRL, and predicted vs measured memory at Qwen2.5-1.5B's; writes the GPU sections of BENCHMARKS.md
+	$(PY) -m benchmarks gpu gpu_memory
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

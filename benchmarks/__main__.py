@@ -15,6 +15,7 @@ from benchmarks import (
     data_prep,
     evaluation,
     gpu,
+    gpu_memory,
     jobs,
     memory,
     overhead,
@@ -38,6 +39,11 @@ BENCHMARKS = {
     "sweep": ("Sweep jobs reuse the first job's tokenization", sweep),
     "jobs": ("Sweep jobs side by side (joblib) vs one after the other", jobs),
     "gpu": ("GPU: `qwen7b_lora_dpo` at Qwen2.5-7B's shape vs a plain TRL script (`make bench-gpu`)", gpu),
+    "gpu_memory": (
+        "GPU memory: predicted beside measured for LoRA, QLoRA and full fine-tuning with fp32 masters at "
+        "Qwen2.5-1.5B's shape",
+        gpu_memory,
+    ),
     "step": (
         "Step: the CPU log-prob head, padding-free batches and the shared prompt vs TRL as shipped",
         step,
@@ -46,8 +52,9 @@ BENCHMARKS = {
     "eval": ("Eval: `make eval`'s generation, batched vs one prompt at a time (tiny Llama)", evaluation),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
 }
-# Run only when named: `make bench-gpu` is `python -m benchmarks gpu`; the spread takes about 40 minutes.
-ON_REQUEST = {"gpu", "spread"}
+# Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory`; the spread takes about
+# 40 minutes.
+ON_REQUEST = {"gpu", "gpu_memory", "spread"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 

@@ -528,7 +528,9 @@ def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else getattr(config, "dtype", None)
     args, reference, lora = built.args, built.reference, built.peft
     model = built.model
-    length = data_length(built.dataset, args.max_length, model.model_name_or_path, model.chat_template) or 1024
+    length = (
+        data_length(built.dataset, args.max_length, model.model_name_or_path, model.chat_template) or 1024
+    )
     if reference.strategy == "sft_adapter":  # the policy is the SFT adapter, as saved
         from peft import PeftConfig
 

@@ -59,6 +59,21 @@ def test_bench_gpu_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
     assert rows[shipped]["predicted_gb"] is not None and rows[plain]["predicted_gb"] is None
 
 
+@pytest.mark.slow
+def test_the_gpu_memory_check_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
+    import tempfile
+
+    from benchmarks import gpu_memory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = gpu_memory.run(tiny_shape=True)
+    assert [r["what"] for r in result["results"]] == list(gpu_memory.RUNS)
+    for row in result["results"]:  # no CUDA counter here: the prediction alone, the run trained
+        assert row["predicted_gb"] > 0 and row["measured_gb"] is None
+        assert row["first_loss"] == pytest.approx(math.log(2), abs=0.01)
+    assert "| full, fp32 masters (qwen7b_full_dpo, hardware=gpu) |" in gpu_memory.table(result)
+
+
 def test_a_partial_bench_keeps_each_sections_own_machine_and_date(tmp_path, monkeypatch):
     import json
     from types import SimpleNamespace
