@@ -29,6 +29,7 @@ from dpo_recipes import tokenize
 RELIED_ON = [
     (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
     (DPOTrainer, "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
+    (DPOTrainer, "_load_optimizer_and_scheduler", ["self", "checkpoint"]),
     (trl_utils, "global_then_local_main_first", None),
     (trl_utils, "_use_triton", ["device"]),
     (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None),
@@ -316,6 +317,26 @@ class Trainer(DPOTrainer):
             ):
                 state.best_metric, state.best_global_step = won, step
         return super().log(logs, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A resumed run's optimizer and schedule as its checkpoint left them, with the hyperparameters
+        this launch gives (an allowed change, run.allow_changes): the checkpoint would bring back its own
+        peak learning rate, betas, eps and weight decay. The schedule goes on at the same step from the new
+        peak."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.trl_changed:
+            return
+        _, given = type(self).get_optimizer_cls_and_kwargs(self.args, self.model)
+        given = {k: v for k, v in given.items() if k in ("betas", "eps", "weight_decay")}
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in given.items() if k != "weight_decay" or group.get(k)})
+            group["initial_lr"] = self.args.learning_rate
+        scheduler = self.lr_scheduler
+        if hasattr(scheduler, "base_lrs") and hasattr(scheduler, "lr_lambdas"):  # LambdaLR: HF's schedules
+            scheduler.base_lrs = [self.args.learning_rate] * len(scheduler.base_lrs)
+            for group, rule in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+                group["lr"] = self.args.learning_rate * rule(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _head(self):
         """The CPU head while on CPU; TRL's own head elsewhere (on CUDA it already scores only labels)."""

@@ -232,6 +232,33 @@ def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4)
 
 
+def logged(run_dir, key: str) -> dict:
+    with (run_dir / "dpo_metrics" / "training_metrics.csv").open() as f:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
+
+
+@pytest.mark.e2e
+def test_an_allowed_learning_rate_change_on_resume_shows_from_the_resumed_step(tmp_path):
+    """Resumed from checkpoint-10 with a new peak learning rate (an allowed change): the schedule goes on
+    at the same step from the new peak, as the metrics CSV shows; the checkpoint's own would come back."""
+    overrides = [*RESUMABLE, "train.max_steps=20", "train.lr_scheduler_type=linear", "train.warmup_steps=0"]
+    cfg, recipe = config.compose([*overrides, "train.learning_rate=1e-3"])
+    run_dir = tmp_path / "lr"
+    train.run(cfg, run_dir, recipe)
+    before = logged(run_dir, "learning_rate")
+    (run_dir / "dpo_metrics" / "summary.json").unlink()
+    for checkpoint in rundir.checkpoints(run_dir)[1:]:
+        shutil.rmtree(checkpoint)
+    cfg, recipe = config.compose([*overrides, "train.learning_rate=5e-3", "train.adam_beta1=0.5"])
+    trainer = train.run(cfg, run_dir, recipe)
+    after = logged(run_dir, "learning_rate")
+    assert set(after) == set(before) and max(after) == 20
+    for step in after:  # up to the checkpoint as logged then, from it the new peak on the same schedule
+        expected = before[step] * (5 if step > 10 else 1)
+        assert after[step] == pytest.approx(expected, rel=1e-6), step
+    assert {group["betas"][0] for group in trainer.optimizer.param_groups} == {0.5}
+
+
 def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path):
     out = python_m("dpo_recipes.train", f"hydra.run.dir={tmp_path / 'typo'}", "train.bta=1")
     assert out.returncode == 2 and "did you mean 'beta'" in out.stderr
