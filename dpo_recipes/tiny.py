@@ -17,7 +17,10 @@ Each is saved once to a cache folder whose name carries its version, so old buil
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from data_prep.io import atomic_path
@@ -74,10 +77,22 @@ def qwen_path() -> Path:
     return _cached(f"tiny-qwen2-v{QWEN_VERSION}", build_qwen)
 
 
+# What a launch (torchrun, accelerate) tells its processes: a trainer started with these joins the launch
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_", "GROUP_", "ROLE_")
+LAUNCH_VARIABLES += ("TORCHELASTIC", "ACCELERATE_")
+
+
 def judge_path(build: bool = True) -> Path:
-    """Where the tiny judge lives; built on first use unless `build` is false."""
+    """Where the tiny judge lives; built on first use unless `build` is false. Inside a launch of several
+    processes it is trained in a process of its own, apart from the launch (its trainer would otherwise
+    wait for the launch's other processes)."""
     name = f"tiny-judge-v{JUDGE_VERSION}-llama-v{VERSION}"
-    return _cached(name, build_judge) if build else assets.cache_dir() / name
+    target = assets.cache_dir() / name
+    if build and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (target / "config.json").exists():
+        alone = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARIABLES)}
+        code = "from dpo_recipes import tiny; tiny.judge_path()"
+        subprocess.run([sys.executable, "-c", code], env=alone, check=True)
+    return _cached(name, build_judge) if build else target
 
 
 def _cached(name: str, builder) -> Path:

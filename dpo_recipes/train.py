@@ -218,9 +218,10 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     if built.judge.every and eval_set is not None:
         from dpo_recipes.evaluate import Judging
 
-        judging = Judging(
-            built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
-        )
+        with built.args.main_process_first(desc="the judge"):  # the first process builds a tiny one
+            judging = Judging(
+                built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
+            )
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
         if built.task == "reward":  # a score head on the model, trained on the same pairs
             from trl import RewardTrainer

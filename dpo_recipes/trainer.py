@@ -295,7 +295,7 @@ class Trainer(DPOTrainer):
                 base.forward = packed(base.forward, share=self.share_prompt, one_row=packing)
 
     def train(self, *args, **kwargs):
-        if self.judging is not None and self.is_world_process_zero():
+        if self.judging is not None and self.is_world_process_zero():  # the first process judges
             self.judging.start(self)  # before a resumed run's checkpoint loads: the policy is the reference
         return super().train(*args, **kwargs)
 
@@ -304,13 +304,13 @@ class Trainer(DPOTrainer):
         Unless train.metric_for_best_model names another metric, the best judged step is the state's
         best, so the checkpoint saved there survives save_total_limit."""
         step = self.state.global_step
-        if (
-            self.judging is not None
-            and "eval_loss" in logs
-            and self.judging.due(step)
-            and self.is_world_process_zero()
-        ):
-            logs.update(self.judging(self))
+        if self.judging is not None and "eval_loss" in logs and self.judging.due(step):
+            # The first process judges; every process takes its numbers, so that all agree on the best
+            # step: saving a checkpoint waits on every process, and reads the best step on each
+            judged = [self.judging(self) if self.is_world_process_zero() else None]
+            if self.args.world_size > 1:
+                torch.distributed.broadcast_object_list(judged, src=0)
+            logs.update(judged[0])
             won, state = logs["eval_judge/win_rate"], self.state
             if self.args.metric_for_best_model is None and (
                 state.best_metric is None or won > state.best_metric

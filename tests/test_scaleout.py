@@ -108,6 +108,38 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_ctrl_c_resume
 
 
 @pytest.mark.e2e
+def test_judging_while_training_under_two_processes_finishes_and_exports_the_best_step(names, tmp_path):
+    """judge.every under `make train NPROC=2`: the first process judges and every process takes its
+    numbers, so both agree on the best step and reach each checkpoint's save together (a rank waiting
+    alone at a barrier hung the run)."""
+    name = names()
+    run_dir = ROOT / "outputs/tiny_lora_dpo" / name
+    args = "dataset.max_samples=128 train.max_steps=20 train.eval_steps=10 train.save_steps=10 "
+    args += "train.logging_steps=5 judge.every=10 judge.prompts=8 train.disable_tqdm=true"
+    process = make_train(name, f"ARGS={args}")
+    try:
+        _, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, err[-3000:]
+    for step in (10, 20):
+        checkpoint = run_dir / f"checkpoint-{step}"
+        assert rundir.complete(checkpoint) and (checkpoint / "rng_state_1.pth").exists(), step
+    rows = json.loads((run_dir / "dpo_metrics/log_history.json").read_text())
+    judged = {e["step"]: e["eval_judge/win_rate"] for e in rows if "eval_judge/win_rate" in e}
+    assert sorted(judged) == [10, 20]
+    best = rundir.summary(run_dir)["best"]["eval_judge/win_rate"]
+    step = max(judged, key=lambda s: (judged[s], -s))
+    assert best == {"value": judged[step], "step": step}
+    state = json.loads((run_dir / "checkpoint-20/trainer_state.json").read_text())
+    assert state["best_global_step"] == step
+    out = tmp_path / "best"
+    assert export.main([str(run_dir), "--checkpoint", "best", "--out", str(out)]) == 0
+    assert (f"the weights of checkpoint-{step}" in (out / "README.md").read_text()) == (step != 20)
+
+
+@pytest.mark.e2e
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(names):
     name = names()
     run_dir = ROOT / "outputs/tiny_lora_dpo" / name
