@@ -9,9 +9,11 @@ and `launch.yaml` (processes, nodes, hardware option). A relaunch starts from th
 change once allowed stays allowed.
 """
 
+import fnmatch
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,15 @@ RELAUNCHED = f"{RECORD}/relaunched"
 LAUNCH = "launch.yaml"  # in each record, beside Hydra's files
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 LAUNCH_ONLY = ("run.resume", "run.overwrite", "run.allow_changes")  # how a launch ran, not the run
+LOCK = ".launch.lock"  # the live launch holding the dir: host, pid, launch time
+# What a run and the steps after it write at the top of its dir (the only names run.overwrite removes):
+# records, metrics, checkpoints, weights, tokenizer files, the model card, loggers' folders, exports
+WRITTEN = (
+    RECORD, METRICS, f"{CHECKPOINT}*", "changes_*.yaml", LOCK, "export", "wandb", "runs", "*.log",
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "adapter_config.json", "training_args.bin", "README.md", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt", "*.model",
+)  # fmt: skip
 
 
 def key(override: str) -> str:
@@ -90,6 +101,32 @@ class Snapshot:
     incomplete: tuple[Path, ...] = ()
     latest: Launch | None = None  # the newest recorded launch
     recorded: bool = False  # the first record exists
+    foreign: tuple[str, ...] = ()  # names no run writes (run.overwrite leaves them, so it refuses)
+    lock: str | None = None  # held (by another live launch) or stale (its process is gone)
+    locker: dict = field(default_factory=dict)  # the lock's host, pid and launch time
+
+
+def locked(run_dir: Path) -> tuple[str | None, dict]:
+    """Whether another launch holds the dir: held (its process lives, or runs on another host) or stale
+    (its process is gone); None where no lock is, or this launch holds it (this process, or one launch
+    time under several processes). Only the first process reads it: the others follow its plan."""
+    try:
+        locker = json.loads((run_dir / LOCK).read_text())
+    except (OSError, ValueError):
+        return None, {}
+    same_host, pid = locker.get("host") == socket.gethostname(), int(locker.get("pid", 0))
+    launch = os.environ.get("DPO_RUN_STAMP")
+    if rank() != 0 or (same_host and pid == os.getpid()) or (world() > 1 and launch == locker.get("launch")):
+        return None, locker
+    if not same_host:
+        return "held", locker
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "stale", locker
+    except PermissionError:
+        pass
+    return "held", locker
 
 
 def snapshot(run_dir: Path) -> Snapshot:
@@ -107,7 +144,13 @@ def snapshot(run_dir: Path) -> Snapshot:
         incomplete=tuple(c for c in found if c not in done),
         latest=read_launch(launches[-1]) if launches else None,
         recorded=(run_dir / RECORD / "config.yaml").exists(),
+        foreign=tuple(sorted(p.name for p in run_dir.iterdir() if not written(p.name))),
+        **dict(zip(("lock", "locker"), locked(run_dir), strict=True)),
     )
+
+
+def written(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in WRITTEN)
 
 
 @dataclass(frozen=True)
@@ -167,9 +210,38 @@ def plan(
     sweep's job: its own config; None: compare nothing, as a rank other than the first does); `world` is
     processes x nodes."""
     another = "pick another name (RUN=...)"
-    if flags.overwrite and (snap.started or snap.status):
+    if snap.lock == "held":
+        who = snap.locker
         return Plan(
-            "replace", snap.dir, overrides, RECORD, message=f"replacing the earlier run in {snap.dir}"
+            "refuse",
+            snap.dir,
+            overrides,
+            message=(
+                f"{snap.dir} is in use by another launch (host {who.get('host')}, pid {who.get('pid')}, "
+                f"since {who.get('since')}): wait for it to end, or {another}; if that launch is gone, "
+                f"remove {snap.dir / LOCK}"
+            ),
+        )
+    notes = [f"taking over the lock of a launch that is gone (pid {snap.locker.get('pid')})"] * (
+        snap.lock == "stale"
+    )
+    if flags.overwrite and (snap.started or snap.status):
+        if snap.foreign:
+            return Plan(
+                "refuse",
+                snap.dir,
+                overrides,
+                message=(
+                    f"run.overwrite=true removes only what runs write, and {snap.dir} also holds "
+                    f"{', '.join(snap.foreign)}: move that out, or {another}"
+                ),
+            )
+        return Plan(
+            "replace",
+            snap.dir,
+            overrides,
+            RECORD,
+            message="\n".join([*notes, f"replacing the earlier run in {snap.dir}"]),
         )
     sweep_job = sweep and compose is not None and snap.latest is not None and not flags.allow_changes
     if sweep_job and (found := changes(snap.latest.config, compose(overrides))):
@@ -194,7 +266,8 @@ def plan(
         )
     explicit = flags.resume not in ("auto", "never")
     if not snap.started:
-        return Plan("new", snap.dir, overrides, RECORD, flags.resume if explicit else None)
+        checkpoint = flags.resume if explicit else None
+        return Plan("new", snap.dir, overrides, RECORD, checkpoint, "\n".join(notes))
     if flags.resume == "never":
         return Plan(
             "refuse",
@@ -205,7 +278,7 @@ def plan(
     checkpoint = flags.resume if explicit else (str(snap.complete[-1]) if snap.complete else None)
     newest = step(snap.complete[-1]) if snap.complete else -1
     skipped = [c for c in snap.incomplete if step(c) > newest]
-    notes = [f"skipping {c}: incomplete (the run stopped while writing it)" for c in skipped]
+    notes += [f"skipping {c}: incomplete (the run stopped while writing it)" for c in skipped]
     record = f"{RELAUNCHED}/{stamp}" if snap.recorded else RECORD
     latest = snap.latest
     if latest is None:
@@ -246,9 +319,9 @@ def world() -> int:
 
 
 def clear(run_dir: Path) -> None:
-    """Remove everything an earlier run wrote (weights, tokenizer, checkpoints, metrics, exports, its
-    records), keeping only the record Hydra has just written for this launch in `.hydra/`."""
-    for path in run_dir.iterdir():
+    """Remove what an earlier run wrote (WRITTEN: weights, tokenizer, checkpoints, metrics, exports, its
+    records), keeping the record Hydra has just written for this launch in `.hydra/` and this lock."""
+    for path in (p for p in run_dir.iterdir() if written(p.name) and p.name != LOCK):
         inside = list(path.iterdir()) if path.name == RECORD else [path]
         for old in (p for p in inside if not (path.name == RECORD and p.name in HYDRA_FILES)):
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
@@ -261,6 +334,9 @@ def start(plan: Plan, launch: dict) -> None:
         return
     if plan.action == "replace":
         clear(plan.dir)
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "launch": os.environ.get("DPO_RUN_STAMP")}
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    (plan.dir / LOCK).write_text(json.dumps({**lock, "since": now()}))
     if plan.record:
         (plan.dir / plan.record).mkdir(parents=True, exist_ok=True)
         (plan.dir / plan.record / LAUNCH).write_text(yaml.safe_dump(launch, sort_keys=False))
@@ -272,6 +348,12 @@ def start(plan: Plan, launch: dict) -> None:
         print(f"resuming {plan.dir} with run.allow_changes=true; the changes are in {record}")
 
 
+def release(run_dir: Path) -> None:
+    """The launch is done with its dir (the first process, however the run ended)."""
+    if rank() == 0 and locked(run_dir)[1].get("pid") == os.getpid():
+        (run_dir / LOCK).unlink(missing_ok=True)
+
+
 def discard(plan: Plan) -> None:
     """A launch that failed before training leaves nothing behind: a new run's dir holding only its
     record goes, and so does a relaunch's record (the next relaunch chains from the one before)."""
@@ -281,7 +363,7 @@ def discard(plan: Plan) -> None:
         shutil.rmtree(plan.dir / plan.record, ignore_errors=True)
         return
     files = {p.relative_to(plan.dir).as_posix() for p in plan.dir.rglob("*") if p.is_file()}
-    if files <= {f"{RECORD}/{name}" for name in (*HYDRA_FILES, LAUNCH)}:
+    if files <= {f"{RECORD}/{name}" for name in (*HYDRA_FILES, LAUNCH)} | {LOCK}:
         shutil.rmtree(plan.dir)
 
 

@@ -266,6 +266,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     finally:
         measured.close()
     runs.finish(trainer, metrics, on_signal, on_non_finite, recipe)
+    rundir.release(plan.dir)
     return trainer
 
 
@@ -295,6 +296,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(code)
     finally:  # jobs of one sweep share the process: free this job's model before the next one loads
+        rundir.release(plan.dir)
         if not trained and hc.mode == RunMode.RUN and plan.dir not in rundir.TRAINED:
             rundir.discard(plan)
         rundir.PLANS.pop(plan.dir, None)

@@ -159,7 +159,73 @@ def test_replace_removes_everything_the_earlier_run_wrote(tmp_path):
     plan = rundir.plan(rundir.snapshot(run_dir), Flags(overwrite=True), [], None, 1, False, "T")
     rundir.start(plan, {"world_size": 1})
     left = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
-    assert left == [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/launch.yaml", ".hydra/overrides.yaml"]
+    kept = [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/launch.yaml", ".hydra/overrides.yaml"]
+    assert left == [*kept, rundir.LOCK]  # this launch holds the dir until it ends
+    rundir.release(run_dir)
+    assert not (run_dir / rundir.LOCK).exists()
+
+
+def finished_run(run_dir: Path, *others: str) -> None:
+    for name in ["dpo_metrics/summary.json", "adapter_model.safetensors", *others]:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(json.dumps({"status": "finished"}))
+
+
+def test_overwrite_refuses_a_dir_holding_what_no_run_writes_and_keeps_it(tmp_path):
+    run_dir = tmp_path / "project"
+    finished_run(run_dir, ".git/HEAD", "notes.txt", "data/prefs.jsonl")
+    plan = rundir.plan(rundir.snapshot(run_dir), Flags(overwrite=True), [], None, 1, False, "T")
+    assert plan.action == "refuse"
+    assert "run.overwrite=true removes only what runs write" in plan.message
+    assert "also holds .git, data, notes.txt: move that out" in plan.message
+    assert (run_dir / ".git/HEAD").exists() and (run_dir / "dpo_metrics/summary.json").exists()
+
+
+def lock(run_dir: Path, pid: int, host: str | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    held = {"host": host or rundir.socket.gethostname(), "pid": pid, "launch": "L", "since": "T0"}
+    (run_dir / rundir.LOCK).write_text(json.dumps(held))
+
+
+def test_a_live_launch_holds_its_dir_and_a_gone_ones_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        for pid, host in ((live.pid, None), (1234, "another-host")):
+            lock(tmp_path / "held", pid, host)
+            plan = rundir.plan(rundir.snapshot(tmp_path / "held"), Flags(), [], None, 1, False, "T")
+            assert plan.action == "refuse" and "is in use by another launch" in plan.message
+            assert f"pid {pid}, since T0" in plan.message and rundir.LOCK in plan.message
+        lock(tmp_path / "stale", gone.pid)
+        plan = rundir.plan(rundir.snapshot(tmp_path / "stale"), Flags(), [], None, 1, False, "T")
+        assert (
+            plan.action == "new"
+            and f"taking over the lock of a launch that is gone (pid {gone.pid})" in plan.message
+        )
+        rundir.start(plan, {"world_size": 1})
+        assert json.loads((tmp_path / "stale" / rundir.LOCK).read_text())["pid"] == rundir.os.getpid()
+    finally:
+        live.kill()
+
+
+def test_a_second_launch_into_a_live_launchs_run_dir_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import python_m
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock(tmp_path / "run", live.pid)
+        out = python_m("dpo_recipes.train", f"hydra.run.dir={tmp_path / 'run'}", "train.max_steps=1")
+    finally:
+        live.kill()
+    assert out.returncode == 2 and "is in use by another launch" in out.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [rundir.LOCK]
 
 
 def test_a_launch_that_fails_before_training_leaves_nothing_behind(tmp_path):
