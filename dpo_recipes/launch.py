@@ -67,9 +67,9 @@ def command(
     return [*launcher, "-m", "dpo_recipes.train", *config.plain_keys(overrides)]
 
 
-def run_dir(overrides: list[str], nnodes: int, nproc: int = 1) -> Path:
+def run_dir(overrides: list[str], nnodes: int, nproc: int = 1, node_rank: int = 0) -> Path:
     """The dir every process of the launch writes into; ConfigError where nodes could disagree or the
-    dir's plan refuses the launch."""
+    dir's plan refuses the launch (the first node's launch holds the dir: the others join it)."""
     named = any(rundir.key(o) in ("run.name", "hydra.run.dir") for o in overrides)
     if nnodes > 1 and not named:
         raise config.ConfigError(
@@ -78,7 +78,8 @@ def run_dir(overrides: list[str], nnodes: int, nproc: int = 1) -> Path:
             ]
         )
     os.environ.setdefault("DPO_RUN_STAMP", rundir.now())
-    plan = rundir.decide(config.plain_keys(overrides), nproc * nnodes)  # refused before any process starts
+    # refused before any process starts
+    plan = rundir.decide(config.plain_keys(overrides), nproc * nnodes, first_node=node_rank == 0)
     if plan.action == "refuse":
         raise config.ConfigError([plan.message])
     return plan.dir
@@ -128,7 +129,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--main-port", type=int, default=29500)
     args, overrides = parser.parse_known_args(argv)
     try:
-        run = run_dir(overrides, args.nnodes, args.nproc)
+        run = run_dir(overrides, args.nnodes, args.nproc, args.node_rank)
         cmd = command(overrides, args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port)
     except config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -129,7 +129,8 @@ def locked(run_dir: Path) -> tuple[str | None, dict]:
     return "held", locker
 
 
-def snapshot(run_dir: Path) -> Snapshot:
+def snapshot(run_dir: Path, first_node: bool = True) -> Snapshot:
+    """`first_node`: false for another node's launcher, which follows the first node's plan and lock."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return Snapshot(run_dir)
@@ -145,7 +146,7 @@ def snapshot(run_dir: Path) -> Snapshot:
         latest=read_launch(launches[-1]) if launches else None,
         recorded=(run_dir / RECORD / "config.yaml").exists(),
         foreign=tuple(sorted(p.name for p in run_dir.iterdir() if not written(p.name))),
-        **dict(zip(("lock", "locker"), locked(run_dir), strict=True)),
+        **dict(zip(("lock", "locker"), locked(run_dir) if first_node else (None, {}), strict=True)),
     )
 
 
@@ -377,7 +378,7 @@ def now() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def decide(overrides: list[str], processes: int | None = None) -> Plan:
+def decide(overrides: list[str], processes: int | None = None, first_node: bool = True) -> Plan:
     """The plan of `python -m dpo_recipes.train` with these overrides (one run, not a sweep): the run dir
     they name (one launch time for every process), compared with what it holds. `processes`: the
     launch's processes x nodes, where this process is not one of them (the launcher)."""
@@ -395,7 +396,8 @@ def decide(overrides: list[str], processes: int | None = None) -> Plan:
     composed = (lambda o: OmegaConf.to_container(config.compose(o)[0])) if first else None
     run_dir = Path(cfg.hydra.run.dir).absolute()
     flags = Flags(str(cfg.run.resume), bool(cfg.run.overwrite), bool(cfg.run.allow_changes))
-    PLANS[run_dir] = plan(snapshot(run_dir), flags, overrides, composed, processes or world(), stamp=now())
+    snap = snapshot(run_dir, first_node)
+    PLANS[run_dir] = plan(snap, flags, overrides, composed, processes or world(), stamp=now())
     return PLANS[run_dir]
 
 

@@ -75,6 +75,24 @@ def test_accelerate_configs_name_settings_accelerate_knows(option):
         assert ds["gradient_accumulation_steps"] == ds["train_micro_batch_size_per_gpu"] == "auto"
 
 
+@pytest.mark.parametrize("option", [o for o in HARDWARE if o.startswith("zero")])
+def test_deepspeed_over_two_nodes_starts_each_nodes_processes_on_that_node(option):
+    """accelerate's default multi-node DeepSpeed launcher runs `deepspeed --launcher pdsh` from the first
+    node (ignoring --machine_rank; the workers grandchildren no forwarded signal reaches); the options
+    name the standard one: each node's own torch.distributed.run, as launch.py starts a node."""
+    from accelerate.commands.launch import _validate_launch_command
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    cmd = launch.command([f"hardware={option}"], 1, 2, 1, "10.0.0.1")
+    start = cmd.index("accelerate.commands.launch") + 1
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[start:]))
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch does
+    assert args.deepspeed_multinode_launcher == "standard" and args.machine_rank == 1
+    assert prepare_deepspeed_cmd_env(args)[0] is None  # torch.distributed.run on this node
+    args.deepspeed_multinode_launcher = None  # accelerate's default
+    assert prepare_deepspeed_cmd_env(args)[0][:1] == ["deepspeed"]
+
+
 def make_dry_run(*args) -> str:
     """The command `make train` would run (run from inside `make test` too, hence --no-print-directory)."""
     cmd = ["make", "--no-print-directory", "-n", "train", *args]

@@ -108,6 +108,45 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_ctrl_c_resume
 
 
 @pytest.mark.e2e
+def test_two_nodes_on_one_machine_train_as_two_processes_of_one_node(names, tmp_path):
+    """`make train NNODES=2 NODE_RANK=0|1 NPROC=1` twice on localhost, one RUN: one run dir with one
+    summary and one launch record, and the losses of one process at the same global batch (2 x 8)."""
+    import socket
+
+    name = names()
+    run_dir = ROOT / "outputs/tiny_lora_dpo" / name
+    small = " ".join([SMALL.replace("max_steps=24", "max_steps=8"), *LAYOUT["padded"]])
+    cfg, recipe = config.compose([*small.split(), "hardware=cpu", "train.per_device_train_batch_size=16"])
+    one = {
+        e["step"]: e["loss"]
+        for e in train.run(cfg, tmp_path / "one", recipe).state.log_history
+        if "loss" in e
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [
+        make_train(name, f"ARGS={small}", "NPROC=1", "NNODES=2", f"NODE_RANK={rank}", f"MAIN_PORT={port}")
+        for rank in (0, 1)
+    ]
+    try:
+        done = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in done]
+    summary = rundir.summary(run_dir)
+    assert summary["status"] == "finished" and summary["launch"] == "HARDWARE=cpu NPROC=1 NNODES=2"
+    assert [rundir.read_launch(r).world for r in rundir.records(run_dir)] == [2]
+    assert list(run_dir.glob("**/summary.json")) == [run_dir / "dpo_metrics" / "summary.json"]
+    got = losses(run_dir)
+    assert sorted(got) == sorted(one) == list(range(1, 9))
+    for step in one:
+        assert got[step] == pytest.approx(one[step], abs=5e-4), step
+
+
+@pytest.mark.e2e
 def test_judging_while_training_under_two_processes_finishes_and_exports_the_best_step(names, tmp_path):
     """judge.every under `make train NPROC=2`: the first process judges and every process takes its
     numbers, so both agree on the best step and reach each checkpoint's save together (a rank waiting
