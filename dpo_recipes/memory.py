@@ -330,7 +330,10 @@ _PREDICTED: dict = {}  # shape's fields -> (shape, estimate): a plan asks for th
 def predict(shape: Shape) -> Estimate:
     key = tuple(v if isinstance(v, int | str | torch.dtype | None) else id(v) for v in vars(shape).values())
     if key not in _PREDICTED:
-        _PREDICTED[key] = shape, _predict(shape)
+        # Under a DeepSpeed ZeRO-3 launch transformers builds every model inside deepspeed.zero.Init, which
+        # partitions weights as they are made: the traced models are built whole, as one process holds them
+        with mock.patch("transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref", None):
+            _PREDICTED[key] = shape, _predict(shape)
     return _PREDICTED[key][1]
 
 

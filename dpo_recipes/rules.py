@@ -188,6 +188,15 @@ def scale(v: View) -> list[str]:
             f"hardware={option} shards on GPUs only: with train.use_cpu accelerate would run plain data "
             "parallel instead; on CPU use hardware=cpu NPROC=<processes>"
         )
+    if (
+        v.hardware.engine == "deepspeed"
+        and v.hardware.device == "cpu"
+        and v.train.get("ddp_backend") != "gloo"
+    ):
+        problems.append(
+            f"hardware={option} hardware.device=cpu: DeepSpeed on CPU processes (its CPU accelerator, as the "
+            "tests run it) needs train.ddp_backend=gloo, or accelerate counts one process"
+        )
     reentrant = (v.train.get("activation_checkpointing_kwargs") or {}).get("use_reentrant")
     if (
         v.hardware.zero_stage == 3

@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import subprocess
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -53,6 +54,14 @@ from dpo_recipes import (
 from dpo_recipes.data import DataError
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
+# DeepSpeed 0.19 calls torch.distributed's reduce_scatter_tensor and all_gather_into_tensor, which torch
+# deprecates by name: a FutureWarning at every collective (hundreds a step under ZeRO-3), about a name
+# DeepSpeed will change, never about the run
+warnings.filterwarnings(
+    "ignore",
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    FutureWarning,
+)
 
 
 def git_commit() -> str | None:

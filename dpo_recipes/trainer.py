@@ -289,6 +289,7 @@ class Trainer(DPOTrainer):
         self.share_prompt = bool(getattr(config, "share_prompt", False)) and not self.trl_changed
         for model in (self.model, self.ref_model) if packing or self.share_prompt else ():
             if model is not None:
+                model = getattr(model, "module", model)  # a reference DeepSpeed already wrapped
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
                 if base.config._attn_implementation == "sdpa":
                     base.config._attn_implementation = SEGMENTED

@@ -107,6 +107,69 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_ctrl_c_resume
     assert list(run_dir.glob("**/summary.json")) == [run_dir / "dpo_metrics" / "summary.json"]
 
 
+# DeepSpeed on CPU processes: its CPU accelerator over gloo, fp32 (the options as shipped, run on CPU)
+DEEPSPEED_CPU = "hardware.device=cpu train.ddp_backend=gloo train.bf16=false"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage, recipe", [(2, "tiny_lora_dpo"), (3, "tiny_full_dpo")])
+def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
+    stage, recipe, names, tmp_path
+):
+    """`make train HARDWARE=zero2|zero3 NPROC=2` on CPU: stopped by a Ctrl-C to the launch's process
+    group, every rank leaves the same complete checkpoint; the printed hint resumes it; the 20 steps' losses
+    and grad norms are one process's at the same global batch (2 x 2 = 4) within 1e-4; the final save loads
+    with from_pretrained and gives the one-process run's logits."""
+    from transformers import AutoModelForCausalLM
+
+    name = names()
+    run_dir = ROOT / f"outputs/{recipe}" / name
+    steps = SMALL.replace("max_steps=24", "max_steps=20").replace("save_steps=1000", "save_steps=5")
+    small = " ".join(
+        [
+            steps,
+            *LAYOUT["padded"],
+            "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=1",
+        ]
+    )
+    cfg, _ = config.compose([f"recipes={recipe}", *small.split(), "hardware=cpu"])
+    cfg.train.per_device_train_batch_size = 4
+    trainer = train.run(cfg, tmp_path / "one", recipe)
+    one = trainer.state.log_history
+    process = make_train(name, f"RECIPE={recipe}", f"HARDWARE=zero{stage}", f"ARGS={small} {DEEPSPEED_CPU}")
+    wait_for_steps(run_dir, process, steps=6)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    stopped = re.findall(r"SIGINT at step (\d+): checkpoint saved", err)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, err[-3000:]
+    checkpoint = run_dir / f"checkpoint-{stopped[0]}"
+    assert rundir.complete(checkpoint) and {p.name for p in checkpoint.glob("rng_state_*.pth")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+    hint = err.split("resume with ")[1].split("  (or")[0]
+    assert hint == f"make train RECIPE={recipe} RUN={name} HARDWARE=zero{stage} NPROC=2"
+    resumed = subprocess.run(shlex.split(hint), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rundir.summary(run_dir)["status"] == "finished"
+    history = json.loads((run_dir / "dpo_metrics/log_history.json").read_text())
+    for key in ("loss", "grad_norm"):
+        got, expected = ({e["step"]: e[key] for e in h if key in e} for h in (history, one))
+        assert sorted(got) == sorted(expected) == list(range(1, 21)), key
+        for step in expected:
+            assert got[step] == pytest.approx(expected[step], abs=1e-4), (key, step)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    if recipe == "tiny_full_dpo":  # the weights ZeRO-3 gathered on saving
+        saved = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    else:  # the LoRA adapter saved beside its base
+        from peft import AutoPeftModelForCausalLM
+
+        saved = AutoPeftModelForCausalLM.from_pretrained(run_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(saved(ids).logits, trainer.model.eval()(ids).logits, atol=1e-4)
+
+
 @pytest.mark.e2e
 def test_two_nodes_on_one_machine_train_as_two_processes_of_one_node(names, tmp_path):
     """`make train NNODES=2 NODE_RANK=0|1 NPROC=1` twice on localhost, one RUN: one run dir with one
