@@ -188,6 +188,17 @@ def launch_record(cfg: DictConfig) -> dict:
     return {"world_size": rundir.world(), "hardware": hardware, "make": runs.launched_with()}
 
 
+def layouts_refused(built: config.Built) -> str | None:
+    """Why the model cannot take the packed layouts asked for (trainer.layouts_refused), from its config."""
+    if built.task != "dpo" or not (built.args.padding_free or built.args.share_prompt):
+        return None
+    from dpo_recipes.trainer import layouts_refused
+
+    return layouts_refused(
+        built.args, memory.model_config(built.model.model_name_or_path, built.model.model_revision)
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = None):
     """Train one recipe into `run_dir` as the launch's plan (rundir.py) says, or as one made now from
     what the dir holds; returns the finished trainer."""
@@ -196,7 +207,9 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = 
     plan = plan or rundir.fresh(run_dir, built.run)
     if plan.action in ("refuse", "skip"):
         raise config.ConfigError([plan.message])
-    # Before any weight loads or file is written: a run that cannot fit stops here, naming the fixes
+    # Before any weight loads or file is written: a layout the model cannot take, a run that cannot fit
+    if why := layouts_refused(built):
+        raise config.ConfigError([why])
     predicted, lines = memory.preflight(built, rundir.world())
     lines = [note for note in [precision.note(built)] if note] + lines
     if lines and int(os.environ.get("RANK", "0")) == 0:

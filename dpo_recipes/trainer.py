@@ -252,6 +252,31 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
     return forward
 
 
+def sliding_layers(config) -> int:
+    """How many of a model's layers attend within a sliding window (Mistral's every layer, Gemma 2's every
+    other, Qwen2's above max_window_layers with use_sliding_window)."""
+    text = config.get_text_config()
+    kinds = getattr(text, "layer_types", None)
+    if kinds:
+        return sum(kind == "sliding_attention" for kind in kinds)
+    window = getattr(text, "sliding_window", None)
+    return text.num_hidden_layers if window and getattr(text, "use_sliding_window", True) else 0
+
+
+def layouts_refused(args, config) -> str | None:
+    """Why the packed layouts cannot run this model: they attend without its sliding windows (each
+    sequence causal over all of its tokens), which would change the log-probs the padded batch gives."""
+    asked = [f"train.{flag}" for flag in ("padding_free", "share_prompt") if getattr(args, flag, False)]
+    windowed = sliding_layers(config)
+    if not asked or not windowed:
+        return None
+    return (
+        f"{' and '.join(asked)}: {windowed} of the model's layers attend within a sliding window, which the "
+        f"packed layouts do not apply; set {' '.join(f'{flag}=false' for flag in asked)} (padded batches "
+        "keep the window)"
+    )
+
+
 def changed_in_trl() -> list[str]:
     return [
         f"{owner.__name__}.{name}"

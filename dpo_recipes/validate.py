@@ -12,7 +12,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from dpo_recipes import config, hub, memory, precision, rules, schema
+from dpo_recipes import config, hub, memory, precision, rules, schema, train
 
 
 def main(argv: list[str]) -> int:
@@ -24,8 +24,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        if why := train.layouts_refused(built):
+            raise config.ConfigError([why])
         _, fit = memory.preflight(built)
-    except (memory.TooBig, hub.Unreachable) as err:
+    except (memory.TooBig, hub.Unreachable, config.ConfigError) as err:
         fit, refused = [], err
     else:
         refused = None

@@ -32,6 +32,7 @@ from dpo_recipes import (
     tiny,
     train,
     trained,
+    validate,
 )
 from dpo_recipes.schema import OURS, DatasetSchema
 
@@ -545,3 +546,43 @@ def test_judging_while_training_needs_a_judge_evaluations_on_its_steps_and_whole
     with pytest.raises(config.ConfigError) as err:
         config.check(config.compose(overrides)[0])
     assert words in str(err.value), err.value
+
+
+def test_sliding_window_layers_are_counted_from_the_models_config():
+    from transformers import AutoConfig, Gemma2Config, MistralConfig, Qwen2Config
+
+    from dpo_recipes.trainer import sliding_layers
+
+    assert sliding_layers(MistralConfig(sliding_window=4, num_hidden_layers=3)) == 3
+    assert sliding_layers(MistralConfig(sliding_window=None, num_hidden_layers=3)) == 0
+    assert sliding_layers(Gemma2Config(num_hidden_layers=4)) == 2  # local and global layers alternate
+    qwen2 = Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1, num_hidden_layers=3)
+    assert sliding_layers(qwen2) == 2
+    assert sliding_layers(AutoConfig.from_pretrained(ROOT / "assets/model_configs/Qwen--Qwen2.5-7B")) == 0
+
+
+def test_the_packed_layouts_are_refused_for_a_sliding_window_model_before_weights_load(tmp_path):
+    """The layouts attend causally over each whole sequence: a model whose layers attend within a
+    window would train on other log-probs than the padded batch's. Refused before any weight loads (the
+    model here is its config and tokenizer alone), naming the fix; padded batches go on."""
+    from transformers import AutoTokenizer, MistralConfig
+
+    model = tmp_path / "mistral"
+    MistralConfig(
+        sliding_window=4, num_hidden_layers=2, hidden_size=64, intermediate_size=128
+    ).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny.path()).save_pretrained(model)
+    cfg, recipe = config.compose(["recipes=tiny_lora_dpo", f"model.model_name_or_path={model}"])  # both on
+    with pytest.raises(config.ConfigError) as refused:
+        train.run(cfg, tmp_path / "run", recipe)
+    message = str(refused.value)
+    assert (
+        "train.padding_free and train.share_prompt: 2 of the model's layers attend within a sliding"
+        in message
+    )
+    assert "set train.padding_free=false train.share_prompt=false" in message
+    assert not (tmp_path / "run").exists()
+    assert validate.main(["recipes=tiny_lora_dpo", f"model.model_name_or_path={model}"]) == 2
+    padded = ["recipes=tiny_lora_dpo", "++train.padding_free=false", "++train.share_prompt=false"]
+    cfg, _ = config.compose([*padded, f"model.model_name_or_path={model}"])
+    assert train.layouts_refused(config.build(cfg, tmp_path)) is None
