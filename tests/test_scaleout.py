@@ -171,15 +171,19 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
 
 
 @pytest.mark.e2e
-def test_two_nodes_on_one_machine_train_as_two_processes_of_one_node(names, tmp_path):
-    """`make train NNODES=2 NODE_RANK=0|1 NPROC=1` twice on localhost, one RUN: one run dir with one
-    summary and one launch record, and the losses of one process at the same global batch (2 x 8)."""
+@pytest.mark.parametrize("hardware", ["cpu", "zero2"])
+def test_two_nodes_on_one_machine_train_as_two_processes_of_one_node(hardware, names, tmp_path):
+    """`make train NNODES=2 NODE_RANK=0|1 NPROC=1` twice on localhost, one RUN, DDP and DeepSpeed ZeRO-2
+    (each node starting its own process): one run dir with one summary and one launch record, and the
+    losses of one process at the same global batch (2 x 8)."""
     import socket
 
     name = names()
     run_dir = ROOT / "outputs/tiny_lora_dpo" / name
     small = " ".join([SMALL.replace("max_steps=24", "max_steps=8"), *LAYOUT["padded"]])
     cfg, recipe = config.compose([*small.split(), "hardware=cpu", "train.per_device_train_batch_size=16"])
+    if hardware != "cpu":
+        small += f" {DEEPSPEED_CPU} train.per_device_train_batch_size=8 train.gradient_accumulation_steps=1"
     one = {
         e["step"]: e["loss"]
         for e in train.run(cfg, tmp_path / "one", recipe).state.log_history
@@ -189,7 +193,15 @@ def test_two_nodes_on_one_machine_train_as_two_processes_of_one_node(names, tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     nodes = [
-        make_train(name, f"ARGS={small}", "NPROC=1", "NNODES=2", f"NODE_RANK={rank}", f"MAIN_PORT={port}")
+        make_train(
+            name,
+            f"ARGS={small}",
+            "NPROC=1",
+            "NNODES=2",
+            f"NODE_RANK={rank}",
+            f"MAIN_PORT={port}",
+            f"HARDWARE={hardware}",
+        )
         for rank in (0, 1)
     ]
     try:
@@ -200,7 +212,7 @@ def test_two_nodes_on_one_machine_train_as_two_processes_of_one_node(names, tmp_
                 os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in done]
     summary = rundir.summary(run_dir)
-    assert summary["status"] == "finished" and summary["launch"] == "HARDWARE=cpu NPROC=1 NNODES=2"
+    assert summary["status"] == "finished" and summary["launch"] == f"HARDWARE={hardware} NPROC=1 NNODES=2"
     assert [rundir.read_launch(r).world for r in rundir.records(run_dir)] == [2]
     assert list(run_dir.glob("**/summary.json")) == [run_dir / "dpo_metrics" / "summary.json"]
     got = losses(run_dir)
