@@ -382,7 +382,6 @@ def _predict(shape: Shape) -> Estimate:
 
 
 FP32 = 4
-ADAM_FP32 = 8  # AdamW's two fp32 states a trained weight
 
 
 def _shard(parts: dict, shape: Shape, counts: Counts) -> None:
