@@ -189,6 +189,15 @@ def changes(first: dict, now: dict) -> list[str]:
     return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys if old.get(k) != new.get(k)]
 
 
+# Keys whose change cannot take effect mid-run: the checkpoint holds weights (or an adapter) of the model,
+# adapter and task it was started with, and a reference fixed at the start
+FIXED = (
+    "task", "model.model_name_or_path", "model.model_revision", "model.use_peft", "model.lora_r",
+    "model.lora_target_modules", "model.lora_modules_to_save", "model.lora_task_type", "model.use_dora",
+    "model.load_in_4bit", "model.load_in_8bit", "reference.strategy", "reference.path",
+)  # fmt: skip
+
+
 def global_batch(config: dict, world: int) -> int:
     train = config.get("train") or {}
     return (
@@ -296,6 +305,18 @@ def plan(
                 f"processes x nodes: {latest.world} -> {world} (global batch {global_batch(latest.config, latest.world)} "
                 f"-> {global_batch(composed, world)})"
             )
+    fixed = [change for change in found if change.split(":", 1)[0] in FIXED]
+    if fixed:
+        return Plan(
+            "refuse",
+            snap.dir,
+            merged,
+            message=(
+                f"{snap.dir} holds an unfinished run whose checkpoints hold the model, adapter and reference "
+                f"it started with; these cannot change mid-run: {'; '.join(fixed)}. Start a new run "
+                f"({another}), or resume without them"
+            ),
+        )
     if found and not flags.allow_changes:
         kept = " ".join(o.removeprefix("++") for o in started_with)
         return Plan(

@@ -96,6 +96,21 @@ def test_plan_messages_name_the_fix():
     assert message(STARTED) == f"skipping {CK[30]}: incomplete (the run stopped while writing it)"
 
 
+def test_a_change_that_cannot_take_effect_mid_run_is_refused_even_when_allowed():
+    def nodes(overrides):  # the model keys the overrides set, beside composed()'s train keys
+        model = dict(o.lstrip("+").removeprefix("model.").split("=", 1) for o in overrides if "model." in o)
+        return {**composed(overrides), "model": model}
+
+    started = Snapshot(DIR, None, True, (CK[10],), (), Launch(["recipes=tiny"], nodes([]), 1), True)
+    plan = rundir.plan(started, Flags(allow_changes=True), ["++model.lora_r=8", *LR], nodes, 1, False, "T")
+    assert (
+        plan.action == "refuse" and "these cannot change mid-run: model.lora_r: (unset) -> 8" in plan.message
+    )
+    assert "train.learning_rate" not in plan.message.split("mid-run:")[1]  # that one can
+    allowed = rundir.plan(started, Flags(allow_changes=True), LR, nodes, 1, False, "T")
+    assert allowed.action == "resume" and allowed.changes == ["train.learning_rate: (unset) -> 0.01"]
+
+
 def test_a_resume_runs_with_the_latest_launchs_overrides_and_this_ones_on_top():
     resumed = rundir.plan(STARTED, Flags(allow_changes=True), ["++train.beta=0.2"], composed, 1, False, "T")
     assert resumed.overrides == ["recipes=tiny", "++train.learning_rate=0.001", "++train.beta=0.2"]
