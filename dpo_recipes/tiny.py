@@ -29,7 +29,7 @@ from dpo_recipes import ROOT, assets
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
 VERSION = 3
 QWEN_VERSION = 1
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2
 SEED = 0
 VOCAB_SIZE = 1024
 MODEL = dict(
@@ -181,7 +181,7 @@ def pretrain(model, tokenizer, seed: int = SEED) -> None:
 
 
 # Reward-model training of the tiny judge: one pass over the toy training pairs.
-JUDGE = dict(epochs=1, batch=16, lr=1e-3)
+JUDGE = dict(epochs=3, batch=16, lr=3e-4)  # at lr 1e-3 current libraries train it to chance
 
 
 def build_judge(target: Path, seed: int = SEED) -> None:

@@ -194,9 +194,13 @@ def layouts_refused(built: config.Built) -> str | None:
         return None
     from dpo_recipes.trainer import layouts_refused
 
-    return layouts_refused(
-        built.args, memory.model_config(built.model.model_name_or_path, built.model.model_revision)
-    )
+    try:
+        model = memory.model_config(built.model.model_name_or_path, built.model.model_revision)
+    except hub.Unreachable:
+        raise
+    except (OSError, ValueError):  # a local folder without a model's config: loading it says what is wrong
+        return None
+    return layouts_refused(built.args, model)
 
 
 def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = None):
