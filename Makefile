@@ -60,19 +60,19 @@ sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in AR
 
 sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
-	$(PY) -m dpo_recipes.sweep '$(DIR)' $(ARGV)
+	$(PY) -m dpo_recipes.after.sweep '$(DIR)' $(ARGV)
 
 samples: setup ## Answers of the reference and the trained policy to N held-out prompts of RUN (a run dir), side by side; ARGS="--temperature 0.7"
 	@test -n "$(RUN)" || { echo 'usage: make samples RUN=outputs/<recipe>/<time> [N=16]'; exit 2; }
-	$(PY) -m dpo_recipes.samples '$(RUN)' --n $(N) $(ARGV)
+	$(PY) -m dpo_recipes.after.samples '$(RUN)' --n $(N) $(ARGV)
 
 eval: setup ## Did DPO make the answers better? RUN's policy vs its reference and vs the data's chosen answers on N (default 64) held-out prompts, by the run's judge: win rates with 95% intervals; ARGS="--judge PATH"
 	@test -n "$(RUN)" || { echo 'usage: make eval RUN=outputs/<recipe>/<time> [N=64] [ARGS="--judge PATH"]'; exit 2; }
-	$(PY) -m dpo_recipes.evaluate '$(RUN)' --n $(if $(filter command line environment,$(origin N)),$(N),64) $(ARGV)
+	$(PY) -m dpo_recipes.after.evaluate '$(RUN)' --n $(if $(filter command line environment,$(origin N)),$(N),64) $(ARGV)
 
 export: setup ## RUN (a run dir) as a standalone model in <RUN>/export: LoRA merged, with a model card; ARGS="--push-to-hub user/name"
 	@test -n "$(RUN)" || { echo 'usage: make export RUN=outputs/<recipe>/<time> [ARGS="--out DIR"]'; exit 2; }
-	$(PY) -m dpo_recipes.export '$(RUN)' $(ARGV)
+	$(PY) -m dpo_recipes.after.export '$(RUN)' $(ARGV)
 
 validate: setup ## Compose RECIPE and build every TRL object without loading weights
 	$(PY) -m dpo_recipes.validate $(TRAIN_ARGS) $(ARGV)

@@ -90,8 +90,8 @@ sources, out, procs = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 procs = procs if procs > 1 else None
 alone = 0.0
 if len(sources) > 1:  # a mix, as training builds it: data.load with dataset.sources
-    from dpo_recipes.schema import DatasetSchema
-    from dpo_recipes.data import load
+    from dpo_recipes.config.schema import DatasetSchema
+    from dpo_recipes.training.data import load
     for source in sources:  # each source alone first, in this same process, for the comparison
         start = time.perf_counter()
         io.write(load(DatasetSchema(sources=[source]), 42, procs)[0], out)
@@ -108,7 +108,7 @@ else:
     kept_rows = report["rows_out"]
 io.write(kept, out)
 seconds = time.perf_counter() - start
-# Peak resident memory (VmHWM, see dpo_recipes.metrics.peak_rss_mb), read here, after the work.
+# Peak resident memory (VmHWM, see dpo_recipes.training.metrics.peak_rss_mb), read here, after the work.
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 print(seconds, kept_rows, round(peak), alone)  # with 2 processes: the main process only
 """

@@ -7,7 +7,8 @@ import statistics
 import time
 from types import SimpleNamespace
 
-from dpo_recipes import evaluate, samples, tiny
+from dpo_recipes.after import evaluate, samples
+from dpo_recipes.sources import tiny
 
 PROMPTS, NEW_TOKENS, REPEATS = 64, 48, 3
 BATCHES = {"one at a time": 1, "batched (16)": 16}

@@ -5,7 +5,7 @@ settings (benchmarks/plain_trl.py). Variants: the recipe as shipped, `reference=
 `train.use_liger_kernel=true` (where liger-kernel is installed), padding-free batches, the shared
 prompt and both (each under the attention that runs its layout best here: `layout`), and the largest
 micro-batch that fits with the same effective batch of 16, padded, packed and both. Each of our runs'
-own memory prediction (memory.py) stands beside its measured `torch.cuda.max_memory_allocated`, with the error.
+own memory prediction (memory/) stands beside its measured `torch.cuda.max_memory_allocated`, with the error.
 
 Model FLOPs per optimizer step, with N the parameters that multiply activations (every linear layer
 and the LM head; not the embedding lookup), T the step's non-padding tokens (prompt + chosen and prompt
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.data_prep import text
-from dpo_recipes import ROOT, tiny
+from dpo_recipes import ROOT
+from dpo_recipes.sources import tiny
 
 QWEN2_5_7B = dict(
     hidden_size=3584,

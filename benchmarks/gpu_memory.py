@@ -1,5 +1,5 @@
 """`python -m benchmarks gpu_memory`, on one CUDA GPU (about 6 minutes on an H100): each run's own memory
-prediction (memory.py) beside `torch.cuda.max_memory_allocated`, for LoRA, QLoRA and full fine-tuning
+prediction (memory/) beside `torch.cuda.max_memory_allocated`, for LoRA, QLoRA and full fine-tuning
 with fp32 master weights, at Qwen2.5-1.5B's published shape (random bf16 weights built on the GPU,
 Qwen2.5's real tokenizer, nothing downloaded) on rows that fill 2048 tokens: the shipped Qwen recipes
 with only the weights and data swapped, on one GPU (`hardware=gpu`: the full recipe then stores its
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu import predicted_mb, timed, write_rows
-from dpo_recipes import tiny
+from dpo_recipes.sources import tiny
 
 QWEN2_5_1_5B = dict(
     hidden_size=1536,

@@ -27,7 +27,7 @@ def build_model(target: Path) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dpo_recipes import tiny
+    from dpo_recipes.sources import tiny
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.path())
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def build_model(target: Path) -> int:
 CHILD = """
 import json, sys
 from dpo_recipes import config, train
-from dpo_recipes.metrics import peak_rss_mb
+from dpo_recipes.training.metrics import peak_rss_mb
 cfg, recipe = config.compose(sys.argv[2:])
 trainer = train.run(cfg, __import__("pathlib").Path(sys.argv[1]), recipe)
 storages = {}

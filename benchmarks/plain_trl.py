@@ -14,7 +14,8 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from dpo_recipes import ROOT, tiny
+from dpo_recipes import ROOT
+from dpo_recipes.sources import tiny
 
 ON_GPU = torch.cuda.is_available()
 # Each recipe's DPOConfig and LoRA settings, as its YAML files compose them.

@@ -59,7 +59,8 @@ def measure(isa: str, threads: int, seed: int, *overrides: str) -> dict:
     """In this process: build, train, sample; the numbers the proof rests on."""
     import torch
 
-    from dpo_recipes import assets, config, tiny, train
+    from dpo_recipes import config, train
+    from dpo_recipes.sources import assets, tiny
 
     torch.set_num_threads(threads)
     train.share_cores = lambda: threads  # the cell's count, not the machine's
@@ -83,7 +84,7 @@ def measure(isa: str, threads: int, seed: int, *overrides: str) -> dict:
 
 def rates(run_dir: Path, how: list[str]) -> dict:
     """The share of answers in the asked-for mood, reference and policy, from `make samples` run so."""
-    from dpo_recipes import samples
+    from dpo_recipes.after import samples
 
     assert samples.main([str(run_dir), *how]) == 0
     rows = [json.loads(line) for line in (run_dir / "dpo_metrics/samples.jsonl").read_text().splitlines()]

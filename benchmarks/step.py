@@ -1,4 +1,4 @@
-"""Step: the CPU log-prob head, padding-free batches and the shared prompt (dpo_recipes/trainer.py)
+"""Step: the CPU log-prob head, padding-free batches and the shared prompt (dpo_recipes/training/segments.py, cpu_head.py)
 against TRL as shipped.
 
 Each case runs five ways, alternating in fresh processes so that drift hits all alike: TRL 1.16 as
@@ -69,7 +69,7 @@ CHILD = """
 import contextlib, json, sys, time
 start = time.perf_counter()
 from dpo_recipes import config, train, trainer
-from dpo_recipes.metrics import peak_rss_mb
+from dpo_recipes.training.metrics import peak_rss_mb
 if sys.argv[2] == "trl":
     trainer.cpu_head = contextlib.nullcontext
 tokens = []

@@ -17,7 +17,7 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from dpo_recipes.metrics import peak_rss_mb  # noqa: E402
+from dpo_recipes.training.metrics import peak_rss_mb  # noqa: E402
 
 ends: dict[int, float] = {}  # optimizer step -> when its last micro-batch ended
 original = transformers.Trainer.training_step

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from benchmarks.data_prep import text
-from dpo_recipes import tiny, tokenize
+from dpo_recipes.sources import tiny
+from dpo_recipes.training import tokenize
 
 ROWS = 20_000
 # Like DeepSeek-R1's: the generation prompt opens a think block unless the conversation has a system turn.

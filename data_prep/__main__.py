@@ -15,15 +15,9 @@ from pyarrow import ArrowException
 
 from data_prep import io
 from data_prep.convert import FORMATS, RULES, STYLES, Messages
-from data_prep.pipeline import (
-    Options,
-    convert,
-    describe,
-    read,
-    summary_line,
-    token_lengths,
-    tokenizer_id,
-)
+from data_prep.pipeline import Options, convert, describe, summary_line
+from data_prep.reading import read
+from data_prep.tokens import token_lengths, tokenizer_id
 
 
 def mapping(text: str) -> dict[str, str]:

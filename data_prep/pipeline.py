@@ -1,11 +1,9 @@
 """Run the row converters over a whole dataset with `datasets.map`, counting every row that is dropped."""
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, Features, Json, List, Value
 
-from data_prep import io
 from data_prep.convert import (
     CONVERTERS,
     ROLES,
@@ -22,12 +19,11 @@ from data_prep.convert import (
     Invalid,
     Messages,
     extra_keys,
-    objects_in,
     to_text,
 )
+from data_prep.reading import BLANK, first_rows, shape
 
 EXAMPLES_PER_RULE = 5
-BLANK = "_blank"  # an empty .jsonl line: not a row, not counted
 WHY = ("_rule", "_detail", "_excerpt", "_key")  # per converted row: why it was dropped, its dedup key
 
 
@@ -63,44 +59,6 @@ class Options:
         if wrong:
             raise ValueError(f"roles {wrong}: map a role name to system, user or assistant")
         self.rename = {theirs: ours for ours, theirs in self.columns.items()}  # read for every row
-
-
-def read(path: str, split: str = "train", subset: str | None = None) -> Dataset:
-    """Like `io.read`, but a .json or .jsonl file is read as raw rows (a .jsonl line or an array item
-    as text) and parsed in the row step: a broken line, invalid UTF-8 or a row of other types is then
-    an ordinary counted rule, and the good rows survive."""
-    suffix = Path(path).suffix
-    if suffix not in (".json", ".jsonl") or not Path(path).is_file():
-        return io.read(path, split, subset)
-    if Path(path).stat().st_size == 0:
-        raise ValueError(f"{path} is empty")
-    if suffix == ".jsonl":
-        stat = Path(path).stat()  # in the cache key: a changed file is read again
-        return Dataset.from_generator(
-            _lines, gen_kwargs={"path": path, "stamp": (stat.st_size, stat.st_mtime_ns)}
-        )
-    try:
-        rows = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid UTF-8 (byte {err.start}); re-encode it or use .jsonl"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: a .json file must hold an array of rows")
-    raw = [json.dumps(r, ensure_ascii=False) for r in rows]
-    return Dataset.from_dict({"_raw": raw, "_line_error": [""] * len(rows)})
-
-
-def _lines(path: str, stamp):
-    """Each line of a .jsonl file as text, with why it cannot be read when its bytes are not UTF-8."""
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                yield {"_raw": line.decode("utf-8"), "_line_error": ""}
-            except UnicodeDecodeError as err:
-                yield {"_raw": "", "_line_error": f"line {number}: not valid UTF-8 (byte {err.start})"}
 
 
 def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features:
@@ -197,33 +155,6 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, features: 
     return pa.Table.from_pydict(table, schema=features.arrow_schema)
 
 
-def _sample(dataset: Dataset, n: int = 1000) -> list[dict]:
-    """The first rows as objects: a typed dataset's, or raw rows parsed (unreadable ones left out)."""
-    head = dataset.select(range(min(n, len(dataset))))
-    if "_raw" not in dataset.column_names:
-        return head.to_list()
-    rows = []
-    for text in head["_raw"]:
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(text))
-    return [row for row in rows if isinstance(row, dict)]
-
-
-def shape(rows: list[dict], role_key: str) -> dict[str, list[str]]:
-    """What the rows hold: columns, the keys of their messages (objects in a column or in a list in
-    one), the role names under `role_key`, and the keys of typed content parts."""
-    found = {"columns": {}, "message keys": {}, "roles": {}, "part keys": {}}
-    for row in rows:
-        found["columns"].update(dict.fromkeys(row))
-        for message in objects_in(row):
-            found["message keys"].update(dict.fromkeys(message))
-            if isinstance(message.get(role_key), str):
-                found["roles"][message[role_key]] = None
-            for part in objects_in(message):
-                found["part keys"].update(dict.fromkeys(part))
-    return {what: list(names) for what, names in found.items()}
-
-
 def _check_names(options: Options, found: dict[str, list[str]]) -> None:
     """Every name a mapping option gives must occur in the input: else the names it does hold."""
     spelled = options.messages
@@ -251,7 +182,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
     if len(dataset) == 0:
         raise ValueError("the input holds no rows")
-    sample, role_and_content = _sample(dataset), options.messages.keys(options.format)
+    sample, role_and_content = first_rows(dataset), options.messages.keys(options.format)
     if options.style == "auto":  # plain strings stay plain text; anything else is conversational
         first = {options.rename.get(k, k): v for k, v in (sample[:1] or [{}])[0].items()}
         plain = options.format == "trl" and isinstance(first.get("prompt"), str)
@@ -406,48 +337,3 @@ def _examples(converted: Dataset, rule: str, indices: list[int], first_of: dict[
 def summary_line(report: dict) -> str:
     dropped = ", ".join(f"{rule}={n}" for rule, n in report["dropped"].items()) or "none"
     return f"kept {report['rows_out']} of {report['rows_in']} rows (dropped: {dropped})"
-
-
-def tokenizer_id(name: str) -> str:
-    """A tokenizer as a report names it: a local folder by its absolute path, else the hub id."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
-def token_ids(tokenizer, prompt, answer=None) -> list[int]:
-    """The ids of a prompt (ending with the generation prompt) or of a prompt and its answer, in either
-    style: plain text, or messages through the chat template."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt + (answer or ""))["input_ids"]
-    messages, generation = (prompt, True) if answer is None else (prompt + answer, False)
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=generation, return_dict=True)
-    return encoded["input_ids"]
-
-
-def token_lengths(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> dict:
-    """Token counts after the chat template (prompt, chosen, rejected) and how many rows TRL would drop
-    because the prompt alone reaches `max_length`."""
-
-    def lengths(row):
-        prompt = len(token_ids(tokenizer, row["prompt"]))
-        answers = {
-            k + "_len": len(token_ids(tokenizer, row["prompt"], row[k])) - prompt
-            for k in ("chosen", "rejected")
-        }
-        return {"prompt_len": prompt, **answers}
-
-    counted = dataset.map(
-        lengths, remove_columns=dataset.column_names, num_proc=num_proc, desc="Counting tokens"
-    )
-    stats = {}
-    for name in ("prompt", "chosen", "rejected"):
-        values = sorted(counted[name + "_len"])
-        if values:
-            stats[name] = {
-                "min": values[0],
-                "median": statistics.median(values),
-                "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
-                "max": values[-1],
-            }
-    too_long = sum(n >= max_length for n in counted["prompt_len"]) if max_length else 0
-    return {"token_lengths": stats, "max_length": max_length, "trl_would_drop": too_long}

@@ -17,13 +17,16 @@ VERBS = {
     "sweep": ("dpo_recipes.train", "several runs (Hydra multirun): key=a,b grids, hydra/launcher=..."),
     "validate": ("dpo_recipes.validate", "compose a recipe and build TRL's objects; no weights load"),
     "prep": ("data_prep", "convert FORMAT IN OUT to TRL's prompt/chosen/rejected form"),
-    "samples": ("dpo_recipes.samples", "the reference's and the policy's answers of a run side by side"),
+    "samples": (
+        "dpo_recipes.after.samples",
+        "the reference's and the policy's answers of a run side by side",
+    ),
     "eval": (
-        "dpo_recipes.evaluate",
+        "dpo_recipes.after.evaluate",
         "judge a run's answers against its reference's: win rates with intervals",
     ),
-    "export": ("dpo_recipes.export", "a run as a standalone model (LoRA merged) with a model card"),
-    "sweep-report": ("dpo_recipes.sweep", "rebuild the report of a sweep's dir"),
+    "export": ("dpo_recipes.after.export", "a run as a standalone model (LoRA merged) with a model card"),
+    "sweep-report": ("dpo_recipes.after.sweep", "rebuild the report of a sweep's dir"),
 }
 RECIPE_VERBS = {"train", "sweep", "validate"}  # their first argument may name the recipe
 LAUNCH = "dpo_recipes.launch"  # train with --nproc: one process per device through accelerate
@@ -75,7 +78,7 @@ def usage() -> str:
 def staged(recipe_file: Path) -> tuple[Path, str]:
     """A folder whose recipes/ holds `recipe_file` (linked, so edits to it count), and the recipe's name.
     It stays in the cache: a sweep's queued jobs compose from it after this process ends."""
-    from dpo_recipes.assets import cache_dir
+    from dpo_recipes.sources.assets import cache_dir
 
     source = recipe_file.resolve()
     folder = cache_dir() / "recipe_files" / hashlib.sha256(str(source).encode()).hexdigest()[:16]

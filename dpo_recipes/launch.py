@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 from hydra.core.hydra_config import HydraConfig
 
-from dpo_recipes import ROOT, config, rundir
+from dpo_recipes import ROOT, config, errors
+from dpo_recipes.rundir import launching, paths, planning
 
 # torch's launcher SIGKILLs its workers this many seconds after passing them a signal it received
 # itself (scancel signals every process of a job): 30 by default, too little for a 7B checkpoint.
@@ -46,7 +47,7 @@ def command(
     accelerate_config = cfg.hardware.accelerate_config
     if not accelerate_config:
         option = HydraConfig.get().runtime.choices.get("hardware")
-        raise config.ConfigError(
+        raise errors.ConfigError(
             [f"hardware={option} runs in one process; to launch {nproc} use one of: {', '.join(scalable())}"]
         )
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
@@ -70,24 +71,24 @@ def command(
 def run_dir(overrides: list[str], nnodes: int, nproc: int = 1, node_rank: int = 0) -> Path:
     """The dir every process of the launch writes into; ConfigError where nodes could disagree or the
     dir's plan refuses the launch (the first node's launch holds the dir: the others join it)."""
-    named = any(rundir.key(o) in ("run.name", "hydra.run.dir") for o in overrides)
+    named = any(planning.key(o) in ("run.name", "hydra.run.dir") for o in overrides)
     if nnodes > 1 and not named:
-        raise config.ConfigError(
+        raise errors.ConfigError(
             [
                 f"a launch over {nnodes} nodes needs a run name (RUN=<name>): each node's clock would name its own dir"
             ]
         )
-    os.environ.setdefault("DPO_RUN_STAMP", rundir.now())
+    os.environ.setdefault("DPO_RUN_STAMP", launching.now())
     # refused before any process starts
-    plan = rundir.decide(config.plain_keys(overrides), nproc * nnodes, first_node=node_rank == 0)
+    plan = launching.decide(config.plain_keys(overrides), nproc * nnodes, first_node=node_rank == 0)
     if plan.action == "refuse":
-        raise config.ConfigError([plan.message])
+        raise errors.ConfigError([plan.message])
     return plan.dir
 
 
 def outcome(run: Path, code: int, received: list[int]) -> int:
     """The launch's exit code: the training processes' failure, else what the run's summary says."""
-    summary = rundir.summary(run)
+    summary = paths.summary(run)
     status = summary.get("status", "")
     if code or status == "finished":
         return code
@@ -99,7 +100,7 @@ def outcome(run: Path, code: int, received: list[int]) -> int:
 def launch(cmd: list[str], run: Path, make_vars: str) -> int:
     """Run torch's launcher in its own session; pass each signal this process receives to the
     training processes (its children) only."""
-    env = {**os.environ, "DPO_LAUNCH": make_vars}
+    env = {**os.environ, errors.LAUNCHED: make_vars}
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT)
     process = subprocess.Popen(cmd, env=env, start_new_session=True)
     received = []
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> int:
     try:
         run = run_dir(overrides, args.nnodes, args.nproc, args.node_rank)
         cmd = command(overrides, args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port)
-    except config.ConfigError as err:
+    except errors.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     hardware = HydraConfig.get().runtime.choices.get("hardware")

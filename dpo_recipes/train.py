@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -33,25 +34,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from trl import RewardConfig
+from transformers import TrainerCallback
+from trl import RewardConfig, RewardTrainer
 
 from data_prep.io import write_text
-from dpo_recipes import (
-    ROOT,
-    config,
-    data,
-    hub,
-    memory,
-    precision,
-    reference,
-    rundir,
-    runs,
-    schema,
-    secrets,
-    sweep,
-    tokenize,
-)
-from dpo_recipes.data import DataError
+from dpo_recipes import ROOT, config, errors
+from dpo_recipes.after.judging import Judging
+from dpo_recipes.config import precision, reference, schema, secrets
+from dpo_recipes.memory import measuring, preflight
+from dpo_recipes.rundir import launching, paths, planning
+from dpo_recipes.sources import hub
+from dpo_recipes.training import chat, data, segments, stopping, tokenize, updates
+from dpo_recipes.training.metrics import MetricsCallback
+from dpo_recipes.training.trainer import Trainer
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
 # DeepSpeed 0.19 calls torch.distributed's reduce_scatter_tensor and all_gather_into_tensor, which torch
@@ -64,48 +59,189 @@ warnings.filterwarnings(
 )
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
+@dataclass(frozen=True)
+class Setup:
+    """What `prepare` decided before anything loads; every later phase reads it, none changes it."""
+
+    cfg: DictConfig
+    built: config.Built
+    plan: planning.Plan
+    recipe: str
+    run_dir: Path
+    threads: int
+    memory: preflight.Verdict
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What `assemble` loaded and wired: the trainer and the callbacks the end of the run reads."""
+
+    trainer: object
+    metrics: MetricsCallback
+    on_signal: stopping.StopOnSignal
+    on_non_finite: stopping.StopOnNonFinite
+    measured: measuring.Measured
+
+
+def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: planning.Plan | None = None):
+    """Train one recipe into `run_dir` as the launch's plan (rundir/) says, or as one made now from
+    what the dir holds; returns the finished trainer."""
+    setup = prepare(cfg, Path(run_dir), recipe, plan)
+    parts = assemble(setup)
+    train(setup, parts)
+    finish(setup, parts)
+    return parts.trainer
+
+
+def prepare(cfg: DictConfig, run_dir: Path, recipe: str, plan: planning.Plan | None) -> Setup:
+    """Build, plan, pre-flight and record, before any weight loads: a run that is refused, cannot take
+    its layouts or cannot fit stops here with nothing written."""
+    threads = share_cores()
+    built = config.build(cfg, run_dir, recipe)
+    plan = plan or launching.fresh(run_dir, built.run)
+    if plan.action in ("refuse", "skip"):
+        raise errors.ConfigError([plan.message])
+    if why := segments.refused(built):
+        raise errors.ConfigError([why])
+    memory = preflight.preflight(built, planning.world())
+    if memory.batch:  # hardware.micro_batch=auto
+        built = config.with_batch(built, *memory.batch)
+    lines = [note for note in [precision.note(built)] if note] + memory.lines
+    if lines and planning.rank() == 0:
+        print("\n".join(lines))
+    launching.start(plan, launch_record(cfg))
+    use_logger(built.logger, run_dir)
+    return Setup(cfg, built, plan, recipe, run_dir, threads, memory)
+
+
+def assemble(setup: Setup) -> Parts:
+    """Tokenizer, data, reference and trainer, with the callbacks that measure, stop and record it."""
+    built = setup.built
+    tokenizer = chat.tokenizer(built)
+    with built.args.main_process_first(desc="converting the data"):  # the others read its cache
+        train_set, eval_set, data_report = data.load(
+            built.dataset, built.args.seed, built.args.dataset_num_proc
         )
-    except OSError:
-        return None
-    return out.stdout.strip() or None
+    data_report["train"]["template_notes"] = chat.check_template(tokenizer, train_set, built)
+    for note in data_report["train"]["template_notes"]:
+        print(f"note: {note}")
+    on_signal, on_non_finite = stopping.StopOnSignal(), stopping.StopOnNonFinite(built.run.nan_patience)
+    trainer = trainer_of(built, tokenizer, (train_set, eval_set), [on_signal, on_non_finite])
+    kept = trl_kept(trainer, (train_set, eval_set), data_report)
+    context = {
+        **describe(setup, (train_set, eval_set), data_report, kept),
+        **tokenized(trainer, data_report),
+        "torch_threads": setup.threads,
+    }
+    metrics = MetricsCallback(paths.metrics_dir(setup.run_dir), context)
+    measured = measuring.Measured(trainer, built.hardware.engine)
+    callbacks = [metrics] + ([measured] if setup.memory.record is not None else [])
+    if hasattr(trainer, "_metrics"):  # TRL's per-step metrics, averaged at each log
+        callbacks.append(updates.UpdateProbe(trainer))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    if trainer.is_world_process_zero():
+        write_text(metrics.out_dir / paths.DATA_REPORT, json.dumps(data_report, indent=2, ensure_ascii=False))
+    return Parts(trainer, metrics, on_signal, on_non_finite, measured)
 
 
-def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, context: dict, metrics_dir: Path):
-    """What happened to the data on its way to TRL: the tokenization path, a precomputed reference's
-    cache, the rows TRL dropped for length (stop if none is left), the template's default system
-    message; then the data report."""
-    context["tokenize"] = getattr(trainer, "tokenize_log", None)  # the reward model's: TRL's own path
+def train(setup: Setup, parts: Parts) -> None:
+    plan = setup.plan
+    if plan.message and plan.action != "replace":
+        print(plan.message, file=sys.stderr)
+    if plan.checkpoint:
+        print(f"resuming from {plan.checkpoint}")
+    launching.TRAINED.add(plan.dir)
+    try:
+        parts.trainer.train(resume_from_checkpoint=plan.checkpoint)
+    finally:
+        parts.measured.close()
+
+
+def finish(setup: Setup, parts: Parts) -> None:
+    """Health, save and summary (stopping.finish), the peak memory predicted and measured among them."""
+    record = setup.memory.record
+    memory = None if record is None else {**record, **parts.measured.found}
+    stopping.finish(
+        parts.trainer, parts.metrics, parts.on_signal, parts.on_non_finite, setup.recipe, memory=memory
+    )
+    launching.release(setup.plan.dir)
+
+
+def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[TrainerCallback]):
+    """TRL's RewardTrainer for task=reward; else our DPO Trainer, with its reference and judge."""
+    train_set, eval_set = sets
+    judging = None
+    if built.task == "dpo" and built.judge.every and eval_set is not None:
+        with built.args.main_process_first(desc="the judge"):  # the first process builds a tiny one
+            judging = Judging(
+                built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
+            )
+    with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
+        if built.task == "reward":  # a score head on the model, trained on the same pairs
+            return RewardTrainer(
+                model=built.model.model_name_or_path,
+                args=built.args,
+                train_dataset=train_set,
+                eval_dataset=eval_set,
+                processing_class=tokenizer,
+                peft_config=built.peft,
+                quantization_config=built.quantization,
+                callbacks=callbacks,
+            )
+        policy, ref_model, peft = reference.load(built)
+        return Trainer(
+            model=policy,
+            ref_model=ref_model,
+            args=built.args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            peft_config=peft,
+            quantization_config=built.quantization if isinstance(policy, str) else None,
+            callbacks=callbacks,
+            judging=judging,
+        )
+
+
+def tokenized(trainer, data_report: dict) -> dict:
+    """How the data was tokenized (the reward model's: TRL's own path) and a precomputed reference's
+    cache; notes the template's default system message in the data report."""
+    found = {"tokenize": getattr(trainer, "tokenize_log", None)}
     if hasattr(trainer, "ref_logps_cache"):
-        context["reference"]["precomputed"] = trainer.ref_logps_cache
+        found["precomputed"] = trainer.ref_logps_cache
         print(f"reference log-probs: {trainer.ref_logps_cache} (hit = reused from the cache)")
+    injected = tokenize.template_system_prompt(trainer.processing_class)
+    data_report["train"]["template_system_prompt"] = injected
+    if injected and trainer.is_world_process_zero():
+        print(f"note: the chat template gives rows without a system message this one: {injected!r}")
+    return found
+
+
+def trl_kept(trainer, sets: tuple, data_report: dict) -> dict[str, int]:
+    """The rows TRL kept of each split: it drops rows too long for train.max_length. The drops go into
+    the data report with a warning naming the fix; a split it would empty stops the run."""
     max_length = trainer.args.max_length  # None: no truncation, and TRL drops nothing
     limit = getattr(trainer.model.config, "max_position_embeddings", None)
     fix = "raise train.max_length" + (f" (the model takes up to {limit} tokens)" if limit else "")
     if limit and max_length is not None and max_length >= limit:
         fix = f"train.max_length is at the model's position limit ({limit} tokens): shorten those prompts"
-    for split, before, after in (
-        ("train", train_set, trainer.train_dataset),
-        ("eval", eval_set, trainer.eval_dataset),
+    # DPOTrainer drops a row whose prompt alone reaches max_length; RewardTrainer one whose prompt and
+    # answer, either one, is longer
+    reward = isinstance(trainer.args, RewardConfig)
+    key, why = (
+        ("too_long", "prompt and answer exceed") if reward else ("prompt_too_long", "prompt alone reaches")
+    )
+    kept = {}
+    for split, before, after in zip(
+        ("train", "eval"), sets, (trainer.train_dataset, trainer.eval_dataset), strict=True
     ):
         if before is None:
             continue
-        counts = context["dataset"][split]  # from row_counts()
-        counts["rows_kept_by_trl"] = len(after)
-        # DPOTrainer drops a row whose prompt alone reaches max_length; RewardTrainer one whose prompt and
-        # answer, either one, is longer
-        reward = isinstance(trainer.args, RewardConfig)
-        key, why = (
-            ("too_long", "prompt and answer exceed")
-            if reward
-            else ("prompt_too_long", "prompt alone reaches")
-        )
+        kept[split] = len(after)
         dropped = data_report[split][f"trl_dropped_{key}"] = len(before) - len(after)
         if dropped == len(before):
-            raise DataError(
+            raise errors.DataError(
                 f"all {dropped} {split} rows: their {why} train.max_length={max_length} tokens, "
                 f"so TRL would train on nothing; {fix}"
             )
@@ -115,13 +251,17 @@ def note_data(trainer, tokenizer, train_set, eval_set, data_report: dict, contex
                 f"train.max_length={max_length}; {fix}",
                 file=sys.stderr,
             )
-        print(f"{split} data: {data.counts_line(counts)}")
-    injected = tokenize.template_system_prompt(tokenizer)
-    data_report["train"]["template_system_prompt"] = injected
-    if trainer.is_world_process_zero():
-        if injected:
-            print(f"note: the chat template gives rows without a system message this one: {injected!r}")
-        write_text(metrics_dir / "data_report.json", json.dumps(data_report, indent=2, ensure_ascii=False))
+    return kept
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def use_logger(logger: schema.LoggerSchema, run_dir: Path) -> None:
@@ -146,8 +286,8 @@ def share_cores() -> int:
     return threads
 
 
-def row_counts(report: dict, train_rows: int | bool) -> dict:
-    """A split's rows on their way to TRL, in order; note_data() adds rows_kept_by_trl."""
+def row_counts(report: dict, train_rows: int | bool, kept: int | None) -> dict:
+    """A split's rows on their way to TRL, in order, down to the rows TRL kept."""
     found = {
         "rows_read": report["rows_in"],
         "rows_kept_by_conversion": report["rows_out"],
@@ -157,20 +297,26 @@ def row_counts(report: dict, train_rows: int | bool) -> dict:
         found["rows_mixed"] = report["rows_mixed"]
     if train_rows is not False:
         found["rows_held_out_for_eval"] = report.get("rows_mixed", report["rows_out"]) - train_rows
+    if kept is not None:
+        found["rows_kept_by_trl"] = kept
     return found
 
 
-def describe(
-    cfg: DictConfig, built: config.Built, recipe: str, run_dir: Path, sets: tuple, report: dict
-) -> dict:
+def describe(setup: Setup, sets: tuple, report: dict, kept: dict[str, int]) -> dict:
     """What summary.json says of the run besides its metrics; the composed config is saved as it is."""
-    train_set, eval_set = sets
+    built, (train_set, _) = setup.built, sets
+    counts = {
+        split: row_counts(r, split == "train" and len(train_set), kept.get(split))
+        for split, r in report.items()
+    }
+    for split in kept:
+        print(f"{split} data: {data.counts_line(counts[split])}")
     return {
-        "recipe": recipe,
-        "run_dir": str(run_dir),
+        "recipe": setup.recipe,
+        "run_dir": str(setup.run_dir),
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
-        "launch": runs.launched_with(),  # make's HARDWARE, NPROC, NNODES under several processes
-        "dataset": {split: row_counts(r, split == "train" and len(train_set)) for split, r in report.items()},
+        "launch": stopping.launched_with(),  # make's HARDWARE, NPROC, NNODES under several processes
+        "dataset": counts,
         "eval_source": report["eval"]["source"] if "eval" in report else None,
         "versions": {name: version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
@@ -178,129 +324,21 @@ def describe(
         "reference": {"strategy": built.reference.strategy, "path": built.reference.path}
         if built.task == "dpo"
         else None,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": OmegaConf.to_container(setup.cfg, resolve=True),
     }
 
 
 def launch_record(cfg: DictConfig) -> dict:
     """How this launch ran, kept beside Hydra's record of it: a relaunch compares its world size."""
     hardware = HydraConfig.get().runtime.choices.get("hardware") if HydraConfig.initialized() else None
-    return {"world_size": rundir.world(), "hardware": hardware, "make": runs.launched_with()}
-
-
-def layouts_refused(built: config.Built) -> str | None:
-    """Why the model cannot take the packed layouts asked for (trainer.layouts_refused), from its config."""
-    if built.task != "dpo" or not (built.args.padding_free or built.args.share_prompt):
-        return None
-    from dpo_recipes.trainer import layouts_refused
-
-    try:
-        model = memory.model_config(built.model.model_name_or_path, built.model.model_revision)
-    except hub.Unreachable:
-        raise
-    except (OSError, ValueError):  # a local folder without a model's config: loading it says what is wrong
-        return None
-    return layouts_refused(built.args, model)
-
-
-def run(cfg: DictConfig, run_dir: Path, recipe: str, plan: rundir.Plan | None = None):
-    """Train one recipe into `run_dir` as the launch's plan (rundir.py) says, or as one made now from
-    what the dir holds; returns the finished trainer."""
-    threads = share_cores()
-    built = config.build(cfg, run_dir, recipe)
-    plan = plan or rundir.fresh(run_dir, built.run)
-    if plan.action in ("refuse", "skip"):
-        raise config.ConfigError([plan.message])
-    # Before any weight loads or file is written: a layout the model cannot take, a run that cannot fit
-    if why := layouts_refused(built):
-        raise config.ConfigError([why])
-    predicted, lines = memory.preflight(built, rundir.world())
-    lines = [note for note in [precision.note(built)] if note] + lines
-    if lines and int(os.environ.get("RANK", "0")) == 0:
-        print("\n".join(lines))
-    rundir.start(plan, launch_record(cfg))
-    use_logger(built.logger, run_dir)
-
-    from dpo_recipes import models
-    from dpo_recipes.metrics import MetricsCallback
-    from dpo_recipes.trainer import Trainer
-
-    tokenizer = models.tokenizer(built)
-    with built.args.main_process_first(desc="converting the data"):  # the others read its cache
-        train_set, eval_set, data_report = data.load(
-            built.dataset, built.args.seed, built.args.dataset_num_proc
-        )
-    data_report["train"]["template_notes"] = models.check_template(tokenizer, train_set, built)
-    for note in data_report["train"]["template_notes"]:
-        print(f"note: {note}")
-    context = {
-        **describe(cfg, built, recipe, run_dir, (train_set, eval_set), data_report),
-        "torch_threads": threads,
-        "memory": predicted,
-    }
-    metrics = MetricsCallback(run_dir / "dpo_metrics", context)
-    on_signal, on_non_finite = runs.StopOnSignal(), runs.StopOnNonFinite(built.run.nan_patience)
-    judging = None
-    if built.judge.every and eval_set is not None:
-        from dpo_recipes.evaluate import Judging
-
-        with built.args.main_process_first(desc="the judge"):  # the first process builds a tiny one
-            judging = Judging(
-                built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
-            )
-    with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        if built.task == "reward":  # a score head on the model, trained on the same pairs
-            from trl import RewardTrainer
-
-            trainer = RewardTrainer(
-                model=built.model.model_name_or_path,
-                args=built.args,
-                train_dataset=train_set,
-                eval_dataset=eval_set,
-                processing_class=tokenizer,
-                peft_config=built.peft,
-                quantization_config=built.quantization,
-                callbacks=[metrics, on_signal, on_non_finite],
-            )
-        else:
-            policy, ref_model, peft = reference.load(built)
-            trainer = Trainer(
-                model=policy,
-                ref_model=ref_model,
-                args=built.args,
-                train_dataset=train_set,
-                eval_dataset=eval_set,
-                processing_class=tokenizer,
-                peft_config=peft,
-                quantization_config=built.quantization if isinstance(policy, str) else None,
-                callbacks=[metrics, on_signal, on_non_finite],
-                judging=judging,
-            )
-    measured = memory.Measured(trainer, predicted or {}, built.hardware.engine)
-    if predicted is not None:
-        trainer.add_callback(measured)
-    if hasattr(trainer, "_metrics"):  # TRL's per-step metrics, averaged at each log
-        trainer.add_callback(precision.UpdateProbe(trainer))
-    note_data(trainer, tokenizer, train_set, eval_set, data_report, context, metrics.out_dir)
-    if plan.message and plan.action != "replace":
-        print(plan.message, file=sys.stderr)
-    if plan.checkpoint:
-        print(f"resuming from {plan.checkpoint}")
-    rundir.TRAINED.add(plan.dir)
-    try:
-        trainer.train(resume_from_checkpoint=plan.checkpoint)
-    finally:
-        measured.close()
-    runs.finish(trainer, metrics, on_signal, on_non_finite, recipe)
-    rundir.release(plan.dir)
-    return trainer
+    return {"world_size": planning.world(), "hardware": hardware, "make": stopping.launched_with()}
 
 
 @hydra.main(version_base="1.3", config_path=str(schema.CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    plan = rundir.planned(run_dir, cfg.run, sweep=hc.mode == RunMode.MULTIRUN)
+    plan = launching.planned(run_dir, cfg.run, sweep=hc.mode == RunMode.MULTIRUN)
     if plan.action == "refuse" and hc.mode == RunMode.MULTIRUN:  # the whole sweep stops, nothing written
         print(f"error: job {hc.job.num}: {plan.message}", file=sys.stderr)
         sys.exit(2)
@@ -313,19 +351,19 @@ def main(cfg: DictConfig) -> None:
         trained = True
     except Exception as err:
         if hc.mode == RunMode.MULTIRUN:  # one failed job must not stop the sweep: the report lists it
-            write_text(run_dir / sweep.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            write_text(run_dir / paths.FAILED, json.dumps({"error": f"{type(err).__name__}: {err}"}))
             print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return
-        code = runs.exit_code(err)
+        code = errors.exit_code(err)
         if code is None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(code)
     finally:  # jobs of one sweep share the process: free this job's model before the next one loads
-        rundir.release(plan.dir)
-        if not trained and hc.mode == RunMode.RUN and plan.dir not in rundir.TRAINED:
-            rundir.discard(plan)
-        rundir.PLANS.pop(plan.dir, None)
+        launching.release(plan.dir)
+        if not trained and hc.mode == RunMode.RUN and plan.dir not in launching.TRAINED:
+            launching.discard(plan)
+        launching.PLANS.pop(plan.dir, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -337,11 +375,11 @@ if __name__ == "__main__":
     if leaked := secrets.in_overrides(overrides):  # before Hydra saves any of them
         print("error: invalid config:\n" + "\n".join(f"  - {p}" for p in leaked), file=sys.stderr)
         sys.exit(2)
-    if ("-m" in overrides or "--multirun" in overrides) and (refused := rundir.sweep_changes(overrides)):
+    if ("-m" in overrides or "--multirun" in overrides) and (refused := launching.sweep_changes(overrides)):
         print(f"error: invalid config:\n  - {refused}", file=sys.stderr)
         sys.exit(2)
     if not any(o.startswith("-") for o in overrides):  # a sweep's jobs plan their own dirs; --cfg, --help
-        launch = rundir.decide(overrides)
+        launch = launching.decide(overrides)
         if launch.action == "refuse":
             print(f"error: invalid config:\n  - {launch.message}", file=sys.stderr)
             sys.exit(2)

@@ -1,6 +1,6 @@
 """Check a recipe without loading weights: compose, build every TRL object as the machine it plans for
 would (a GPU recipe here too), print the resolved config, then the predicted peak memory and whether it
-fits (memory.py; plan for another card with memory_gb).
+fits (memory/; plan for another card with memory_gb).
 
 python -m dpo_recipes.validate recipes=qwen7b_lora_dpo [hardware.memory_gb=80] [overrides...]
 """
@@ -12,7 +12,10 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from dpo_recipes import config, hub, memory, precision, rules, schema, train
+from dpo_recipes import config, errors
+from dpo_recipes.config import precision, schema, views
+from dpo_recipes.memory import preflight
+from dpo_recipes.training import segments
 
 
 def main(argv: list[str]) -> int:
@@ -20,14 +23,14 @@ def main(argv: list[str]) -> int:
         cfg, recipe = config.compose(argv)
         with tempfile.TemporaryDirectory() as scratch:
             built = config.build(cfg, scratch, machine=False)
-    except (config.ConfigError, HydraException) as err:
+    except (errors.ConfigError, HydraException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        if why := train.layouts_refused(built):
-            raise config.ConfigError([why])
-        _, fit = memory.preflight(built)
-    except (memory.TooBig, hub.Unreachable, config.ConfigError) as err:
+        if why := segments.refused(built):
+            raise errors.ConfigError([why])
+        fit = preflight.preflight(built).lines
+    except (errors.TooBig, errors.Unreachable, errors.ConfigError) as err:
         fit, refused = [], err
     else:
         refused = None
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> int:
     args = schema.trl_name(type(built.args))
     print(f"recipe {recipe}: {args}, ModelConfig, {peft}, {quantization} built; no weights loaded")
     if (
-        rules.on_gpu(cfg.hardware.device, cfg.train)
+        views.on_gpu(cfg.hardware.device, cfg.train)
         and not cfg.train.get("use_cpu")
         and not torch.cuda.is_available()
     ):

@@ -1,0 +1,182 @@
+"""Export a run as a standalone model: a LoRA run merged into its base weights (safetensors, sharded, in
+the base's dtype), a full run copied as is; with the tokenizer, its chat template and a model card.
+
+python -m dpo_recipes.after.export <run dir> [--out DIR] [--max-shard-size 5GB] [--force] [--checkpoint best]
+    [--push-to-hub REPO]
+"""
+
+import argparse
+import fnmatch
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from data_prep.io import atomic_path
+from dpo_recipes import errors
+from dpo_recipes.after import judge, trained
+from dpo_recipes.rundir import paths
+from dpo_recipes.sources import hub
+from dpo_recipes.training import chat, data
+
+# What a run or checkpoint folder holds besides the model and its tokenizer.
+TRAINING_FILES = [
+    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+    "train.log", "changes_*.yaml", "README.md",
+]  # fmt: skip
+CARD_METRICS = ["judge/win_rate", "rewards/accuracies", "rewards/margins", "accuracy", "margin", "loss"]
+
+
+def merged(run: trained.Run, out: Path, max_shard_size: str) -> str:
+    """Merge the run's adapter into its base and save the result; returns what was done, in words."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model = run.config["model"]
+    quantized = model.get("load_in_4bit") or model.get("load_in_8bit")
+    dtype = "bfloat16" if quantized else run.dtype
+    base = trained.base(run, dtype)
+    model = PeftModel.from_pretrained(base, run.weights).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(run.weights)  # its EOS may be the template's end of turn
+    if run.task == "reward":  # a reward model reads each row's score at its last token before padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model.generation_config.eos_token_id = chat.stops(tokenizer, model.generation_config)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if quantized:
+        return "the adapter merged into the base loaded in bf16 (not into its quantized weights)"
+    return f"the adapter merged into the base, in {dtype}"
+
+
+def copied(run: trained.Run, out: Path) -> str:
+    for file in run.weights.iterdir():
+        if file.is_file() and not any(fnmatch.fnmatch(file.name, p) for p in TRAINING_FILES):
+            shutil.copy2(file, out / file.name)
+    return "the fine-tuned weights, copied as they are"
+
+
+def card(run: trained.Run, how: str) -> str:
+    """The model card: what was trained on what, its final and best metrics, and how to train it again."""
+    summary, model = run.summary, run.config["model"]
+    overrides = " ".join(summary.get("overrides", []))
+    launch = f" {summary['launch']}" if summary.get("launch") else ""  # HARDWARE, NPROC, NNODES
+    command = f"make train RECIPE={summary['recipe']}{launch}" + (
+        f" ARGS={shlex.quote(overrides)}" if overrides else ""
+    )
+    if run.task == "reward":
+        method, tag = "reward modeling", "reward-model"
+        detail = "A score head trained by TRL's RewardTrainer (the Bradley-Terry loss on each pair)"
+    else:
+        method, tag = "DPO", "dpo"
+        loss = run.config["train"].get("loss_type", ["sigmoid"])
+        detail = f"Loss: {loss}, beta {run.beta}; reference: {summary['reference']['strategy']}"
+    lines = [
+        "---",
+        f"base_model: {model['model_name_or_path']}",
+        "library_name: transformers",
+        f"tags: [{tag}, trl, dpo-recipes]",
+        "---",
+        "",
+        f"# {summary['recipe']}: {Path(model['model_name_or_path']).name} trained with {method}",
+        "",
+        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. {detail}. "
+        f"Run status: {summary['status']}, {summary.get('steps')} steps"
+        + (f"; these are the weights of {run.weights.name}." if run.weights != run.dir else "."),
+        "",
+        "## Data",
+        "",
+    ]
+    for split, counts in summary.get("dataset", {}).items():
+        source = summary.get("eval_source") if split == "eval" else run.config["dataset"]["path"] or "a mix"
+        lines.append(f"- {split} ({source}): {data.counts_line(counts)}")
+    lines += ["", "## Metrics", "", "| metric | final | best (step) |", "| --- | --- | --- |"]
+    final, best = summary.get("final", {}), summary.get("best", {})
+    for name in [p + m for p in ("eval_", "") for m in CARD_METRICS]:
+        if name in final:
+            top = best.get(name)
+            lines.append(
+                f"| {name} | {final[name]:.4g} | " + (f"{top['value']:.4g} ({top['step']}) |" if top else "|")
+            )
+    if "eval" in summary:  # make eval: the answers judged against the reference's
+        lines += [
+            "",
+            "## Judged answers (`make eval`)",
+            "",
+            *(f"- {line}" for line in judge.lines(summary["eval"])),
+        ]
+    lines += ["", "![training curves](training_curves.png)", "", "## Reproduce", "", "```", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def export(run: trained.Run, out: Path, max_shard_size: str) -> str:
+    """Write the model, tokenizer and card into `out` through a staging folder: no partial export."""
+    from transformers import AutoTokenizer
+
+    if out.exists():
+        raise errors.RunError(
+            f"{out} already exists and an export is never overwritten: remove it or pass --out"
+        )
+    with atomic_path(out, existing="refuse") as staging:
+        staging.mkdir()
+        how = merged(run, staging, max_shard_size) if run.lora else copied(run, staging)
+        AutoTokenizer.from_pretrained(run.weights).save_pretrained(staging)
+        curves = paths.metrics_dir(run.dir) / paths.CURVES
+        if curves.exists():
+            shutil.copy2(curves, staging / curves.name)
+        (staging / "README.md").write_text(card(run, how))
+    return how
+
+
+def push(out: Path, repo: str) -> bool:
+    """Upload the export to the Hub; False, said why, when it cannot be reached."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo)
+    except Exception as err:  # offline mode, no network, no token, no rights: all end here the same way
+        print(
+            f"not pushed to {repo}: the Hub cannot be reached or refused ({hub.cause(err)}). The export is complete in "
+            f"{out}; push it later with `hf upload {repo} {out}`",
+            file=sys.stderr,
+        )
+        return False
+    print(f"pushed to https://huggingface.co/{repo}")
+    return True
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_recipes.after.export", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("run", help="the run dir (or its name under outputs/<recipe>/)")
+    parser.add_argument(
+        "--out", help="where to write the model (default: <run dir>/export); never overwritten"
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument(
+        "--force", action="store_true", help="export a stopped run from its newest checkpoint"
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this Hub repo")
+    parser.add_argument(
+        "--checkpoint", choices=["last", "best"], default="last",
+        help="best: the checkpoint with the best judged win rate (a run trained with judge.every)",
+    )  # fmt: skip
+    options = parser.parse_args(argv)
+    try:
+        run = trained.open_run(options.run, options.force)
+        run = trained.best(run) if options.checkpoint == "best" else run
+        out = Path(options.out) if options.out else run.dir / "export"
+        how = export(run, out, options.max_shard_size)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {run.dir} to {out}: {how}")
+    if options.push_to_hub and not push(out, options.push_to_hub):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,209 @@
+"""What DPO changed in the answers: for held-out prompts, generate from the reference and from the
+trained policy with the same seed and decoding, and score each answer's implicit reward
+beta * (log pi(y|x) - log pi_ref(y|x)). Writes <run>/dpo_metrics/samples.jsonl and samples.md.
+
+python -m dpo_recipes.after.samples <run dir> [--n 16] [--prompts FILE] [--temperature 0.7]
+
+Where every prompt asks for a cheerful or a gloomy remark (the bundled toy data), samples.md also gives
+how often each model answers in the asked-for mood, judged by the data's own mood words.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from data_prep import io
+from data_prep.io import write_text
+from data_prep.tokens import token_ids
+from dpo_recipes import errors
+from dpo_recipes.after import trained
+from dpo_recipes.after.judge import lines as judged
+from dpo_recipes.after.judge import text
+from dpo_recipes.config.schema import DatasetSchema
+from dpo_recipes.rundir import paths
+from dpo_recipes.training.chat import stops
+
+MOODS = ("cheerful", "gloomy")
+
+
+def prompts(run: trained.Run, path: str | None) -> list[dict]:
+    """Rows with a `prompt` (and `chosen` where known): the run's eval set, or a file of TRL-format rows
+    (.json, .jsonl, .parquet, a saved dataset) or of one user message a line (.txt)."""
+    if path and Path(path).suffix == ".txt":
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        return [{"prompt": [{"role": "user", "content": line}]} for line in lines]
+    if path:
+        rows = io.read(path)
+    else:
+        from dpo_recipes.training import data
+
+        _, rows, _ = data.load(DatasetSchema(**run.config["dataset"]), run.seed)
+        if rows is None:
+            raise errors.RunError("the run has no eval data: name prompts with --prompts FILE")
+    if "prompt" not in rows.column_names:
+        raise errors.RunError(f"{path or 'the eval data'}: no 'prompt' column (has {rows.column_names})")
+    return list(rows)
+
+
+def completion_logp(model, prompt: list[int], completion: list[int], device) -> float:
+    """log p(completion | prompt), summed over the completion's tokens."""
+    import torch
+
+    ids = torch.tensor([prompt + completion], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    return logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None]).sum().item()
+
+
+def decoding_of(tokenizer, policy, options) -> dict:
+    """`generate`'s arguments: greedy, or sampling at `options.temperature`; stopping where the model
+    learned to (its EOS and the template's end of turn)."""
+    return dict(
+        max_new_tokens=options.max_new_tokens,
+        do_sample=options.temperature > 0,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=stops(tokenizer, policy.generation_config),
+        **({"temperature": options.temperature} if options.temperature > 0 else {}),
+    )
+
+
+def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) -> list[dict]:
+    """Each model's answer to each prompt, with the same seed, and the implicit reward of each answer."""
+    import torch
+    from tqdm import tqdm
+
+    policy, reference = models["policy"], models["reference"]
+    decoding = decoding_of(tokenizer, policy, options)
+    out, device = [], policy.device
+    for row in tqdm(rows, desc="generating", unit="prompt"):
+        ids = token_ids(tokenizer, row["prompt"])
+        sample = {"prompt": row["prompt"], "chosen": row.get("chosen")}
+        for name, model in models.items():
+            torch.manual_seed(options.seed)
+            generated = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                **decoding,
+            )[0, len(ids) :].tolist()
+            logps = [completion_logp(m, ids, generated, device) for m in (policy, reference)]
+            reward = beta * (logps[0] - logps[1])
+            answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
+            sample[name] = {"text": answer, "implicit_reward": round(reward, 4)}
+        out.append(sample)
+    return out
+
+
+def mood_words(rows: list[dict]) -> dict | None:
+    """The words only the chosen answers to one mood's prompts use, per mood; None unless every prompt
+    asks for exactly one of MOODS."""
+    asked = [asked_mood(row["prompt"]) for row in rows]
+    if None in asked or any(row.get("chosen") is None for row in rows):
+        return None
+    words = {mood: set() for mood in MOODS}
+    for mood, row in zip(asked, rows, strict=True):
+        words[mood] |= set(re.findall(r"[a-z]+", text(row["chosen"]).lower()))
+    return {mood: words[mood] - set().union(*(w for m, w in words.items() if m != mood)) for mood in MOODS}
+
+
+def asked_mood(prompt) -> str | None:
+    found = [m for m in MOODS if m in re.findall(r"[a-z]+", text(prompt).lower())]
+    return found[0] if len(found) == 1 else None
+
+
+def mood_of(answer: str, words: dict) -> str | None:
+    said = set(re.findall(r"[a-z]+", answer.lower()))
+    counts = {mood: len(said & w) for mood, w in words.items()}
+    best = max(counts.values())
+    top = [m for m, n in counts.items() if n == best]
+    return top[0] if best and len(top) == 1 else None
+
+
+def mood_rates(samples: list[dict], words: dict) -> dict:
+    """The share of answers in the asked-for mood, per model."""
+    return {
+        name: sum(mood_of(s[name]["text"], words) == asked_mood(s["prompt"]) for s in samples) / len(samples)
+        for name in ("reference", "policy")
+    }
+
+
+def cell(value) -> str:
+    return text(value or "").replace("|", "\\|").replace("\n", "<br>") if value else ""
+
+
+def markdown(run: trained.Run, samples: list[dict], rates: dict | None, options) -> str:
+    decoding = (
+        "greedy" if options.temperature <= 0 else f"temperature {options.temperature}, seed {options.seed}"
+    )
+    lines = [
+        f"# Samples of {run.summary.get('recipe')} ({run.dir})",
+        "",
+        f"{len(samples)} prompts, {decoding}, at most {options.max_new_tokens} new tokens. The reference is "
+        f"what the run trained against ({run.summary['reference']['strategy']}); the reward of an answer is "
+        f"beta * (log pi(y|x) - log pi_ref(y|x)) with beta = {run.beta}.",
+        "",
+    ]
+    if "eval" in run.summary:  # make eval: the answers judged
+        lines += [*(f"- {line}" for line in judged(run.summary["eval"])), ""]
+    if rates:
+        lines += [
+            f"Answers in the asked-for mood: reference {rates['reference']:.0%}, policy {rates['policy']:.0%}.",
+            "",
+        ]
+    lines += [
+        "| # | prompt | chosen (data) | reference | reward | policy | reward |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, s in enumerate(samples):
+        ref, pol = s["reference"], s["policy"]
+        lines.append(
+            f"| {i} | {cell(s['prompt'])} | {cell(s['chosen'])} | {cell(ref['text'])} | "
+            f"{ref['implicit_reward']:.3f} | {cell(pol['text'])} | {pol['implicit_reward']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parser(module: str, doc: str, n: int) -> argparse.ArgumentParser:
+    """The options `make samples` and `make eval` share: the run, its prompts and the decoding."""
+    found = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    found.add_argument("run", help="the run dir (outputs/<recipe>/<time> or the RUN name's dir)")
+    found.add_argument("--n", type=int, default=n, help=f"how many held-out prompts (default {n})")
+    found.add_argument("--prompts", help="prompts from this file instead of the run's eval set")
+    found.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    found.add_argument("--max-new-tokens", type=int, default=128)
+    found.add_argument("--seed", type=int, default=0)
+    found.add_argument("--force", action="store_true", help="use a stopped run's newest checkpoint")
+    return found
+
+
+def main(argv: list[str]) -> int:
+    options = parser("dpo_recipes.after.samples", __doc__, 16).parse_args(argv)
+    try:
+        run = trained.open_run(options.run, options.force).generates
+        rows = prompts(run, options.prompts)
+        words = mood_words(rows)  # from every row, not only the ones sampled
+        rows = rows[: options.n]
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run.weights)
+        policy = trained.policy(run)
+        models = {"reference": trained.reference(run, policy), "policy": policy}
+        samples = generate(models, tokenizer, rows, run.beta, options)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rates = mood_rates(samples, words) if words else None
+    out = paths.metrics_dir(run.dir)
+    write_text(out / paths.SAMPLES[0], "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_text(out / paths.SAMPLES[1], markdown(run, samples, rates, options))
+    if rates:
+        print(
+            f"answers in the asked-for mood: reference {rates['reference']:.0%}, policy {rates['policy']:.0%}"
+        )
+    print(f"wrote {out / paths.SAMPLES[1]} and {paths.SAMPLES[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,118 @@
+"""Load the dataset a `dataset:` option names, convert it with data_prep's converters, split off eval."""
+
+from collections import Counter
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+from datasets.exceptions import DatasetGenerationError
+from pyarrow import ArrowException
+
+from data_prep.convert import Messages
+from data_prep.pipeline import Options, convert, describe, summary_line
+from data_prep.reading import read
+from dpo_recipes import errors
+from dpo_recipes.config.schema import DatasetSchema, SourceSchema
+from dpo_recipes.errors import DataError
+from dpo_recipes.sources import hub
+
+
+def counts_line(counts: dict) -> str:
+    """A split's row counts in words: `289 read, 289 kept by conversion, 136 kept by TRL`."""
+    numbers = {k: v for k, v in counts.items() if isinstance(v, int) and (v or k != "rows_held_out_for_eval")}
+    return ", ".join(
+        f"{v} {k.removeprefix('rows_').replace('_', ' ').replace('trl', 'TRL')}" for k, v in numbers.items()
+    )
+
+
+def _head(dataset: Dataset, n: int | None) -> Dataset:
+    return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
+
+
+def _convert(
+    path: str, split: str, limit: int | None, rules, name: str, num_proc, key: str, style: str
+) -> tuple:
+    """Read and convert one source by its `rules` (format, columns, messages, subset) in `style`; `key`
+    names it in messages."""
+    try:
+        with hub.fetching("dataset", path, key):
+            raw = read(path, split, rules.subset)
+        spelled = Messages(**rules.messages)
+        options = Options(rules.format, style, rules.columns, messages=spelled, num_proc=num_proc)
+        rows, report = convert(_head(raw, limit), options, name)
+    except errors.Unreachable:
+        raise
+    except (OSError, ValueError, KeyError, ArrowException, DatasetGenerationError) as err:
+        raise DataError(f"{path}: cannot read the {name} data: {err}") from err
+    if not report["rows_out"]:
+        examples = "; ".join(
+            f"row {e['row']}: {rule}: {e['detail']}"
+            for rule, ex in report["examples"].items()
+            for e in ex[:2]
+        )
+        diagnosis = f"\n{describe(report['diagnosis'])}" if report["diagnosis"] else ""
+        raise DataError(
+            f"{path}: no usable {name} rows as format {rules.format!r}: {summary_line(report)}. {examples}{diagnosis}"
+        )
+    return rows, report
+
+
+def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
+    """`dataset.sources`: each converted by its own rules, a seeded share of each (`fraction`), one after
+    the other (the trainer's seeded sampler interleaves them). Index mappings only: no second pass."""
+    parts, reports = [], []
+    for i, source in enumerate(SourceSchema(**s) for s in cfg.sources):
+        key = f"dataset.sources[{i}].path"
+        rows, report = _convert(
+            source.path, source.split, source.max_samples, source, f"train ({key})", num_proc, key, cfg.style
+        )
+        rows = rows.select_columns(["prompt", "chosen", "rejected"])  # what every converter writes
+        if source.fraction is not None:  # a seeded draw, kept in file order
+            drawn = np.random.default_rng(seed).choice(
+                len(rows), max(1, round(source.fraction * len(rows))), replace=False
+            )
+            rows = rows.select(np.sort(drawn))
+        parts.append(rows)
+        reports.append({"path": source.path, "format": source.format, **report, "rows_mixed": len(rows)})
+    styles = {r["path"]: r["style"] for r in reports}
+    if len(set(styles.values())) > 1:
+        raise DataError(
+            f"the sources of the mix come in different styles ({styles}): set dataset.style=conversational "
+            "or standard to convert them all one way"
+        )
+    total = {key: sum(r[key] for r in reports) for key in ("rows_in", "rows_out", "rows_mixed")}
+    total["dropped"] = dict(sum((Counter(r["dropped"]) for r in reports), Counter()))
+    total["sources"], total["style"] = reports, reports[0]["style"]
+    print(
+        f"mixed {total['rows_mixed']} rows from {len(parts)} sources: "
+        + ", ".join(f"{r['rows_mixed']} of {r['path']}" for r in reports)
+    )
+    return concatenate_datasets(parts), total  # the trainer's seeded sampler interleaves them
+
+
+def load(
+    cfg: DatasetSchema, seed: int = 42, num_proc: int | None = None
+) -> tuple[Dataset, Dataset | None, dict]:
+    """Return (train, eval, report) in TRL's prompt/chosen/rejected form; eval is None when there is none."""
+    if cfg.sources:
+        train, report = _mix(cfg, seed, num_proc)
+    else:
+        train, report = _convert(
+            cfg.path, cfg.train_split, cfg.max_samples, cfg, "train", num_proc, "dataset.path", cfg.style
+        )
+    reports = {"train": report}
+    evaluation, source_name = None, cfg.path or "the mix"
+    if cfg.eval_path or cfg.eval_split:
+        path = cfg.eval_path or cfg.path
+        split = cfg.eval_split or "train"
+        evaluation, reports["eval"] = _convert(  # in the style the training rows took
+            path, split, cfg.max_eval_samples, cfg, "eval", num_proc, "dataset.eval_path", report["style"]
+        )
+        reports["eval"]["source"] = f"{path}, split {split}"
+    elif cfg.eval_size:
+        size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
+        parts = train.train_test_split(test_size=size, seed=seed)
+        train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
+        n, source = len(evaluation), f"{len(evaluation)} rows held out of {source_name}"
+        reports["eval"] = dict(rows_in=n, rows_out=n, dropped={}, held_out_from_train=True, source=source)
+        print(f"eval data: {source}")
+    return train, evaluation, reports

@@ -1,0 +1,139 @@
+"""Benchmark scripts run (the GPU one at the tiny Qwen's shape on CPU), so they cannot rot unnoticed."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks import gpu
+from dpo_recipes.sources import tiny
+
+
+@pytest.mark.slow
+def test_flop_count_takes_every_weight_that_multiplies_activations():
+    model = AutoModelForCausalLM.from_pretrained(tiny.qwen_path())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert gpu.flops_per_token(tiny.QWEN, seq=0) == 2 * linear
+    # Qwen2.5-7B: 6.53B non-embedding parameters (its model card) plus the untied 545M-parameter LM head
+    assert gpu.flops_per_token({**tiny.QWEN, **gpu.QWEN2_5_7B}, seq=0) / 2 == pytest.approx(7.07e9, rel=0.01)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["no flash-attn", "flash-attn"])
+def test_each_gpu_layout_runs_under_an_attention_its_rule_allows(flash, monkeypatch):
+    from dpo_recipes.config import rules
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: (flash or None) if name == "flash_attn" else found(name)
+    )
+    for flags, allowed in ((["padding_free"], rules.PACKABLE), (["share_prompt"], rules.SHAREABLE)):
+        for device in ("cuda", "cpu"):
+            *_, attention = gpu.layout(device, *flags)
+            assert attention.split("=")[1] in allowed, (flags, device)
+    *_, attention = gpu.layout("cuda", "padding_free")
+    assert attention.endswith("flash_attention_2" if flash else "sdpa")
+    assert gpu.layout("cuda", "padding_free", "share_prompt")[-1].endswith("sdpa")
+    assert gpu.layout("cpu", "padding_free")[-1].endswith("sdpa")
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shipped, plain, packed = "make train, as shipped", "plain TRL script", "train.padding_free=true"
+    result = gpu.run(tiny_shape=True, steps=2, accumulation=2, only=(shipped, plain, packed))
+    assert list(tmp_path.iterdir()) == []  # the model and the runs go with the bench, 15 GB at 7B
+    rows = {r["what"]: r for r in result["results"]}
+    assert set(rows) == {shipped, plain, packed}
+    for row in rows.values():
+        assert row["first_loss"] == pytest.approx(math.log(2), abs=0.01)
+        assert row["tokens_per_s"] > 0 and row["step_s"] > 0
+    # the same settings, the same first step
+    assert rows[shipped]["first_loss"] == rows[plain]["first_loss"]
+    assert rows[packed]["first_loss"] == pytest.approx(rows[plain]["first_loss"], rel=1e-5)
+    assert "| make train, as shipped | sdpa | 1 |" in gpu.table(result)
+    # each of our runs brings its own memory prediction, to stand beside the GPU's measured peak
+    assert rows[shipped]["predicted_gb"] is not None and rows[plain]["predicted_gb"] is None
+
+
+@pytest.mark.slow
+def test_the_gpu_memory_check_runs_at_the_tiny_shape_on_cpu(tmp_path, monkeypatch):
+    import tempfile
+
+    from benchmarks import gpu_memory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = gpu_memory.run(tiny_shape=True)
+    assert [r["what"] for r in result["results"]] == list(gpu_memory.RUNS)
+    for row in result["results"]:  # no CUDA counter here: the prediction alone, the run trained
+        assert row["predicted_gb"] > 0 and row["measured_gb"] is None
+        assert row["first_loss"] == pytest.approx(math.log(2), abs=0.01)
+    assert "| full, fp32 masters (qwen7b_full_dpo, hardware=gpu) |" in gpu_memory.table(result)
+
+
+def test_a_partial_bench_keeps_each_sections_own_machine_and_date(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import benchmarks.__main__ as bench
+
+    fake = SimpleNamespace(run=lambda: {"value": 2}, table=lambda result: f"value {result['value']}")
+    monkeypatch.setattr(bench, "BENCHMARKS", {"old": ("Old", fake), "new": ("New", fake)})
+    (tmp_path / "benchmarks").mkdir()
+    old = {"value": 1, "machine": {"date": "2020-01-01", "cpu": "elsewhere"}}
+    (tmp_path / "benchmarks" / "results.json").write_text(json.dumps({"old": old}))
+    bench.main(["new"], root=tmp_path)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    old_section, new_section = text.split("## Old")[1].split("## New")
+    assert "date 2020-01-01, cpu elsewhere" in old_section and "value 1" in old_section
+    assert f"date {bench.machine()['date']}" in new_section and "value 2" in new_section
+
+
+@pytest.mark.slow
+def test_the_plain_trl_baseline_trains_what_the_default_recipe_does(tmp_path):
+    from benchmarks import plain_trl
+    from dpo_recipes import config
+
+    cfg, recipe = config.compose(["recipes=tiny_lora_dpo"])
+    built = config.build(cfg, tmp_path, recipe, machine=False)
+    settings = plain_trl.RECIPES["tiny_lora_dpo"]
+    for key, value in settings["train"].items():
+        if key not in ("disable_tqdm", "model_init_kwargs"):
+            assert getattr(built.args, key) == value, key
+    assert {k: getattr(built.peft, k) for k in settings["lora"]} == settings["lora"]
+
+
+@pytest.mark.slow
+def test_the_eval_bench_times_both_ways_on_the_same_answers(monkeypatch):
+    from benchmarks import evaluation
+
+    monkeypatch.setattr(evaluation, "PROMPTS", 8)
+    result = evaluation.run(repeats=1)
+    assert result["same_answers"] and result["prompts"] == 8
+    assert set(result["prompts_per_s"]) == set(evaluation.BATCHES)
+    assert "| batched (16) |" in evaluation.table(result)
+
+
+def test_the_step_table_says_which_goal_was_met_and_by_how_much_one_was_missed():
+    from benchmarks import step
+
+    def row(case, way, step_ratio, wall_ratio=1.0):
+        values = dict(step_s=1.0, tokens_per_step=10, train_s=1.0, wall_s=1.0, peak_rss_mb=1)
+        return {
+            "case": case,
+            "way": step.WAYS[way][0],
+            **values,
+            "step_ratio": step_ratio,
+            "wall_ratio": wall_ratio,
+        }
+
+    micro_batch_1 = "tiny Llama, real rows, micro-batch 1"
+    rows = [row(micro_batch_1, "shared", 0.861), row(step.QWEN, "ours", 0.117, wall_ratio=0.249)]
+    text = step.table({"rows": rows, "repeats": 2})
+    assert "CPU head + share_prompt, step <= 0.85x TRL's: 0.861, missed by 0.011." in text
+    assert "CPU head, step <= 0.35x TRL's: 0.117, met." in text
+    assert "process wall time (3x faster) <= 0.333x TRL's: 0.249, met." in text
+    assert "micro-batch 4" not in text  # a goal whose row was not measured is not judged
