@@ -22,6 +22,7 @@ from benchmarks import (
     share,
     spread,
     step,
+    suite,
     sweep,
     tokenization,
 )
@@ -51,10 +52,11 @@ BENCHMARKS = {
     "share": ("Share: the prompt computed once per pair vs TRL as shipped (tiny Llama)", share),
     "eval": ("Eval: `make eval`'s generation, batched vs one prompt at a time (tiny Llama)", evaluation),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
+    "suite": ("Tests: the suite on a fresh clone, as CI runs it", suite),
 }
-# Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory`; the spread takes about
-# 40 minutes.
-ON_REQUEST = {"gpu", "gpu_memory", "spread"}
+# Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory`; the spread and the
+# suite take most of an hour.
+ON_REQUEST = {"gpu", "gpu_memory", "spread", "suite"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 

@@ -4,7 +4,7 @@ Each cell builds the tiny base with its seed in a scratch cache, trains the defa
 train.seed 42 + seed (seed 0 is the run as it ships) and samples held-out prompts, in a fresh process whose environment picks the instruction
 set of ATen's kernels (ATEN_CPU_CAPABILITY) and of the matmuls (ONEDNN_MAX_CPU_ISA,
 MKL_ENABLE_INSTRUCTIONS) and torch's thread count. It reports the final eval rewards/accuracies and the
-share of answers in the asked-for mood (reference and policy). `tests/test_after.py` takes its margin
+share of answers in the asked-for mood (reference and policy). `tests/after/test_after.py` takes its margin
 from the worst cell.
 
 python -m benchmarks spread                    # every cell of GRID (about 20 min)

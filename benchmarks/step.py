@@ -73,7 +73,7 @@ from dpo_recipes.training.metrics import peak_rss_mb
 if sys.argv[2] == "trl":
     trainer.cpu_head = contextlib.nullcontext
 tokens = []
-built = trainer.Trainer.__init__
+built = trainer.RecipeTrainer.__init__
 def counting(self, *args, **kwargs):  # every forward's tokens, at the backbone: after any packing
     built(self, *args, **kwargs)
     for model in (self.model, self.ref_model):
@@ -82,7 +82,7 @@ def counting(self, *args, **kwargs):  # every forward's tokens, at the backbone:
             base.base_model.register_forward_pre_hook(
                 lambda module, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
             )
-trainer.Trainer.__init__ = counting
+trainer.RecipeTrainer.__init__ = counting
 cfg, recipe = config.compose(["train.disable_tqdm=true", *sys.argv[3:]])
 t = train.run(cfg, __import__("pathlib").Path(sys.argv[1]), recipe)
 steps = [e["train_runtime"] for e in t.state.log_history if "train_runtime" in e]

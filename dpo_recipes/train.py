@@ -46,7 +46,7 @@ from dpo_recipes.rundir import launching, paths, planning
 from dpo_recipes.sources import hub
 from dpo_recipes.training import chat, data, segments, stopping, tokenize, updates
 from dpo_recipes.training.metrics import MetricsCallback
-from dpo_recipes.training.trainer import Trainer
+from dpo_recipes.training.trainer import RecipeTrainer
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
 # DeepSpeed 0.19 calls torch.distributed's reduce_scatter_tensor and all_gather_into_tensor, which torch
@@ -169,7 +169,7 @@ def finish(setup: Setup, parts: Parts) -> None:
 
 
 def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[TrainerCallback]):
-    """TRL's RewardTrainer for task=reward; else our DPO Trainer, with its reference and judge."""
+    """TRL's RewardTrainer for task=reward; else RecipeTrainer (DPO), with its reference and judge."""
     train_set, eval_set = sets
     judging = None
     if built.task == "dpo" and built.judge.every and eval_set is not None:
@@ -190,7 +190,7 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
                 callbacks=callbacks,
             )
         policy, ref_model, peft = reference.load(built)
-        return Trainer(
+        return RecipeTrainer(
             model=policy,
             ref_model=ref_model,
             args=built.args,

@@ -7,11 +7,11 @@ from dpo_recipes.memory.preflight import largest_batch
 from dpo_recipes.memory.shapes import shape_of
 
 CARDS_GB = (24, 48, 80, 141)
-README_TABLE = ("<!-- memory table: python -m dpo_recipes.memory -->", "<!-- end of memory table -->")
+TABLE_MARKS = ("<!-- memory table: python -m dpo_recipes.memory.cards -->", "<!-- end of memory table -->")
 
 
 def table(recipes: list[str], cards=CARDS_GB) -> str:
-    """The README's table: each recipe's predicted peak per GPU as shipped (its engine over the GPUs its
+    """The docs' table (docs/memory.md): each recipe's predicted peak per GPU as shipped (its engine over the GPUs its
     accelerate config names), and on each card the largest micro-batch that fits at the same effective
     batch, with its peak."""
     from dpo_recipes import config
@@ -43,6 +43,6 @@ def shipped_gpu_recipes() -> list[str]:
 
 
 if __name__ == "__main__":
-    print(README_TABLE[0])
+    print(TABLE_MARKS[0])
     print(table(shipped_gpu_recipes()))
-    print(README_TABLE[1])
+    print(TABLE_MARKS[1])

@@ -17,7 +17,7 @@ _PREDICTED: dict = {}  # shape's fields -> (shape, estimate): a plan asks for th
 FP32 = 4
 
 
-# The error measured on CPU is within 10% (tests/test_memory.py): within it of the budget, a warning.
+# The error measured on CPU is within 10% (tests/memory/test_memory.py): within it of the budget, a warning.
 MARGIN = 0.10
 # CUDA only: the caching allocator's reserve over its allocated peak, and the context and cuBLAS
 # workspaces that no tensor accounts for.

@@ -16,7 +16,7 @@ from dpo_recipes.sources import hub
 PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
-def sees(query: list, key: list) -> torch.Tensor:
+def visible(query: list, key: list) -> torch.Tensor:
     """A shared-prompt layout's attention: a query sees a key of its own sequence at or before its column,
     in its branch or shared. Each side: (sequence, column, branch, shared) of its tokens; padding slots are
     sequence -1, so they see each other (a query that sees no key would be NaN under sdpa)."""
@@ -25,7 +25,7 @@ def sees(query: list, key: list) -> torch.Tensor:
 
 
 def share_mask(where: list, attention: str | None):
-    """`sees` over a layout's (rows, length) tensors `where`, as `attention` takes a mask: a block mask for
+    """`visible` over a layout's (rows, length) tensors `where`, as `attention` takes a mask: a block mask for
     flex attention (built without the dense mask, compiled as transformers builds its own), a 4D mask for
     eager (additive) and sdpa (boolean)."""
     rows, length = where[0].shape
@@ -33,18 +33,18 @@ def share_mask(where: list, attention: str | None):
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(row, head, q, k):
-            return sees([t[row, q] for t in where], [t[row, k] for t in where])
+            return visible([t[row, q] for t in where], [t[row, k] for t in where])
 
         device = where[0].device
         return torch.compile(create_block_mask)(mask_mod, rows, None, length, length, device=device)
-    mask = sees([t[:, :, None] for t in where], [t[:, None] for t in where])[:, None]
+    mask = visible([t[:, :, None] for t in where], [t[:, None] for t in where])[:, None]
     if attention == "eager":
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return mask
 
 
 def by_segment(module, query, key, value, attention_mask, *, segments=None, **kwargs):
-    """sdpa; given `segments` (a packed layout's, from `segments`), sdpa on its segments gathered into
+    """sdpa; given `segments` (a packed layout's calls, from `attention_calls`), sdpa on its segments gathered into
     padded batches of similar length, one call each: the sequences (or prompts with their chosen answers)
     under sdpa's causal path, the rejected answers each against its shared prompt's keys and its own. The
     network's other layers still see the layout without padding, and attention costs about what each
@@ -78,7 +78,7 @@ AttentionMaskInterface.register(SEGMENTED, sdpa_mask)
 SPREAD, SLACK = 1.1, 32
 
 
-def buckets(size: torch.Tensor) -> list:
+def length_buckets(size: torch.Tensor) -> list:
     """Indices into `size`, one length per segment or several ((segments, lengths): a rejected answer's own
     tokens and its shared prompt's, the queries and keys its call pads). Shortest first, each segment joins
     the first bucket whose first segment's lengths all band with its own, or starts one."""
@@ -95,7 +95,7 @@ def buckets(size: torch.Tensor) -> list:
     return [torch.tensor(b, device=size.device) for b in out]
 
 
-def segments(seq, branch, skip, n: int, width: int, one_row: bool) -> list:
+def attention_calls(seq, branch, skip, n: int, width: int, one_row: bool) -> list:
     """`by_segment`'s buckets for a layout laid out by `packed` (rows of `width`), each as (gather, pick,
     put, context, mask): the index taking its segments' tokens from the flat layout, padded to the
     bucket's longest (a slice, a view, for a bucket of one), the index picking the real ones from the
@@ -119,7 +119,7 @@ def segments(seq, branch, skip, n: int, width: int, one_row: bool) -> list:
     for length, first, shared in ((chosen, start, None), (counts[:, 1], start + chosen, skip)):
         kept = (length > 0).nonzero()[:, 0]
         size = length[kept] if shared is None else torch.stack([length[kept], shared[kept]], 1)
-        for some in buckets(size) if len(kept) else ():
+        for some in length_buckets(size) if len(kept) else ():
             some = kept[some]
             if shared is None or not shared[some].any():
                 out.append((*gathered(first[some], length[some]), None, None))  # none: sdpa's causal path
@@ -185,7 +185,7 @@ def packed(fused_forward, *, share: bool = False, one_row: bool = True):
         inputs["position_ids"] = laid(cols, 0)
         attention = fused_forward.__self__.config._attn_implementation
         if attention == SEGMENTED:
-            kwargs["segments"] = segments(seq, branch, skip, n, shape[1], one_row)
+            kwargs["segments"] = attention_calls(seq, branch, skip, n, shape[1], one_row)
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])  # sdpa then builds no mask
         elif share:
             where = [laid(seq, -1), laid(cols, 0), laid(branch, 0), laid(shared, False)]

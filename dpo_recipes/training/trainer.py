@@ -46,7 +46,7 @@ def changed_in_trl() -> list[str]:
     ]
 
 
-class Trainer(DPOTrainer):
+class RecipeTrainer(DPOTrainer):
     """See the module's docstring."""
 
     def __init__(self, *args, judging=None, **kwargs):
@@ -67,7 +67,7 @@ class Trainer(DPOTrainer):
         if packing and getattr(self.model.config, "_attn_implementation", None) == "eager":
             print(
                 "note: train.padding_free under eager attention: a packed row's mask covers all of its "
-                "tokens, so attention costs more than padding saves (README, padding-free batches); sdpa, "
+                "tokens, so attention costs more than padding saves (docs/performance.md, padding-free batches); sdpa, "
                 "flash_attention_2/3 and flex_attention attend within each sequence",
                 file=sys.stderr,
             )

@@ -115,7 +115,7 @@ def options(**kw) -> SimpleNamespace:
 
 @pytest.mark.slow
 def test_the_default_run_beats_its_reference_by_the_judge_and_by_the_mood_rule(default_run):
-    """`make eval RUN=<the default run>`, as the README shows it: the run's own judge (judge=tiny)."""
+    """`make eval RUN=<the default run>`, as docs/judging.md shows it: the run's own judge (judge=tiny)."""
     from conftest import python_m
 
     from dpo_recipes.after import trained

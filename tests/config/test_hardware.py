@@ -172,7 +172,10 @@ def test_fsdp2_sharding_on_two_cpu_processes_matches_one_process_with_and_withou
 ):
     """The layouts (padding-free, prompt shared) under FSDP2 give the padded batch's log-probs (1e-5
     relative) and losses (1e-4), as does sharding itself against one process."""
-    classes, script = ",".join(sorted(set(fsdp_wrapped(monkeypatch)))), ROOT / "tests" / "config" / "fsdp_cpu.py"
+    classes, script = (
+        ",".join(sorted(set(fsdp_wrapped(monkeypatch)))),
+        ROOT / "tests" / "config" / "fsdp_cpu.py",
+    )
     results = {}
     for world, layout in ((1, "padded"), (2, "padded"), (2, "both")):
         out = tmp_path / f"{world}-{layout}.json"

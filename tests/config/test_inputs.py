@@ -475,8 +475,10 @@ def test_deepspeed_json_is_found_from_any_directory(tmp_path, monkeypatch):
     assert path.is_absolute() and path.is_file() and path.name == "ds_zero3.json"
 
 
-def test_the_readme_names_the_file_that_overrides_trls_private_methods():
-    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if "private" in line]
+def test_the_docs_name_the_file_that_overrides_trls_private_methods():
+    lines = [
+        line for line in (ROOT / "docs" / "performance.md").read_text().splitlines() if "private" in line
+    ]
     named = {name for line in lines for name in re.findall(r"dpo_recipes/([\w/]+)\.py", line)}
     assert named and all("RELIED_ON" in (ROOT / "dpo_recipes" / f"{n}.py").read_text() for n in named)
 

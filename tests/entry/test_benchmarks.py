@@ -137,3 +137,13 @@ def test_the_step_table_says_which_goal_was_met_and_by_how_much_one_was_missed()
     assert "CPU head, step <= 0.35x TRL's: 0.117, met." in text
     assert "process wall time (3x faster) <= 0.333x TRL's: 0.249, met." in text
     assert "micro-batch 4" not in text  # a goal whose row was not measured is not judged
+
+
+def test_the_suite_benchmark_reads_pytests_counts_without_its_timing():
+    from benchmarks import suite
+
+    out = "....\n===== 388 passed, 245 deselected, 63 warnings in 144.53s (0:02:24) =====\n"
+    assert suite.counts(out) == "388 passed, 245 deselected, 63 warnings"
+    assert suite.counts("== 2 failed, 3 passed in 1.00s ==") == "2 failed, 3 passed"
+    row = {"what": "make test-fast", "wall_s": 150, "exit": 0, "tests": "388 passed"}
+    assert "| `make test-fast` | 150 | 0 | 388 passed |" in suite.table({"commit": "abc", "results": [row]})

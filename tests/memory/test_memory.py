@@ -1,5 +1,5 @@
 """Will it fit: the predicted peak against the peak measured on real tensors, the verdict and its fixes,
-hardware.micro_batch=auto, and the README's table."""
+hardware.micro_batch=auto, and the docs' table."""
 
 import copy
 import dataclasses
@@ -254,10 +254,10 @@ def test_a_reward_model_gets_no_prediction_and_cannot_ask_for_an_automatic_micro
 
 
 @pytest.mark.slow
-def test_the_readme_table_is_the_tools_output():
-    """Made by `python -m dpo_recipes.memory`; regenerate it there when a recipe or the model changes."""
-    readme = (ROOT / "README.md").read_text()
-    assert cards.table(cards.shipped_gpu_recipes()) in readme
+def test_the_docs_table_is_the_tools_output():
+    """Made by `python -m dpo_recipes.memory.cards`; regenerate it there when a recipe or the model changes."""
+    page = (ROOT / "docs" / "memory.md").read_text()
+    assert cards.table(cards.shipped_gpu_recipes()) in page
 
 
 # What DeepSpeed's estimator calls model states: weights, gradients, fp32 masters and optimizer states,

@@ -99,14 +99,14 @@ def shared(tmp_path_factory):
 
     from dpo_recipes.sources import tiny
     from dpo_recipes.training import chat, data
-    from dpo_recipes.training.trainer import Trainer
+    from dpo_recipes.training.trainer import RecipeTrainer
 
     out = tmp_path_factory.mktemp("losses")
     built = config.build(config.compose(tiny_overrides("tiny_full_dpo", *LAYOUT["padded"]))[0], out)
     tokenizer = chat.tokenizer(built)
     train_set, eval_set, _ = data.load(built.dataset, built.args.seed)
     policy = AutoModelForCausalLM.from_pretrained(tiny.path(), dtype="float32")
-    first = Trainer(
+    first = RecipeTrainer(
         model=policy,
         ref_model=copy.deepcopy(policy),
         args=built.args,
@@ -121,13 +121,13 @@ def trainer_for(option: str, shared):
     """A trainer of `option` on a copy of the shared model and the shared tokenized data."""
     import copy
 
-    from dpo_recipes.training.trainer import Trainer
+    from dpo_recipes.training.trainer import RecipeTrainer
 
     out, first = shared
     args = config.build(
         config.compose(tiny_overrides("tiny_full_dpo", f"loss={option}", *LAYOUT["padded"]))[0], out / option
     ).args
-    return Trainer(
+    return RecipeTrainer(
         model=copy.deepcopy(first.model),
         ref_model=first.ref_model,
         args=args,

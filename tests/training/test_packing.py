@@ -196,7 +196,7 @@ def real(tmp_path_factory):
     built = config.build(config.compose(overrides)[0], out)
     train_set, _, _ = data.load(built.dataset, built.args.seed)
     policy = AutoModelForCausalLM.from_pretrained(tiny.path(), dtype="float32")
-    return trainer.Trainer(
+    return trainer.RecipeTrainer(
         model=policy,
         ref_model=copy.deepcopy(policy),
         args=built.args,

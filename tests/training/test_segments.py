@@ -43,7 +43,7 @@ def laid_out(one_row: bool, share: bool) -> tuple:
 @pytest.mark.parametrize("share", [True, False], ids=["shared", "sequences"])
 def test_attention_by_segment_is_sdpa_under_the_layouts_mask(one_row, share):
     layout, where, real = laid_out(one_row, share)
-    groups = segments.segments(*layout)
+    groups = segments.attention_calls(*layout)
     assert any(isinstance(g[0], tuple) for g in groups) and any(torch.is_tensor(g[0]) for g in groups)
     assert any(g[3] is not None for g in groups) == share  # a rejected answer reads its shared prompt
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +58,7 @@ def test_attention_by_segment_is_sdpa_under_the_layouts_mask(one_row, share):
 
 def test_buckets_keep_similar_lengths_together():
     sizes = torch.tensor([5, 300, 10, 90, 1000, 200, 64, 330])
-    found = sorted(sorted(sizes[b].tolist()) for b in segments.buckets(sizes))
+    found = sorted(sorted(sizes[b].tolist()) for b in segments.length_buckets(sizes))
     assert found == [[5, 10], [64, 90], [200], [300, 330], [1000]]
     for bucket in found:
         assert bucket[-1] <= bucket[0] * segments.SPREAD + segments.SLACK
@@ -68,7 +68,7 @@ def test_buckets_keep_a_rejected_answers_queries_and_keys_alike():
     # (own tokens, shared prompt tokens): the first two have equal sums, but one call for both would pad
     # the second's 100 queries to 400 and the first's 100-token prompt to 400
     sizes = torch.tensor([[400, 100], [100, 400], [410, 120], [90, 50], [100, 60]])
-    found = sorted(sorted(map(tuple, sizes[b].tolist())) for b in segments.buckets(sizes))
+    found = sorted(sorted(map(tuple, sizes[b].tolist())) for b in segments.length_buckets(sizes))
     assert found == [[(90, 50), (100, 60)], [(100, 400)], [(400, 100), (410, 120)]]
     for bucket in found:
         for lengths in zip(*bucket, strict=True):
