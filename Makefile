@@ -5,6 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 RECIPE ?= tiny_lora_dpo
 ARGS ?=
 PYTEST_ARGS ?=
+WORKERS ?= auto
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -81,17 +82,20 @@ prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's fo
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo 'usage: make prep FORMAT=alpaca IN=data.json OUT=prefs.jsonl [ARGS="--strict"]'; exit 2; }
 	$(PY) -m data_prep $(FORMAT) '$(IN)' '$(OUT)' $(ARGV)
 
-test: setup ## Run every tier of the test suite: default, slow and e2e (what CI runs); PYTEST_ARGS
-	$(PY) -m pytest $(PYTEST_ARGS)
+# A pytest worker per core (WORKERS=0: one process), each test file on one worker, each worker on its own cores
+PYTEST = $(PY) -m pytest -n $(WORKERS) --dist loadfile
+
+test: setup ## Run every tier of the test suite: default, slow and e2e (what CI runs); WORKERS, PYTEST_ARGS
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: setup ## The default tier: rules, converters, plans, reports; no model weights, under 2 minutes
-	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not e2e" $(PYTEST_ARGS)
 
 test-slow: setup ## Training in the test's own process: every recipe for 2 steps, the default run learns
-	$(PY) -m pytest -m "slow and not e2e" $(PYTEST_ARGS)
+	$(PYTEST) -m "slow and not e2e" $(PYTEST_ARGS)
 
 test-e2e: setup ## Subprocesses and equality: resume, DDP/FSDP vs one process, launchers, samples, export
-	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+	$(PYTEST) -m e2e $(PYTEST_ARGS)
 
 bench: setup ## Run every benchmark (or ONLY="data_prep memory"); writes benchmarks/results.json and BENCHMARKS.md
 	$(PY) -m benchmarks $(ONLY)

@@ -11,6 +11,9 @@ import runpy
 import sys
 from pathlib import Path
 
+from data_prep.io import write_text
+from dpo_recipes.sources.assets import cache_dir
+
 # verb: (the module it runs as `python -m`, what it does); each takes that module's arguments
 VERBS = {
     "train": ("dpo_recipes.train", "train a recipe (a name or a .yaml file) with key=value overrides"),
@@ -78,8 +81,6 @@ def usage() -> str:
 def staged(recipe_file: Path) -> tuple[Path, str]:
     """A folder whose recipes/ holds `recipe_file` (linked, so edits to it count), and the recipe's name.
     It stays in the cache: a sweep's queued jobs compose from it after this process ends."""
-    from dpo_recipes.sources.assets import cache_dir
-
     source = recipe_file.resolve()
     folder = cache_dir() / "recipe_files" / hashlib.sha256(str(source).encode()).hexdigest()[:16]
     link = folder / "recipes" / f"{source.stem}.yaml"
@@ -118,8 +119,6 @@ def options(argv: list[str], verb: str) -> tuple[list[str], list[str]]:
 
 
 def init(argv: list[str]) -> int:
-    from data_prep.io import write_text
-
     here = Path(argv[0] if argv else ".")
     if taken := [str(here / p) for p in STARTER if (here / p).exists()]:
         print(f"error: {', '.join(taken)} already exist; nothing written", file=sys.stderr)

@@ -133,6 +133,8 @@ def assemble(setup: Setup) -> Parts:
         **tokenized(trainer, data_report),
         "torch_threads": setup.threads,
     }
+    for split in kept:
+        print(f"{split} data: {data.counts_line(context['dataset'][split])}")
     metrics = MetricsCallback(paths.metrics_dir(setup.run_dir), context)
     measured = measuring.Measured(trainer, built.hardware.engine)
     callbacks = [metrics] + ([measured] if setup.memory.record is not None else [])
@@ -146,6 +148,7 @@ def assemble(setup: Setup) -> Parts:
 
 
 def train(setup: Setup, parts: Parts) -> None:
+    """Train as planned: from the start, or from the plan's checkpoint."""
     plan = setup.plan
     if plan.message and plan.action != "replace":
         print(plan.message, file=sys.stderr)
@@ -272,6 +275,12 @@ def use_logger(logger: schema.LoggerSchema, run_dir: Path) -> None:
         os.environ["WANDB_DIR"] = str(run_dir)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a scheduler's cpuset or `taskset` gives fewer than the machine
+    has (os.cpu_count())."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def share_cores() -> int:
     """Give this process its share of the cores: processes side by side on one machine (the ranks of
     a launch, a joblib sweep's jobs) each with torch's default of every core slow each other down many
@@ -279,8 +288,8 @@ def share_cores() -> int:
     parallel = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         jobs = HydraConfig.get().launcher.get("n_jobs") or 1  # joblib's; other launchers have none
-        parallel *= os.cpu_count() if jobs < 0 else jobs
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+        parallel *= usable_cores() if jobs < 0 else jobs
+    threads = max(1, usable_cores() // parallel)
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     return threads
@@ -309,8 +318,6 @@ def describe(setup: Setup, sets: tuple, report: dict, kept: dict[str, int]) -> d
         split: row_counts(r, split == "train" and len(train_set), kept.get(split))
         for split, r in report.items()
     }
-    for split in kept:
-        print(f"{split} data: {data.counts_line(counts[split])}")
     return {
         "recipe": setup.recipe,
         "run_dir": str(setup.run_dir),

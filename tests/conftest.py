@@ -35,6 +35,20 @@ def default_tier_loads_no_weights(request, monkeypatch):
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs a worker per core), each worker keeps to its own cores, and
+    what it trains or launches takes its threads from those: workers never contend for a core."""
+    worker, count = (
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")),
+    )
+    if worker and hasattr(os, "sched_setaffinity") and count <= len(cores := sorted(os.sched_getaffinity(0))):
+        share = cores[int(worker.removeprefix("gw")) :: count]
+        os.sched_setaffinity(0, share)
+        os.environ["OMP_NUM_THREADS"] = str(len(share))
+        torch.set_num_threads(len(share))
+
+
 def pytest_collection_modifyitems(items):
     if not torch.cuda.is_available():
         for item in items:

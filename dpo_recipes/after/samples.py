@@ -23,6 +23,7 @@ from dpo_recipes.after.judge import lines as judged
 from dpo_recipes.after.judge import text
 from dpo_recipes.config.schema import DatasetSchema
 from dpo_recipes.rundir import paths
+from dpo_recipes.training import data
 from dpo_recipes.training.chat import stops
 
 MOODS = ("cheerful", "gloomy")
@@ -37,8 +38,6 @@ def prompts(run: trained.Run, path: str | None) -> list[dict]:
     if path:
         rows = io.read(path)
     else:
-        from dpo_recipes.training import data
-
         _, rows, _ = data.load(DatasetSchema(**run.config["dataset"]), run.seed)
         if rows is None:
             raise errors.RunError("the run has no eval data: name prompts with --prompts FILE")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trl import DPOConfig
 
+from dpo_recipes.config.schema import ModelArgs
 from dpo_recipes.errors import RunError
 from dpo_recipes.rundir import paths
 from dpo_recipes.sources import hub
@@ -132,8 +133,6 @@ def base(run: Run, dtype: str | None = None, as_trained: bool = False):
     model, quantization = run.config["model"], None
     if as_trained and (model.get("load_in_4bit") or model.get("load_in_8bit")):
         from trl import get_quantization_config
-
-        from dpo_recipes.config.schema import ModelArgs
 
         quantization = get_quantization_config(ModelArgs(**model))
     flags = run.flags(model.get("model_revision"))

@@ -1,7 +1,7 @@
 """The docs' memory table: each shipped GPU recipe's predicted peak per GPU as shipped, and on each card
 size the largest micro-batch that fits. `python -m dpo_recipes.memory.cards` prints it."""
 
-from dpo_recipes import ROOT
+from dpo_recipes import ROOT, config
 from dpo_recipes.memory.estimates import predict
 from dpo_recipes.memory.preflight import largest_batch
 from dpo_recipes.memory.shapes import shape_of
@@ -14,8 +14,6 @@ def table(recipes: list[str], cards=CARDS_GB) -> str:
     """The docs' table (docs/memory.md): each recipe's predicted peak per GPU as shipped (its engine over the GPUs its
     accelerate config names), and on each card the largest micro-batch that fits at the same effective
     batch, with its peak."""
-    from dpo_recipes import config
-
     rows = [
         f"| recipe | engine | as shipped | {' | '.join(f'{gb} GB' for gb in cards)} |",
         f"| --- | --- | --- | {' | '.join('---' for _ in cards)} |",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokens import tokenizer_id
 from dpo_recipes import errors
 from dpo_recipes.sources import hub
 
@@ -53,8 +54,6 @@ def prep_report(dataset) -> dict | None:
 def counted_elsewise(report: dict, tokenizer: str, template: str | None) -> str | None:
     """Why a prep report's token counts do not hold for a run with `tokenizer` (and `model.chat_template`
     `template`, if set), or None where they do."""
-    from data_prep.tokens import tokenizer_id
-
     counted = report.get("counted_with") or {}
     if not counted.get("tokenizer"):
         return "it does not say which tokenizer counted them"

@@ -12,6 +12,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from dpo_recipes.memory.shapes import Shape
+from dpo_recipes.training.cpu_head import CPU_TILE
 
 MB = 2**20
 # TRL's fused head scores these per-token outputs for DPO (dpo_trainer.py); WPO adds log_sum_sq_probs.
@@ -94,8 +95,6 @@ def _head(cuda: bool):
     labelled ones."""
     import trl.kernels.chunked_logprob as chunked
     import trl.trainer.utils as trl_utils
-
-    from dpo_recipes.training.cpu_head import CPU_TILE
 
     never, nothing = (lambda device: False), (lambda *args, **kwargs: None)
     patches = [(trl_utils, "_use_triton", never), (chunked, "_use_triton", never)]

@@ -241,7 +241,9 @@ def test_make_targets_take_the_run_and_say_how_without_one(target):
     cmd = ["make", "--no-print-directory", "-n", target, "RUN=outputs/r/t", "N=3", "ARGS=--force"]
     line = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.splitlines()[-1]
     assert line.endswith(
-        f"-m dpo_recipes.{target} 'outputs/r/t'" + (" --n 3" if target == "samples" else "") + " --force"
+        f"-m dpo_recipes.after.{target} 'outputs/r/t'"
+        + (" --n 3" if target == "samples" else "")
+        + " --force"
     )
     missing = subprocess.run(
         ["make", "--no-print-directory", target], capture_output=True, text=True, cwd=ROOT

@@ -299,7 +299,7 @@ def test_each_rank_or_job_takes_its_share_of_the_cores(ranks, jobs, cores, threa
 
     from dpo_recipes import train
 
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(train, "usable_cores", lambda: cores)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     if ranks:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)

@@ -79,7 +79,7 @@ def test_summary_describes_the_run(default_run):
     assert summary["config"]["train"]["beta"] == 1.0
     assert {"trl", "transformers", "torch"} <= set(summary["versions"])
     assert summary["runtime_s"] > 0 and summary["samples_per_second"] > 0
-    assert "git_commit" in summary and summary["torch_threads"] == os.cpu_count()
+    assert "git_commit" in summary and summary["torch_threads"] == len(os.sched_getaffinity(0))
 
 
 def test_the_cpu_recipes_ship_padding_free_with_the_prompt_shared(default_run):
