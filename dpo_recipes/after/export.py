@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
     try:
         run = trained.open_run(options.run, options.force)
         run = trained.best(run) if options.checkpoint == "best" else run
-        out = Path(options.out) if options.out else run.dir / "export"
+        out = Path(options.out) if options.out else run.dir / paths.EXPORT
         how = export(run, out, options.max_shard_size)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -23,7 +23,7 @@ from dpo_recipes.training.metrics import BEST, to_csv
 
 def _overrides(job_dir: Path) -> dict:
     """The job's own overrides (`train.beta=0.1` -> beta: 0.1), Hydra's own left out."""
-    path = job_dir / ".hydra" / "overrides.yaml"
+    path = job_dir / paths.RECORD / paths.OVERRIDES
     items = yaml.safe_load(path.read_text()) if path.exists() else []
     pairs = [item.lstrip("+~").split("=", 1) for item in items if "=" in item]
     pairs = [(k, v) for k, v in pairs if k != "sweep" and not k.startswith("hydra")]
@@ -35,7 +35,7 @@ def _overrides(job_dir: Path) -> dict:
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The dirs Hydra recorded a job's launch in."""
-    return [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    return [d for d in sweep_dir.iterdir() if (d / paths.RECORD).is_dir()] if sweep_dir.is_dir() else []
 
 
 def job(job_dir: Path, metrics: tuple[str, ...] = ()) -> dict:

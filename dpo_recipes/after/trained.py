@@ -104,7 +104,7 @@ def best(run: Run) -> Run:
     step = found["step"]
     if step == run.summary.get("steps") and run.weights == run.dir:
         return run
-    checkpoint = run.dir / f"checkpoint-{step}"
+    checkpoint = paths.checkpoint(run.dir, step)
     if not paths.complete(checkpoint):
         raise RunError(
             f"{run.dir}: the best judged win rate ({found['value']:.2f}) was at step {step}, which has no "

@@ -19,11 +19,13 @@ RECORD = ".hydra"
 RELAUNCHED = f"{RECORD}/relaunched"
 LAUNCH = "launch.yaml"  # in each record, beside Hydra's files
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+CONFIG, OVERRIDES = HYDRA_FILES[0], HYDRA_FILES[2]
+EXPORT = "export"  # make export's default output
 LOCK = ".launch.lock"  # the live launch holding the dir: host, pid, launch time
 # What a run and the steps after it write at the top of its dir (the only names run.overwrite removes):
 # records, metrics, checkpoints, weights, tokenizer files, the model card, loggers' folders, exports
 WRITTEN = (
-    RECORD, METRICS, f"{CHECKPOINT}*", "changes_*.yaml", LOCK, "export", "wandb", "runs", "*.log",
+    RECORD, METRICS, f"{CHECKPOINT}*", "changes_*.yaml", LOCK, EXPORT, "wandb", "runs", "*.log",
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
     "adapter_config.json", "training_args.bin", "README.md", "tokenizer*", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt", "*.model",
@@ -48,6 +50,10 @@ def summary(run_dir: Path) -> dict:
 def checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in run_dir.glob(f"{CHECKPOINT}*") if p.is_dir() and p.name[len(CHECKPOINT) :].isdigit()]
     return sorted(found, key=step)
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"{CHECKPOINT}{step}"
 
 
 def step(checkpoint: Path) -> int:

@@ -12,9 +12,11 @@ from pathlib import Path
 import yaml
 
 from dpo_recipes.rundir.paths import (
+    CONFIG,
     LAUNCH,
     LOCK,
     METRICS,
+    OVERRIDES,
     RECORD,
     RELAUNCHED,
     checkpoints,
@@ -51,8 +53,8 @@ class Launch:
 
 def read_launch(record: Path) -> Launch:
     launch = yaml.safe_load((record / LAUNCH).read_text()) if (record / LAUNCH).exists() else {}
-    config = yaml.safe_load((record / "config.yaml").read_text()) if (record / "config.yaml").exists() else {}
-    overrides = yaml.safe_load((record / "overrides.yaml").read_text()) or []
+    config = yaml.safe_load((record / CONFIG).read_text()) if (record / CONFIG).exists() else {}
+    overrides = yaml.safe_load((record / OVERRIDES).read_text()) or []
     return Launch(overrides, config or {}, int((launch or {}).get("world_size", 1)))
 
 
@@ -110,7 +112,7 @@ def snapshot(run_dir: Path, first_node: bool = True) -> Snapshot:
         complete=done,
         incomplete=tuple(c for c in found if c not in done),
         latest=read_launch(launches[-1]) if launches else None,
-        recorded=(run_dir / RECORD / "config.yaml").exists(),
+        recorded=(run_dir / RECORD / CONFIG).exists(),
         foreign=tuple(sorted(p.name for p in run_dir.iterdir() if not written(p.name))),
         **dict(zip(("lock", "locker"), locked(run_dir) if first_node else (None, {}), strict=True)),
     )

@@ -25,9 +25,12 @@ from dpo_recipes.rundir import paths, planning
 
 # Sigmoid alone: an NLL term (the default recipe's rpo_strong) is a per-token mean on each process, which is
 # not the mean over both processes' tokens, so two processes and one legitimately differ with it.
+# At a tenth of the recipe's learning rate: the tiny recipe at its own crosses a tipping point (where it
+# learns to read the asked-for mood) that amplifies float rounding, so runs that round apart (two
+# half-batches summed, or other thread counts) part by up to 3e-2 there; equality is checked before it.
 SMALL = (
     "dataset.max_samples=256 dataset.eval_path=null train.max_steps=24 train.save_steps=1000 "
-    "train.logging_steps=1 train.eval_strategy=no train.disable_tqdm=true loss=sigmoid"
+    "train.logging_steps=1 train.eval_strategy=no train.disable_tqdm=true loss=sigmoid train.learning_rate=5e-4"
 )
 
 
@@ -99,8 +102,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_ctrl_c_resume
     assert summary["epochs"] == pytest.approx(24 * 2 * 8 / 256)  # global batch = 2 processes x 8
     got, reference = losses(run_dir), {e["step"]: e["loss"] for e in one if "loss" in e}
     assert sorted(got) == sorted(reference) == list(range(1, 25))
-    for s in reference:  # gloo's sum of two half-batches rounds apart from one batch: 2.3e-4 by step 18
-        assert got[s] == pytest.approx(reference[s], abs=5e-4), s  # on an AMD EPYC with AVX-512
+    for s in reference:  # gloo's sum of two half-batches rounds apart from one batch: under 1e-6 here
+        assert got[s] == pytest.approx(reference[s], abs=1e-5), s
     records = paths.records(run_dir)
     assert len(records) == 2  # the first launch and the resume: no record from the second rank
     assert all(planning.read_launch(r).world == 2 for r in records)
@@ -118,7 +121,7 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
 ):
     """`make train HARDWARE=zero2|zero3 NPROC=2` on CPU: stopped by a Ctrl-C to the launch's process
     group, every rank leaves the same complete checkpoint; the printed hint resumes it; the 20 steps' losses
-    and grad norms are one process's at the same global batch (2 x 2 = 4) within 1e-4; the final save loads
+    and grad norms are one process's at the same global batch (2 x 2 = 4) within 1e-5; the final save loads
     with from_pretrained and gives the one-process run's logits."""
     from transformers import AutoModelForCausalLM
 
@@ -158,7 +161,7 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
         got, expected = ({e["step"]: e[key] for e in h if key in e} for h in (history, one))
         assert sorted(got) == sorted(expected) == list(range(1, 21)), key
         for step in expected:
-            assert got[step] == pytest.approx(expected[step], abs=1e-4), (key, step)
+            assert got[step] == pytest.approx(expected[step], abs=1e-5), (key, step)
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     if recipe == "tiny_full_dpo":  # the weights ZeRO-3 gathered on saving
         saved = AutoModelForCausalLM.from_pretrained(run_dir).eval()
