@@ -91,7 +91,7 @@ def judge_path(build: bool = True) -> Path:
     target = assets.cache_dir() / name
     if build and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (target / "config.json").exists():
         alone = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARIABLES)}
-        code = "from dpo_recipes import tiny; tiny.judge_path()"
+        code = "from dpo_recipes.sources import tiny; tiny.judge_path()"
         subprocess.run([sys.executable, "-c", code], env=alone, check=True)
     return _cached(name, build_judge) if build else target
 

@@ -25,13 +25,14 @@ from dpo_recipes.rundir import paths, planning
 
 # Sigmoid alone: an NLL term (the default recipe's rpo_strong) is a per-token mean on each process, which is
 # not the mean over both processes' tokens, so two processes and one legitimately differ with it.
-# At a tenth of the recipe's learning rate: the tiny recipe at its own crosses a tipping point (where it
-# learns to read the asked-for mood) that amplifies float rounding, so runs that round apart (two
-# half-batches summed, or other thread counts) part by up to 3e-2 there; equality is checked before it.
 SMALL = (
     "dataset.max_samples=256 dataset.eval_path=null train.max_steps=24 train.save_steps=1000 "
-    "train.logging_steps=1 train.eval_strategy=no train.disable_tqdm=true loss=sigmoid train.learning_rate=5e-4"
+    "train.logging_steps=1 train.eval_strategy=no train.disable_tqdm=true loss=sigmoid"
 )
+# tiny_lora_dpo at a tenth of its learning rate where losses are compared: at its own, the run crosses a
+# tipping point (where it learns to read the asked-for mood) that amplifies float rounding, so runs that
+# round apart (two half-batches summed, other thread counts) part by up to 3e-2 there
+CALM = {"tiny_lora_dpo": "train.learning_rate=5e-4", "tiny_full_dpo": ""}
 
 
 def make_train(name: str, *extra: str) -> subprocess.Popen:
@@ -80,7 +81,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_ctrl_c_resume
     run_dir = ROOT / "outputs/tiny_lora_dpo" / stopped
     # Padded: the layouts attend in buckets drawn from each micro-batch's rows, so 2 x 8 and 1 x 16 round
     # further apart (measured 2.0e-3 by step 24); the layouts' own runs are compared in test_packing.py.
-    small = " ".join([SMALL, *LAYOUT["padded"]])
+    small = " ".join([SMALL, CALM["tiny_lora_dpo"], *LAYOUT["padded"]])
     cfg, recipe = config.compose([*small.split(), "hardware=cpu", "train.per_device_train_batch_size=16"])
     one = train.run(cfg, tmp_path / "one", recipe).state.log_history
     process = make_train(stopped, f"ARGS={small}")
@@ -121,7 +122,7 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
 ):
     """`make train HARDWARE=zero2|zero3 NPROC=2` on CPU: stopped by a Ctrl-C to the launch's process
     group, every rank leaves the same complete checkpoint; the printed hint resumes it; the 20 steps' losses
-    and grad norms are one process's at the same global batch (2 x 2 = 4) within 1e-5; the final save loads
+    and grad norms are one process's at the same global batch (2 x 2 = 4) within 1e-4; the final save loads
     with from_pretrained and gives the one-process run's logits."""
     from transformers import AutoModelForCausalLM
 
@@ -131,6 +132,7 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
     small = " ".join(
         [
             steps,
+            CALM[recipe],
             *LAYOUT["padded"],
             "train.per_device_train_batch_size=2",
             "train.gradient_accumulation_steps=1",
@@ -161,7 +163,8 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_as_one_process_and_resumes(
         got, expected = ({e["step"]: e[key] for e in h if key in e} for h in (history, one))
         assert sorted(got) == sorted(expected) == list(range(1, 21)), key
         for step in expected:
-            assert got[step] == pytest.approx(expected[step], abs=1e-5), (key, step)
+            # ZeRO-2 (an adapter) measured within 2e-7; ZeRO-3 sums each weight's shards apart, further
+            assert got[step] == pytest.approx(expected[step], abs=1e-4), (key, step)
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     if recipe == "tiny_full_dpo":  # the weights ZeRO-3 gathered on saving
         saved = AutoModelForCausalLM.from_pretrained(run_dir).eval()
