@@ -49,7 +49,23 @@ def pytest_configure(config):
         torch.set_num_threads(len(share))
 
 
+# The longest files, longest first (as `pytest --durations=0` times them): each worker takes the next
+# file when it is free, so the longest start first and the workers finish together.
+LONGEST = [
+    "entry/test_scaleout.py",
+    "after/test_sweep.py",
+    "after/test_after.py",
+    "after/test_judge.py",
+    "training/test_precision.py",
+    "memory/test_memory.py",
+    "training/test_packing.py",
+    "entry/test_benchmarks.py",
+]
+
+
 def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(LONGEST)))
     if not torch.cuda.is_available():
         for item in items:
             if item.get_closest_marker("gpu"):
