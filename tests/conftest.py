@@ -16,7 +16,8 @@ from dpo_recipes import config
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
-    """Build the tiny model once per session, away from the user's cache; subprocesses inherit it."""
+    """Build the tiny models once per session, away from the user's cache; subprocesses inherit it (and
+    test workers the controller's, see `pytest_configure`)."""
     os.environ.setdefault("DPO_RECIPES_CACHE", str(tmp_path_factory.mktemp("cache")))
     os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
 
@@ -35,9 +36,22 @@ def default_tier_loads_no_weights(request, monkeypatch):
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs a worker per core), each worker keeps to its own cores, and
-    what it trains or launches takes its threads from those: workers never contend for a core."""
+    what it trains or launches takes its threads from those: workers never contend for a core. Before
+    the workers start, the controller builds the tiny Llama, which almost every test file composes, on
+    every core into a cache the workers share (else each worker would build its own, on one core)."""
+    if (
+        not os.environ.get("PYTEST_XDIST_WORKER")
+        and config.option.numprocesses
+        and not config.option.collectonly
+    ):
+        os.environ.setdefault("DPO_RECIPES_CACHE", str(config._tmp_path_factory.getbasetemp() / "cache"))
+        from dpo_recipes.sources import tiny
+
+        print(f"building the tiny Llama for the test workers in {os.environ['DPO_RECIPES_CACHE']}")
+        tiny.path()
     worker, count = (
         os.environ.get("PYTEST_XDIST_WORKER"),
         int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")),
@@ -53,13 +67,18 @@ def pytest_configure(config):
 # file when it is free, so the longest start first and the workers finish together.
 LONGEST = [
     "entry/test_scaleout.py",
-    "after/test_sweep.py",
-    "after/test_after.py",
-    "after/test_judge.py",
     "training/test_precision.py",
     "memory/test_memory.py",
+    "after/test_after.py",
+    "after/test_judge.py",
     "training/test_packing.py",
+    "after/test_sweep.py",
     "entry/test_benchmarks.py",
+    "training/test_qwen.py",
+    "training/test_train.py",
+    "training/test_losses.py",
+    "config/test_hardware.py",
+    "rundir/test_runs.py",
 ]
 
 

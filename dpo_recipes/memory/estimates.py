@@ -11,7 +11,7 @@ import torch
 from dpo_recipes.memory.shapes import Shape
 from dpo_recipes.memory.trace import KINDS, MB, _quantized_linears, trace
 
-_PREDICTED: dict = {}  # shape's fields -> (shape, estimate): a plan asks for the same shape several times
+_PREDICTED: dict = {}  # shape's content -> (shape, estimate): a plan asks for the same shape several times
 
 
 FP32 = 4
@@ -76,8 +76,16 @@ class Estimate:
         return [f"  {name:<{width}}  {mb / 1024:8.2f} GiB" for name, mb in self.parts.items()]
 
 
+def _content(value):
+    """A field of a shape by its content: a config or the run's arguments as their JSON, else its repr."""
+    if isinstance(value, int | float | str | torch.dtype | None):
+        return value
+    return value.to_json_string() if hasattr(value, "to_json_string") else repr(value)
+
+
 def predict(shape: Shape) -> Estimate:
-    key = tuple(v if isinstance(v, int | str | torch.dtype | None) else id(v) for v in vars(shape).values())
+    """The step's peak for `shape`; a shape equal in content to one predicted before is not traced again."""
+    key = tuple(_content(v) for v in vars(shape).values())
     if key not in _PREDICTED:
         # Under a DeepSpeed ZeRO-3 launch transformers builds every model inside deepspeed.zero.Init, which
         # partitions weights as they are made: the traced models are built whole, as one process holds them
