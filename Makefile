@@ -9,6 +9,10 @@ WORKERS ?= auto
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# VERBOSE=1: every warning and the trainer's raw log dicts, as the libraries print them
+ifdef VERBOSE
+export DPO_RECIPES_VERBOSE := $(VERBOSE)
+endif
 
 .DEFAULT_GOAL := help
 HARDWARE ?=
@@ -36,7 +40,7 @@ OUT ?=
 .PHONY: help setup train sweep sweep-report samples eval export validate prep test test-fast test-slow test-e2e bench bench-gpu lint format clean
 
 help: ## List every target
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create .venv and install: torch first (TORCH_SPEC), then the project with dev and sweep extras
 
@@ -52,7 +56,7 @@ LAUNCH = $(if $(NPROC),$(PY) -m dpo_recipes.launch --nproc $(NPROC) --nnodes $(N
 TRAIN_ARGS = recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(RUN),'run.name=$(RUN)') \
 	$(if $(RESUME),run.resume=$(RESUME))
 
-train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT) via accelerate; RUN=name, RESUME=auto|never|<checkpoint>; ARGS
+train: setup ## Train RECIPE; HARDWARE=zero3 NPROC=8 (NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT) via accelerate; RUN=name, RESUME=auto|never|<checkpoint>; VERBOSE=1 prints every warning and log dict; ARGS
 	$(LAUNCH) $(TRAIN_ARGS) $(ARGV)
 
 sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in ARGS="train.beta=0.05,0.1"; LAUNCHER=joblib|submitit_local|slurm; SWEEP_DIR=<an earlier sweep> resumes it
@@ -83,7 +87,7 @@ prep: setup ## Convert IN (FORMAT=alpaca|ultrafeedback|sharegpt|trl) to TRL's fo
 	$(PY) -m data_prep $(FORMAT) '$(IN)' '$(OUT)' $(ARGV)
 
 # A pytest worker per core (WORKERS=0: one process), each test file on one worker, each worker on its own cores
-PYTEST = $(PY) -m pytest -n $(WORKERS) --dist loadfile
+PYTEST = $(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup ## Run every tier of the test suite: default, slow and e2e (what CI runs); WORKERS, PYTEST_ARGS
 	$(PYTEST) $(PYTEST_ARGS)

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import subprocess
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -38,7 +37,7 @@ from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
 from data_prep.io import write_text
-from dpo_recipes import ROOT, config, errors
+from dpo_recipes import ROOT, config, console, errors
 from dpo_recipes.after.judging import Judging
 from dpo_recipes.config import precision, reference, schema, secrets
 from dpo_recipes.memory import measuring, preflight
@@ -49,14 +48,8 @@ from dpo_recipes.training.metrics import MetricsCallback
 from dpo_recipes.training.trainer import RecipeTrainer
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
-# DeepSpeed 0.19 calls torch.distributed's reduce_scatter_tensor and all_gather_into_tensor, which torch
-# deprecates by name: a FutureWarning at every collective (hundreds a step under ZeRO-3), about a name
-# DeepSpeed will change, never about the run
-warnings.filterwarnings(
-    "ignore",
-    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
-    FutureWarning,
-)
+
+console.quiet()  # the known harmless warnings, each named with why in console.py
 
 
 @dataclass(frozen=True)
@@ -127,6 +120,7 @@ def assemble(setup: Setup) -> Parts:
         print(f"note: {note}")
     on_signal, on_non_finite = stopping.StopOnSignal(), stopping.StopOnNonFinite(built.run.nan_patience)
     trainer = trainer_of(built, tokenizer, (train_set, eval_set), [on_signal, on_non_finite])
+    console.use(trainer)
     kept = trl_kept(trainer, (train_set, eval_set), data_report)
     context = {
         **describe(setup, (train_set, eval_set), data_report, kept),
@@ -157,6 +151,9 @@ def train(setup: Setup, parts: Parts) -> None:
     launching.TRAINED.add(plan.dir)
     try:
         parts.trainer.train(resume_from_checkpoint=plan.checkpoint)
+    except Exception as err:
+        stopping.failed(parts.trainer, parts.metrics, err, setup.recipe)
+        raise
     finally:
         parts.measured.close()
 
@@ -374,7 +371,6 @@ def main(cfg: DictConfig) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print(f"run dir: {run_dir}")
 
 
 if __name__ == "__main__":

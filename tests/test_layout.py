@@ -8,7 +8,18 @@ from dpo_recipes import ROOT, train
 
 PACKAGE = ROOT / "dpo_recipes"
 # Bottom-up: a module may import its own floor and the floors below it, never one above
-FLOORS = ["dpo_recipes", "errors", "sources", "config", "rundir", "training", "memory", "after", "entry"]
+FLOORS = [
+    "dpo_recipes",
+    "errors",
+    "console",
+    "sources",
+    "config",
+    "rundir",
+    "training",
+    "memory",
+    "after",
+    "entry",
+]
 ENTRY = {"train", "validate", "launch", "cli"}
 
 

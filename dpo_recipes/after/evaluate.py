@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from data_prep.io import write_text
-from data_prep.tokens import token_ids
 from dpo_recipes import errors
 from dpo_recipes.after import judge as judges
 from dpo_recipes.after import samples, trained
@@ -28,22 +27,9 @@ LONG = 1.5
 
 
 def answers(model, tokenizer, prompts: list, options, decoding: dict, device, desc: str) -> list[str]:
-    """Each prompt's answer, generated `options.batch_size` prompts at a time, padded on the left."""
-    import torch
-    from tqdm import tqdm
-
-    pad, out = decoding["pad_token_id"], []
-    ids = [token_ids(tokenizer, p) for p in prompts]
-    torch.manual_seed(options.seed)
-    for start in tqdm(range(0, len(ids), options.batch_size), desc=desc, unit="batch"):
-        batch = ids[start : start + options.batch_size]
-        width = max(map(len, batch))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
-        with torch.no_grad():
-            generated = model.generate(input_ids=input_ids, attention_mask=mask, **decoding)[:, width:]
-        out += [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
-    return out
+    """Each prompt's answer in words, generated in batches (samples.batched)."""
+    made = samples.batched(model, tokenizer, prompts, options, decoding, device, desc)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in made]
 
 
 def generated(run: trained.Run, prompts: list, options) -> dict:
@@ -163,7 +149,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kind", choices=judges.KINDS, help="with --judge: reward (default) or pairwise")
     parser.add_argument("--judge-revision")
     parser.add_argument("--samples", type=int, default=1, help="answers a prompt when sampling")
-    parser.add_argument("--batch-size", type=int, default=16)
     options = parser.parse_args(argv)
     if options.judge and not options.kind:
         options.kind = "reward"

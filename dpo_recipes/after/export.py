@@ -7,10 +7,13 @@ python -m dpo_recipes.after.export <run dir> [--out DIR] [--max-shard-size 5GB] 
 
 import argparse
 import fnmatch
+import re
 import shlex
 import shutil
 import sys
 from pathlib import Path
+
+import yaml
 
 from data_prep.io import atomic_path
 from dpo_recipes import errors
@@ -55,10 +58,48 @@ def copied(run: trained.Run, out: Path) -> str:
     return "the fine-tuned weights, copied as they are"
 
 
+# An absolute path: a card names local files relative to the current directory, or by name
+ABSOLUTE = re.compile(r"(?<![\w:/.~-])/[\w.+-][^\s`'\"(),;|]*")
+
+
+def portable(text: str) -> str:
+    """`text` with every absolute path made one another machine can read: relative to the current
+    directory where it is under it, else the file or folder's name."""
+
+    def local(match: re.Match) -> str:
+        path = Path(match.group(0))
+        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else path.name
+
+    return ABSOLUTE.sub(local, text)
+
+
+def as_given(run: trained.Run, group: str, key: str) -> str | None:
+    """A config value as the recipe gives it (`${asset:data/toy/train.jsonl}` names
+    data/toy/train.jsonl, `${tiny:}` stays itself), from the launch's record; None when it was a plain value."""
+    record = run.dir / paths.RECORD / paths.CONFIG
+    value = (
+        ((yaml.safe_load(record.read_text()) or {}).get(group) or {}).get(key) if record.exists() else None
+    )
+    if not isinstance(value, str) or "${" not in value:
+        return None
+    named = re.fullmatch(r"\$\{asset:(.+)\}", value)
+    return named.group(1) if named else value
+
+
 def card(run: trained.Run, how: str) -> str:
-    """The model card: what was trained on what, its final and best metrics, and how to train it again."""
+    """The model card: what was trained on what, its final and best metrics, and how to train it again.
+    It names no absolute path of this machine: the base by its hub id (or as the recipe gives it), the
+    data as the recipe names it."""
+    return portable(_card(run, how))
+
+
+def _card(run: trained.Run, how: str) -> str:
     summary, model = run.summary, run.config["model"]
-    overrides = " ".join(summary.get("overrides", []))
+    base = model["model_name_or_path"]
+    local = Path(base).is_absolute() or Path(base).exists()
+    named_base = as_given(run, "model", "model_name_or_path") or base
+    data_path = as_given(run, "dataset", "path") or run.config["dataset"]["path"] or "a mix"
+    overrides = " ".join(o for o in summary.get("overrides", []) if not o.startswith("recipes="))
     launch = f" {summary['launch']}" if summary.get("launch") else ""  # HARDWARE, NPROC, NNODES
     command = f"make train RECIPE={summary['recipe']}{launch}" + (
         f" ARGS={shlex.quote(overrides)}" if overrides else ""
@@ -72,14 +113,14 @@ def card(run: trained.Run, how: str) -> str:
         detail = f"Loss: {loss}, beta {run.beta}; reference: {summary['reference']['strategy']}"
     lines = [
         "---",
-        f"base_model: {model['model_name_or_path']}",
+        *([] if local else [f"base_model: {base}"]),  # the Hub's field takes a hub id only
         "library_name: transformers",
         f"tags: [{tag}, trl, dpo-recipes]",
         "---",
         "",
-        f"# {summary['recipe']}: {Path(model['model_name_or_path']).name} trained with {method}",
+        f"# {summary['recipe']}: {Path(base).name} trained with {method}",
         "",
-        f"Recipe `{summary['recipe']}` from dpo-recipes; {how}. {detail}. "
+        f"Base model: `{named_base}`. Recipe `{summary['recipe']}` from dpo-recipes; {how}. {detail}. "
         f"Run status: {summary['status']}, {summary.get('steps')} steps"
         + (f"; these are the weights of {run.weights.name}." if run.weights != run.dir else "."),
         "",
@@ -87,7 +128,7 @@ def card(run: trained.Run, how: str) -> str:
         "",
     ]
     for split, counts in summary.get("dataset", {}).items():
-        source = summary.get("eval_source") if split == "eval" else run.config["dataset"]["path"] or "a mix"
+        source = summary.get("eval_source") if split == "eval" else data_path
         lines.append(f"- {split} ({source}): {data.counts_line(counts)}")
     lines += ["", "## Metrics", "", "| metric | final | best (step) |", "| --- | --- | --- |"]
     final, best = summary.get("final", {}), summary.get("best", {})

@@ -1,8 +1,8 @@
 """What DPO changed in the answers: for held-out prompts, generate from the reference and from the
-trained policy with the same seed and decoding, and score each answer's implicit reward
+trained policy with the same seed and decoding (in batches, padded on the left), and score each answer's implicit reward
 beta * (log pi(y|x) - log pi_ref(y|x)). Writes <run>/dpo_metrics/samples.jsonl and samples.md.
 
-python -m dpo_recipes.after.samples <run dir> [--n 16] [--prompts FILE] [--temperature 0.7]
+python -m dpo_recipes.after.samples <run dir> [--n 16] [--prompts FILE] [--temperature 0.7] [--batch-size 16]
 
 Where every prompt asks for a cheerful or a gloomy remark (the bundled toy data), samples.md also gives
 how often each model answers in the asked-for mood, judged by the data's own mood words.
@@ -68,28 +68,50 @@ def decoding_of(tokenizer, policy, options) -> dict:
     )
 
 
-def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) -> list[dict]:
-    """Each model's answer to each prompt, with the same seed, and the implicit reward of each answer."""
+def batched(model, tokenizer, prompts: list, options, decoding: dict, device, desc: str) -> list[list[int]]:
+    """Each prompt's answer as token ids, up to and with its first stop token: `options.batch_size`
+    prompts at a time, padded on the left, from `options.seed`."""
     import torch
     from tqdm import tqdm
 
+    pad, out, stop = decoding["pad_token_id"], [], decoding["eos_token_id"]
+    stop = set(stop) if isinstance(stop, list | tuple) else {stop}
+    ids = [token_ids(tokenizer, p) for p in prompts]
+    torch.manual_seed(options.seed)
+    for start in tqdm(range(0, len(ids), options.batch_size), desc=desc, unit="batch"):
+        batch = ids[start : start + options.batch_size]
+        width = max(map(len, batch))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids, attention_mask=mask, **decoding)[:, width:]
+        for row in generated.tolist():  # a row that stopped early is padded after its stop token
+            out.append(row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))])
+    return out
+
+
+def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) -> list[dict]:
+    """Each model's answers to the prompts, generated in batches from the same seed, and the implicit
+    reward of each answer."""
+    from tqdm import tqdm
+
     policy, reference = models["policy"], models["reference"]
-    decoding = decoding_of(tokenizer, policy, options)
-    out, device = [], policy.device
-    for row in tqdm(rows, desc="generating", unit="prompt"):
-        ids = token_ids(tokenizer, row["prompt"])
-        sample = {"prompt": row["prompt"], "chosen": row.get("chosen")}
-        for name, model in models.items():
-            torch.manual_seed(options.seed)
-            generated = model.generate(
-                input_ids=torch.tensor([ids], device=device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                **decoding,
-            )[0, len(ids) :].tolist()
-            logps = [completion_logp(m, ids, generated, device) for m in (policy, reference)]
-            reward = beta * (logps[0] - logps[1])
-            answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
-            sample[name] = {"text": answer, "implicit_reward": round(reward, 4)}
+    decoding, device = decoding_of(tokenizer, policy, options), policy.device
+    prompts = [row["prompt"] for row in rows]
+    made = {
+        name: batched(model, tokenizer, prompts, options, decoding, device, f"generating ({name})")
+        for name, model in models.items()
+    }
+    out = []
+    for i, row in enumerate(tqdm(rows, desc="scoring the answers", unit="prompt")):
+        ids, sample = (
+            token_ids(tokenizer, row["prompt"]),
+            {"prompt": row["prompt"], "chosen": row.get("chosen")},
+        )
+        for name, answers in made.items():
+            logps = [completion_logp(m, ids, answers[i], device) for m in (policy, reference)]
+            text = tokenizer.decode(answers[i], skip_special_tokens=True).strip()
+            sample[name] = {"text": text, "implicit_reward": round(beta * (logps[0] - logps[1]), 4)}
         out.append(sample)
     return out
 
@@ -172,6 +194,7 @@ def parser(module: str, doc: str, n: int) -> argparse.ArgumentParser:
     found.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     found.add_argument("--max-new-tokens", type=int, default=128)
     found.add_argument("--seed", type=int, default=0)
+    found.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
     found.add_argument("--force", action="store_true", help="use a stopped run's newest checkpoint")
     return found
 

@@ -77,6 +77,16 @@ def pick_best(rows: list[dict], metric: str, higher: bool, tie_break: str = "eva
     return min(candidates, key=key)
 
 
+def tied(rows: list[dict], best: dict | None, metric: str) -> list[int]:
+    """The other finished jobs whose final `metric` equals the best job's: the tie-break chose among them."""
+    if best is None:
+        return []
+    value = best[f"final_{metric}"]
+    return [
+        r["job"] for r in rows if r is not best and r["status"] == "ok" and r.get(f"final_{metric}") == value
+    ]
+
+
 def _plot(sweep_dir: Path, rows: list[dict], metric: str, target: Path) -> None:
     import matplotlib
 
@@ -169,6 +179,7 @@ def write_report(
         raise ValueError(problem)
     rows = sorted((job(d, (metric, tie_break)) for d in job_dirs(sweep_dir)), key=lambda row: row["job"])
     best = pick_best(rows, metric, higher, tie_break)
+    ties = tied(rows, best, metric)
     report = {
         "sweep_dir": str(sweep_dir),
         "metric": metric,
@@ -176,6 +187,7 @@ def write_report(
         "tie_break": tie_break,
         "jobs": rows,
         "best": best,
+        "tied_with": ties,
     }
     write_text(sweep_dir / "sweep_summary.json", json.dumps(report, indent=2, default=str))
     flat = [
@@ -190,6 +202,10 @@ def write_report(
         if best
         else "best: none"
     )
+    if ties:
+        named = ", ".join(map(str, ties))
+        chosen += f" (tied on {metric} with job {named}; picked by the lowest final {tie_break}"
+        chosen += f" = {best.get(f'final_{tie_break}')})"
     print(
         f"sweep report: {len(rows) - len(failed)} of {len(rows)} jobs ok; {chosen}; {sweep_dir / 'sweep_summary.csv'}"
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 CHECKPOINT = "checkpoint-"
 METRICS = "dpo_metrics"  # what a run exports, in these files:
 SUMMARY = "summary.json"
+SUMMARY_TEXT = "summary.md"  # the verdict block, in words
 CSV = "training_metrics.csv"
 CURVES = "training_curves.png"
 HISTORY = "log_history.json"

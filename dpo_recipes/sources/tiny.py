@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from data_prep.io import atomic_path
-from dpo_recipes import ROOT
+from dpo_recipes import ROOT, console
 from dpo_recipes.sources import assets
 
 # Bump when anything below changes: the cache folder name carries it, so old builds are never reused.
@@ -97,9 +97,16 @@ def judge_path(build: bool = True) -> Path:
 
 
 def _cached(name: str, builder) -> Path:
+    """Build once: processes that need the same model at once (a sweep's jobs, test workers) wait for
+    the first builder instead of repeating its work."""
+    from filelock import FileLock
+
     target = assets.cache_dir() / name
     if not (target / "config.json").exists():
-        builder(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(target.parent / f"{name}.lock"):
+            if not (target / "config.json").exists():
+                builder(target)
     return target
 
 
@@ -113,6 +120,9 @@ def _corpus():
 
 def build(target: Path, seed: int = SEED) -> None:
     """Train the tokenizer, initialise the model, save both; atomic so parallel builders cannot clash."""
+    print(
+        f"building the tiny Llama: a tokenizer and a model pre-trained on the toy data, once, into {target.parent}"
+    )
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -194,20 +204,24 @@ def build_judge(target: Path, seed: int = SEED) -> None:
     from trl import RewardConfig, RewardTrainer
 
     base = path()
+    print(f"building the tiny judge: a reward model trained on the toy pairs, once, into {target.parent}")
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    with console.loading_quietly():  # the new score head is missing from the base, as expected
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     rows = [json.loads(line) for line in (CORPUS / "train.jsonl").read_text().splitlines()]
     with tempfile.TemporaryDirectory() as scratch:
         args = RewardConfig(
             scratch, use_cpu=True, bf16=False, seed=seed, data_seed=seed, report_to="none",
             save_strategy="no", num_train_epochs=JUDGE["epochs"], per_device_train_batch_size=JUDGE["batch"],
-            learning_rate=JUDGE["lr"], logging_steps=10, disable_tqdm=True,
+            learning_rate=JUDGE["lr"], logging_steps=10,
         )  # fmt: skip
-        RewardTrainer(
+        trainer = RewardTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-        ).train()
+        )
+        console.use(trainer)
+        trainer.train()
     _save(target, model.eval(), tokenizer.save_pretrained)
 
 

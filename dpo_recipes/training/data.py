@@ -112,7 +112,15 @@ def load(
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
         parts = train.train_test_split(test_size=size, seed=seed)
         train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
-        n, source = len(evaluation), f"{len(evaluation)} rows held out of {source_name}"
-        reports["eval"] = dict(rows_in=n, rows_out=n, dropped={}, held_out_from_train=True, source=source)
+        n, held = len(evaluation), len(parts["test"])
+        source = f"{n} rows held out of {source_name}"
+        if n < held:  # the cap leaves the training rows as they are: the rest are set aside, not trained on
+            source = (
+                f"{n} of the {held} rows held out of {source_name} (dataset.max_eval_samples={n}); "
+                f"{held - n} set aside, neither trained on nor evaluated"
+            )
+        reports["eval"] = dict(
+            rows_in=n, rows_out=n, held_out=held, dropped={}, held_out_from_train=True, source=source
+        )
         print(f"eval data: {source}")
     return train, evaluation, reports

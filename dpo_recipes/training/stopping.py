@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from dpo_recipes.errors import LAUNCHED, Stopped
 from dpo_recipes.rundir import paths
-from dpo_recipes.training import health
+from dpo_recipes.training import health, verdict
 
 
 def launched_with() -> str:
@@ -53,13 +53,17 @@ def finish(
             status = (
                 f"incomplete: {' and '.join(missing)} missing after the final save" if missing else "finished"
             )
-            metrics.write_summary(trainer.state, status, health=flags, **summary)
+            written = metrics.write_summary(trainer.state, status, health=flags, **summary)
+            if trainer.is_world_process_zero():
+                verdict.show(written, run_dir)
             if missing:
                 raise Stopped(f"{run_dir}: training ended, but {status}; the checkpoints are kept")
             return
         status = "interrupted" if received is not None else "stopped: non-finite"
         name = signal.Signals(received).name if received is not None else None
-        metrics.write_summary(trainer.state, status, health=flags, signal=name, **summary)
+        written = metrics.write_summary(trainer.state, status, health=flags, signal=name, **summary)
+        if trainer.is_world_process_zero():
+            verdict.show(written, run_dir, None if on_non_finite.error else hint(recipe, run_dir))
         if on_non_finite.error:
             raise Stopped(on_non_finite.error)
         raise Stopped(
@@ -68,6 +72,15 @@ def finish(
         )
     finally:
         on_signal.restore()
+
+
+def failed(trainer, metrics, err: Exception, recipe: str) -> None:
+    """Training raised: summary.json says so, and the verdict block says what is kept and how to resume
+    from the newest checkpoint where there is one."""
+    if trainer.is_world_process_zero():
+        run_dir = Path(trainer.args.output_dir)
+        written = metrics.write_summary(trainer.state, f"failed: {type(err).__name__}: {err}"[:500])
+        verdict.show(written, run_dir, hint(recipe, run_dir) if paths.checkpoints(run_dir) else None)
 
 
 class StopOnSignal(TrainerCallback):

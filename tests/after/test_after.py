@@ -5,13 +5,15 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import run, tiny_overrides
 
 from dpo_recipes import ROOT
-from dpo_recipes.after import export, samples
+from dpo_recipes.after import export, samples, trained
 
 # The proof: how often each model answers the first 64 eval prompts in the asked-for mood (greedy, as
 # `make samples N=64`), and the final eval accuracy, for the run as it ships. Its bounds come from the
@@ -101,6 +103,29 @@ def test_samples_md_sets_the_answers_side_by_side_with_their_rewards(sampled, de
 
 
 @pytest.mark.e2e
+def test_answers_generated_in_batches_are_the_ones_generated_one_at_a_time(default_run):
+    """`make samples` generates 16 prompts at a time, padded on the left: greedy, each answer's ids equal
+    those of its prompt generated alone (the path batching replaced), up to and with its stop token or
+    to the token limit."""
+    from transformers import AutoTokenizer
+
+    _, metrics = default_run
+    run = trained.open_run(metrics.parent)
+    tokenizer, policy = AutoTokenizer.from_pretrained(run.weights), trained.policy(run)
+    prompts = [row["prompt"] for row in samples.prompts(run, None)[:8]]
+    options = SimpleNamespace(temperature=0.0, max_new_tokens=48, seed=0, batch_size=8)
+    decoding = samples.decoding_of(tokenizer, policy, options)
+    together = samples.batched(policy, tokenizer, prompts, options, decoding, "cpu", "batched")
+    one = SimpleNamespace(**{**vars(options), "batch_size": 1})
+    alone = samples.batched(policy, tokenizer, prompts, one, decoding, "cpu", "alone")
+    stops = (
+        decoding["eos_token_id"] if isinstance(decoding["eos_token_id"], list) else [decoding["eos_token_id"]]
+    )
+    assert together == alone and all(ids[-1] in stops or len(ids) == 48 for ids in alone)
+    assert any(ids[-1] in stops for ids in alone)  # cut after the stop token, the padding after it left out
+
+
+@pytest.mark.e2e
 def test_an_implicit_reward_is_beta_times_the_log_ratio(sampled, default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,7 +174,7 @@ def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_
     summary = json.loads((metrics / "summary.json").read_text())
     for expected in (
         "tiny_lora_dpo",
-        f"base_model: {base_path}",
+        f"Base model: `{Path(base_path).name}`",
         "1000 read, 1000 kept by conversion, 1000 kept by TRL",
         f"{summary['final']['eval_rewards/accuracies']:.4g}",
         "make train RECIPE=tiny_lora_dpo",
@@ -157,6 +182,8 @@ def test_export_merges_the_adapter_into_a_model_that_loads_without_peft(default_
     ):
         assert expected in card
     assert (out / "training_curves.png").exists()
+    for name in ("README.md", "config.json", "generation_config.json"):  # no path of this machine
+        assert not export.ABSOLUTE.search((out / name).read_text()), name
 
 
 @pytest.mark.e2e

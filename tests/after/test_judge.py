@@ -150,7 +150,7 @@ def test_the_default_run_beats_its_reference_by_the_judge_and_by_the_mood_rule(d
     # the numbers reach the model card and samples.md
     from dpo_recipes.after import export
 
-    assert all(f"- {line}" in export.card(run, "LoRA") for line in judges.lines(report))
+    assert all(f"- {export.portable(line)}" in export.card(run, "LoRA") for line in judges.lines(report))
     assert judges.lines(report)[1] in samples.markdown(run, [], None, options())
 
 

@@ -162,11 +162,31 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def test_validate_builds_a_gpu_recipe_without_weights(capsys):
+def test_validate_builds_a_gpu_recipe_without_weights_and_leads_with_its_verdict(capsys):
     assert validate.main(["recipes=qwen7b_qlora_dpo"]) == 0
-    out = capsys.readouterr().out
-    assert "model_name_or_path: Qwen/Qwen2.5-7B" in out
-    assert "LoraConfig, BitsAndBytesConfig built; no weights loaded" in out
+    out = capsys.readouterr().out.splitlines()
+    assert "LoraConfig, BitsAndBytesConfig built; no weights loaded" in out[0]
+    assert out[-1] == "the resolved config: add --show-config to print it"
+    assert not any("model_name_or_path" in line for line in out)
+    assert validate.main(["recipes=qwen7b_qlora_dpo", "--show-config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    verdict = out.index("the resolved config: below")
+    assert verdict < 20 and any(line.startswith("predicted peak memory") for line in out[:verdict])
+    assert "  model_name_or_path: Qwen/Qwen2.5-7B" in out[verdict:]
+
+
+def test_validate_names_what_a_launch_here_would_refuse(capsys, monkeypatch, tmp_path):
+    """A wandb-online recipe without a login validates (it plans for any machine) and says that
+    `make train` here would refuse it, with the fixes."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert validate.main(["recipes=tiny_lora_dpo", "logger=wandb", "logger.mode=online"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    refusal = out.index("a launch on this machine would refuse it:")
+    assert "logger=wandb: not logged in; run `wandb login`" in out[refusal + 1]
+    assert validate.main(["recipes=tiny_lora_dpo", "logger=wandb", "logger.mode=offline"]) == 0
+    assert "a launch on this machine would refuse it:" not in capsys.readouterr().out
 
 
 def test_cli_reports_config_errors_and_exits_nonzero(capsys):

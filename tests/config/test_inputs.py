@@ -322,6 +322,17 @@ def test_the_data_converts_on_the_main_process_first(tmp_path, monkeypatch):
     assert seen == ["converting the data", "load"]
 
 
+def test_an_eval_cap_below_the_held_out_rows_says_what_becomes_of_the_rest(capsys):
+    """dataset.eval_size holds rows out of training; max_eval_samples evaluates some of them: the rest
+    are neither trained on nor evaluated, and the eval line says so with both counts."""
+    overrides = ["dataset=real_ultrafeedback", "dataset.max_samples=40", "dataset.max_eval_samples=3"]
+    cfg, _ = config.compose(overrides)
+    train_set, evaluation, reports = data.load(DatasetSchema(**cfg.dataset))
+    assert (len(train_set), len(evaluation), reports["eval"]["held_out"]) == (36, 3, 4)
+    said = r"3 of the 4 rows held out of \S+ \(dataset.max_eval_samples=3\); 1 set aside, neither trained on"
+    assert re.search(said, capsys.readouterr().out)
+
+
 # Revisions and load flags after training; runs that lack a key.
 def test_a_path_reference_loads_at_its_own_revision_not_the_policys(tmp_path, monkeypatch):
     got = {}
@@ -441,7 +452,7 @@ def test_the_heat_map_shows_only_finished_jobs_and_marks_the_rest():
 
 @pytest.mark.e2e
 def test_make_passes_hydra_interpolations_and_quoted_values_intact():
-    args = "ARGS=logger.project=${oc.env:DPO_PROBE} 'train.run_name=a b'"
+    args = "ARGS=logger.project=${oc.env:DPO_PROBE} 'train.run_name=a b' --show-config"
     out = subprocess.run(
         ["make", "validate", args],
         capture_output=True,

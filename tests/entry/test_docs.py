@@ -4,6 +4,7 @@ described as it is, and the README stays a five-minute read."""
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,11 @@ def test_the_toy_option_describes_the_toy_data():
     for line in (ROOT / "data" / "toy" / "train.jsonl").read_text().splitlines():
         asked = json.loads(line)["prompt"][-1]["content"].lower()
         assert "cheerful" in asked or "gloomy" in asked, asked
+
+
+def test_make_help_lists_every_target():
+    """The README says `make help` lists every target: each one the Makefile declares phony."""
+    makefile = (ROOT / "Makefile").read_text()
+    declared = set(re.search(r"^\.PHONY: (.+)$", makefile, re.M).group(1).split())
+    shown = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert {line.split()[0] for line in shown.stdout.splitlines()} == declared

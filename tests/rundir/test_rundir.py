@@ -289,7 +289,9 @@ def test_a_run_is_finished_only_with_its_weights_and_tokenizer_on_disk(tmp_path)
     (tmp_path / "a").mkdir()
     assert stopping.save(nothing) == ["weights", "tokenizer"]
     written = []
-    metrics = SimpleNamespace(write_summary=lambda state, status, **extra: written.append(status))
+    metrics = SimpleNamespace(
+        write_summary=lambda state, status, **extra: written.append(status) or {"status": status}
+    )
     trainer = SimpleNamespace(
         **vars(nothing), state=SimpleNamespace(log_history=[], global_step=4), save_model=nothing.save_model
     )
@@ -357,7 +359,9 @@ def test_a_signal_during_the_final_save_lets_the_save_finish(tmp_path, monkeypat
 
     trainer = FakeTrainer(tmp_path, False, ())
     trainer.save_model, trainer.state = save_model, SimpleNamespace(log_history=[], global_step=4)
-    metrics = SimpleNamespace(write_summary=lambda state, status, **extra: written.append(status))
+    metrics = SimpleNamespace(
+        write_summary=lambda state, status, **extra: written.append(status) or {"status": status}
+    )
     stopping.finish(trainer, metrics, stop, stopping.StopOnNonFinite(), "tiny_lora_dpo")
     assert written == ["finished"] and exits == [] and stop.received == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is previous  # the handlers go back once the run has ended

@@ -136,7 +136,7 @@ def test_cli_writes_a_self_describing_run_dir(tmp_path):
     run_dir = tmp_path / "cli"
     out = python_m("dpo_recipes.train", *tiny_overrides("tiny_lora_dpo"), f"hydra.run.dir={run_dir}")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"run dir: {run_dir}" in out.stdout
+    assert f"  files: {run_dir} (metrics" in out.stdout  # the verdict block (test_verdict.py)
     assert "beta: 1.0" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert (run_dir / "adapter_model.safetensors").exists()
     assert not (run_dir / "train.log").exists()  # Hydra's log file stayed empty: no longer written
