@@ -74,15 +74,16 @@ def portable(text: str) -> str:
 
 
 def as_given(run: trained.Run, group: str, key: str) -> str | None:
-    """A config value as the recipe gives it (`${asset:data/toy/train.jsonl}` names
-    data/toy/train.jsonl, `${tiny:}` stays itself), from the launch's record; None when it was a plain value."""
+    """A config value as the recipe gives it (`${dpo_root:data/toy/train.jsonl}` names
+    data/toy/train.jsonl, `${tiny_model:}` stays itself), from the launch's record; None when it was a
+    plain value."""
     record = run.dir / paths.RECORD / paths.CONFIG
     value = (
         ((yaml.safe_load(record.read_text()) or {}).get(group) or {}).get(key) if record.exists() else None
     )
     if not isinstance(value, str) or "${" not in value:
         return None
-    named = re.fullmatch(r"\$\{asset:(.+)\}", value)
+    named = re.fullmatch(r"\$\{(?:dpo_root|asset):(.+)\}", value)  # a file of the project
     return named.group(1) if named else value
 
 

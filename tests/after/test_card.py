@@ -34,13 +34,13 @@ def finished_run(run_dir, base: str, given: dict | None) -> trained.Run:
 
 def test_a_local_base_and_data_are_named_as_the_recipe_gives_them(tmp_path):
     given = {
-        "model": {"model_name_or_path": "${tiny:}"},
-        "dataset": {"path": "${asset:data/toy/train.jsonl}"},
+        "model": {"model_name_or_path": "${tiny_model:}"},
+        "dataset": {"path": "${dpo_root:data/toy/train.jsonl}"},
     }
     card = export.card(finished_run(tmp_path, "/srv/cache/dpo-recipes/tiny-llama-v3", given), "merged")
     assert not export.ABSOLUTE.search(card), card
     assert "base_model:" not in card  # the Hub's field takes a hub id only
-    assert "Base model: `${tiny:}`" in card and "- train (data/toy/train.jsonl)" in card
+    assert "Base model: `${tiny_model:}`" in card and "- train (data/toy/train.jsonl)" in card
     assert "16 rows of eval.jsonl" in card
     reproduce = card.split("## Reproduce")[1]
     assert "make train RECIPE=tiny_lora_dpo ARGS='train.beta=0.2 dataset.path=prefs.jsonl'" in reproduce
