@@ -1,6 +1,6 @@
 """Did DPO make the answers better? For N held-out prompts of a run's eval set, generate from the
 reference and the trained policy (in batches, padded on the left), judge policy vs reference and policy
-vs the data's chosen answer, and report each comparison's win rate with a 95% bootstrap interval over
+vs the data's chosen answer, and report each comparison's win rate with a 95% Wilson interval over
 prompts, the length-controlled rate and the answer-length ratio, beside the judge's own agreement with
 the data. Writes <run>/dpo_metrics/eval.json and eval.jsonl and adds the numbers to summary.json.
 
@@ -113,7 +113,7 @@ def evaluate(run: trained.Run, options) -> dict:
         "prompts": len(rows),
         "samples_per_prompt": k,
         "decoding": "greedy" if options.temperature <= 0 else f"temperature {options.temperature}",
-        "interval": f"95%, bootstrap over prompts ({judges.RESAMPLES} resamples)",
+        "interval": "95%, Wilson's score over prompts at their effective count (judge.interval)",
         "judge_agrees_with_data": agreement,
         "comparisons": comparisons,
         "notes": notes(comparisons),

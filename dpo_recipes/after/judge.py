@@ -21,7 +21,7 @@ QUESTION = (
     "Which answer to the request is better?\n\nRequest: {prompt}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
     "Reply with one letter, A or B."
 )
-RESAMPLES = 2000  # bootstrap resamples of the prompts
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 
 def text(value) -> str:
@@ -142,9 +142,11 @@ def outcomes(prefs) -> np.ndarray:
 
 
 def length_controlled(won: np.ndarray, len_a, len_b, l2: float = 1e-2) -> float:
-    """The win rate at equal length, as AlpacaEval 2 computes it: a logistic regression of the outcome
-    on tanh(length difference / its standard deviation), read at a difference of 0 (sigmoid of the
-    intercept). A small L2 penalty on the length term keeps the fit finite where length alone decides."""
+    """The win rate at equal length: a logistic regression of the outcome on tanh(length difference / its
+    standard deviation) alone, read at a difference of 0 (sigmoid of the intercept). It is the length
+    term of AlpacaEval 2's length-controlled model, without its model and instruction-difficulty terms,
+    which one comparison on one eval set cannot separate. A small L2 penalty on the length term keeps the
+    fit finite where length alone decides."""
     diff = np.asarray(len_a, dtype=float) - np.asarray(len_b, dtype=float)
     x = np.stack([np.ones_like(diff), np.tanh(diff / (diff.std() or 1.0))], 1)
     w, penalty = np.zeros(2), np.diag([0.0, l2 * len(won)])
@@ -159,16 +161,34 @@ def length_controlled(won: np.ndarray, len_a, len_b, l2: float = 1e-2) -> float:
     return float(1 / (1 + math.exp(-w[0])))
 
 
-def compare(prefs, len_a, len_b, groups=None, seed: int = 0) -> dict:
-    """Wins, ties, losses; the win rate (ties count half) with a 95% interval by bootstrap over prompts
-    (`groups`: the prompt of each verdict, when there are several answers a prompt), the
-    length-controlled rate and the mean answer-length ratio (a over b, in characters)."""
+def wilson(rate: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion `rate` observed over `n` independent units."""
+    shrink = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / shrink
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / shrink
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval(per_prompt: np.ndarray) -> tuple[float, float]:
+    """95% for the mean of the per-prompt outcomes: Wilson's interval at the effective number of prompts,
+    the binomial variance over the variance the per-prompt outcomes show (ties and several answers a
+    prompt lower it; a prompt is the unit, never an answer). Where the outcomes do not vary, the count of
+    prompts itself: 32 wins of 32 gives [0.89, 1.0]. Its coverage is measured in the tests."""
+    n, rate = len(per_prompt), float(per_prompt.mean())
+    spread = float(per_prompt.var())
+    binomial = rate * (1 - rate)
+    return wilson(rate, n * binomial / spread if spread > 0 and binomial > 0 else n)
+
+
+def compare(prefs, len_a, len_b, groups=None) -> dict:
+    """Wins, ties, losses; the win rate (ties count half) with a 95% interval over prompts (`groups`: the
+    prompt of each verdict, when there are several answers a prompt), the length-controlled rate and the
+    mean answer-length ratio (a over b, in characters)."""
     won = outcomes(prefs)
     groups = np.arange(len(won)) if groups is None else np.asarray(groups)
     _, index = np.unique(groups, return_inverse=True)
     per_prompt = np.bincount(index, weights=won) / np.bincount(index)
-    draws = np.random.default_rng(seed).integers(len(per_prompt), size=(RESAMPLES, len(per_prompt)))
-    low, high = np.percentile(per_prompt[draws].mean(1), [2.5, 97.5])
+    low, high = interval(per_prompt)
     return {
         "n": len(won),
         "wins": int((won == 1).sum()),

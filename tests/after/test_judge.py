@@ -28,6 +28,37 @@ def test_the_length_controlled_rate_discounts_a_win_that_length_alone_explains()
     assert same["lc_win_rate"] == pytest.approx(same["win_rate"], abs=0.03), same
 
 
+def test_the_interval_at_all_wins_or_all_ties_is_wilsons_not_a_point():
+    all_won = judges.compare([1.0] * 32, [1] * 32, [1] * 32)["interval"]
+    assert all_won == pytest.approx([0.8928, 1.0], abs=1e-4)  # a percentile bootstrap gives [1.0, 1.0]
+    assert judges.compare([1.0] * 31 + [0.0], [1] * 32, [1] * 32)["interval"] == pytest.approx(
+        [0.8426, 0.9945], abs=1e-4
+    )
+    low, high = judges.compare([0.5] * 16, [1] * 16, [1] * 16)["interval"]
+    assert low < 0.5 < high
+
+
+@pytest.mark.parametrize("prompts", [16, 32, 64])
+def test_the_interval_covers_the_true_rate_at_its_stated_rate(prompts):
+    """1,000 simulated evals a cell: verdicts drawn at a known rate, one a prompt, or four a prompt from
+    prompts that differ (each its own rate, drawn around the true one). The 95% interval covers the true
+    rate at least 91% of the time in every cell and 93% on average (measured: 0.92-0.97, means
+    0.93-0.95; the percentile bootstrap it replaced covered 38% at 16 prompts and rate 0.97)."""
+    rng, covered = np.random.default_rng(prompts), []
+    for rate in (0.5, 0.8, 0.9, 0.97):
+        for answers in (1, 4):
+            hits = 0
+            for _ in range(1000):
+                own = rng.beta(rate * 2, (1 - rate) * 2, prompts) if answers > 1 else np.full(prompts, rate)
+                won = (rng.random((prompts, answers)) < own[:, None]).astype(float).ravel()
+                low, high = judges.compare(
+                    won, [1] * len(won), [1] * len(won), np.repeat(np.arange(prompts), answers)
+                )["interval"]
+                hits += low <= rate <= high
+            covered.append(hits / 1000)
+    assert min(covered) >= 0.91 and np.mean(covered) >= 0.93, covered
+
+
 def test_the_interval_is_over_prompts_and_holds_the_rate():
     rng = np.random.default_rng(1)
     coin = judges.compare(rng.integers(0, 2, 64).astype(float), [1] * 64, [1] * 64)
