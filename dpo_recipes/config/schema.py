@@ -74,7 +74,7 @@ class DatasetSchema:
     subset: str | None = None  # a hub dataset's config name
     eval_path: str | None = None  # a separate eval file, if any
     eval_split: str | None = None  # an eval split of the same dataset, if any
-    eval_size: float = 0.0  # with neither: hold out this fraction (<1) or count (>=1) of train
+    eval_size: float = 0.0  # with neither: hold out this fraction (<1) or count (>=1) of train's prompts
     max_samples: int | None = None  # keep the first N training rows
     max_eval_samples: int | None = None
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the input's column (--columns)

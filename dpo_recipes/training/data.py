@@ -1,5 +1,6 @@
 """Load the dataset a `dataset:` option names, convert it with data_prep's converters, split off eval."""
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -26,6 +27,19 @@ def counts_line(counts: dict) -> str:
 
 def _head(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
+
+
+def split_by_prompt(rows: Dataset, size: float | int, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, held out): `size` of the distinct prompts (a fraction or a count) held out with every row
+    that has them, so no prompt is on both sides. Where every prompt is distinct this is datasets' own
+    `train_test_split` of the rows, row for row."""
+    keys = [json.dumps(prompt, sort_keys=True) for prompt in rows["prompt"]]
+    rows_of: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(i)
+    prompts = Dataset.from_dict({"key": list(rows_of)}).train_test_split(test_size=size, seed=seed)
+    side = {name: [i for key in prompts[name]["key"] for i in rows_of[key]] for name in ("train", "test")}
+    return rows.select(side["train"]), rows.select(side["test"])
 
 
 def _convert(
@@ -110,9 +124,9 @@ def load(
         reports["eval"]["source"] = f"{path}, split {split}"
     elif cfg.eval_size:
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
-        parts = train.train_test_split(test_size=size, seed=seed)
-        train, evaluation = parts["train"], _head(parts["test"], cfg.max_eval_samples)
-        n, held = len(evaluation), len(parts["test"])
+        train, held_out = split_by_prompt(train, size, seed)
+        evaluation = _head(held_out, cfg.max_eval_samples)
+        n, held = len(evaluation), len(held_out)
         source = f"{n} rows held out of {source_name}"
         if n < held:  # the cap leaves the training rows as they are: the rest are set aside, not trained on
             source = (

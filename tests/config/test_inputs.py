@@ -322,6 +322,24 @@ def test_the_data_converts_on_the_main_process_first(tmp_path, monkeypatch):
     assert seen == ["converting the data", "load"]
 
 
+def test_eval_size_holds_out_prompts_with_all_their_pairs_and_otherwise_splits_as_datasets_does():
+    from datasets import Dataset
+
+    prompts = [
+        [{"role": "user", "content": f"question {i // 3}"}] for i in range(60)
+    ]  # 20 prompts, 3 pairs each
+    rows = Dataset.from_dict(
+        {"prompt": prompts, "chosen": [f"a{i}" for i in range(60)], "rejected": ["b"] * 60}
+    )
+    train_set, held = data.split_by_prompt(rows, 0.2, 42)
+    seen = [{json.dumps(p) for p in part["prompt"]} for part in (train_set, held)]
+    assert not seen[0] & seen[1] and len(seen[1]) == 4 and len(held) == 12
+    assert sorted([*train_set["chosen"], *held["chosen"]]) == sorted(rows["chosen"])  # every row, once
+    distinct = rows.select(range(0, 60, 3))  # one pair a prompt: datasets' own split, row for row
+    ours, theirs = data.split_by_prompt(distinct, 0.2, 42), distinct.train_test_split(test_size=0.2, seed=42)
+    assert [list(part["chosen"]) for part in ours] == [list(theirs[s]["chosen"]) for s in ("train", "test")]
+
+
 def test_an_eval_cap_below_the_held_out_rows_says_what_becomes_of_the_rest(capsys):
     """dataset.eval_size holds rows out of training; max_eval_samples evaluates some of them: the rest
     are neither trained on nor evaluated, and the eval line says so with both counts."""
