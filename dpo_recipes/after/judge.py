@@ -59,8 +59,11 @@ class Judge:
                 dtype="auto",  # as saved: bf16 for most
             )
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.tokenizer.pad_token is None:  # the model's own pad token where it was trained with one:
+            own = model.config.pad_token_id  # a reward model reads its score before the first pad
+            self.tokenizer.pad_token = (
+                self.tokenizer.convert_ids_to_tokens(own) if own is not None else self.tokenizer.eos_token
+            )
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
 

@@ -28,6 +28,40 @@ def test_the_length_controlled_rate_discounts_a_win_that_length_alone_explains()
     assert same["lc_win_rate"] == pytest.approx(same["win_rate"], abs=0.03), same
 
 
+@pytest.mark.slow
+def test_a_reward_judge_without_a_tokenizer_pad_keeps_the_pad_token_it_was_trained_with(tmp_path):
+    """A reward model whose config names its own pad token, with a tokenizer that has none: the judge pads
+    with that token, so the score is read at the answer's last token (its end-of-turn), not one early as
+    padding with the EOS would."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.path())
+    own = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.pad_token = None
+    # turns that end at the EOS, as Llama 3's end at <|eot_id|>: the last token of every text is the EOS
+    tokenizer.chat_template = tokenizer.chat_template.replace("'<|im_end|>' + '\n'", "'<|im_end|>'")
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = LlamaConfig(vocab_size=len(tokenizer), num_labels=1, pad_token_id=own, **shape)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    judge = judges.load("reward", str(tmp_path))
+    assert judge.tokenizer.pad_token_id == own != judge.tokenizer.eos_token_id
+    prompts, answers = (
+        ["Say something cheerful."] * 2,
+        ["A bright day.", "A bright day, with friends and cake."],
+    )
+    scores = judge.scores(prompts, answers)
+    for prompt, answer, score in zip(prompts, answers, scores, strict=True):
+        text = judge.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+        ids = judge.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert ids[0, -1] == judge.tokenizer.eos_token_id  # the template ends the turn with the EOS
+        with torch.no_grad():  # the model alone, unpadded: its score at the last token
+            alone = judge.model(input_ids=ids).logits[0, 0].item()
+        assert score == pytest.approx(alone, abs=1e-5)
+
+
 def test_the_interval_at_all_wins_or_all_ties_is_wilsons_not_a_point():
     all_won = judges.compare([1.0] * 32, [1] * 32, [1] * 32)["interval"]
     assert all_won == pytest.approx([0.8928, 1.0], abs=1e-4)  # a percentile bootstrap gives [1.0, 1.0]
