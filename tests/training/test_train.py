@@ -99,6 +99,9 @@ def test_the_cpu_recipes_ship_padding_free_with_the_prompt_shared(default_run):
 def test_evaluate_takes_data_the_trainer_already_tokenized(default_run):
     trainer, _ = default_run
     assert "prompt_ids" in trainer.eval_dataset.column_names
+    # the run is shared by the session: runs and configs built since may have reset accelerate's
+    # process-wide state, which an evaluation reads; a new accelerator restores it
+    trainer.create_accelerator_and_postprocess()
     metrics = trainer.evaluate(trainer.eval_dataset)
     assert metrics["eval_rewards/accuracies"] >= 0.8
 
