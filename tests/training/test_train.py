@@ -101,6 +101,9 @@ def test_evaluate_takes_data_the_trainer_already_tokenized(default_run):
     assert "prompt_ids" in trainer.eval_dataset.column_names
     # the run is shared by the session: runs and configs built since may have reset accelerate's
     # process-wide state, which an evaluation reads; a new accelerator restores it
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # or left set up by another run's precision
     trainer.create_accelerator_and_postprocess()
     metrics = trainer.evaluate(trainer.eval_dataset)
     assert metrics["eval_rewards/accuracies"] >= 0.8
