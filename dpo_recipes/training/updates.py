@@ -1,6 +1,7 @@
 """Updates that land, measured: `UpdateProbe` logs `updates/lost` at every optimizer step, the share of
 sampled trained elements whose gradient is non-zero and whose stored value did not change (bf16 weights
-without fp32 masters lose most of a small learning rate's steps; config/precision.py)."""
+without fp32 masters lose most of a small learning rate's steps; config/precision.py). Steps taken at a
+learning rate of 0 are not sampled."""
 
 import torch
 from transformers import TrainerCallback
@@ -40,6 +41,9 @@ class UpdateProbe(TrainerCallback):
         ]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not any(group["lr"] for group in self.trainer.optimizer.param_groups):
+            self.before = None  # a step at learning rate 0 (a warm-up's first) moves nothing by design
+            return
         if self.picked is None:
             self.picked = self._pick(model)
         sampled = [(p, i) for p, i in self.picked if p.grad is not None]
