@@ -137,9 +137,9 @@ def _fake_models(shape: Shape, layers: int):
                 model.add_adapter("ref", copy.deepcopy(shape.lora))  # TRL's frozen copy of the adapter
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
-        model.to_empty(device="cpu")
-        if reference is not None:
-            reference.to_empty(device="cpu")
+        for net in filter(None, (model, reference)):
+            net.to_empty(device="cpu")  # a new tensor for each use of a weight: tied ones tied again
+            (net.get_base_model() if shape.lora is not None and net is model else net).tie_weights()
     return fake, model, reference
 
 
