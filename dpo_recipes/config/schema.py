@@ -26,7 +26,7 @@ from trl import DPOConfig, ModelConfig, RewardConfig
 from data_prep.convert import FORMATS, STYLES
 from dpo_recipes import ROOT
 from dpo_recipes.config import reference
-from dpo_recipes.sources import assets, tiny
+from dpo_recipes.sources import assets, families, tiny
 
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
@@ -208,6 +208,7 @@ OmegaConf.register_new_resolver("dpo_root", lambda sub="": str(ROOT / sub), repl
 OmegaConf.register_new_resolver("tiny_model", lambda: str(tiny.path()), replace=True)
 OmegaConf.register_new_resolver("tiny_judge", lambda: str(tiny.judge_path(build=False)), replace=True)
 OmegaConf.register_new_resolver("tiny_qwen", lambda: str(tiny.qwen_path()), replace=True)
+OmegaConf.register_new_resolver("tiny_family", lambda family: str(families.path(family)), replace=True)
 OmegaConf.register_new_resolver("asset", lambda relative: str(assets.unpacked(relative)), replace=True)
 OmegaConf.register_new_resolver("cdpo_weights", cdpo_weights, replace=True)
 OmegaConf.register_new_resolver(
@@ -230,9 +231,14 @@ def recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def chat_templates() -> dict[str, Path]:
+    """The templates shipped in assets/chat_templates/, by name."""
+    return {p.stem: p for p in TEMPLATES_DIR.glob("*.jinja")}
+
+
 def chat_template(name_or_path: str) -> str:
     """The text of a template shipped in assets/chat_templates/ (by name) or of a .jinja file."""
-    shipped = {p.stem: p for p in TEMPLATES_DIR.glob("*.jinja")}
+    shipped = chat_templates()
     path = shipped.get(name_or_path) or Path(name_or_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(

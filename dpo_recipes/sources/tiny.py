@@ -118,29 +118,33 @@ def _corpus():
                 yield message["content"]
 
 
+def bpe(specials: list[str]):
+    """A byte-level BPE of VOCAB_SIZE tokens trained on the toy conversations, `specials` first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+        ),
+    )
+    return raw
+
+
 def build(target: Path, seed: int = SEED) -> None:
     """Train the tokenizer, initialise the model, save both; atomic so parallel builders cannot clash."""
     print(
         f"building the tiny Llama: a tokenizer and a model pre-trained on the toy data, once, into {target.parent}"
     )
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(
-        _corpus(),
-        trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE,
-            special_tokens=SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
+        tokenizer_object=bpe(SPECIALS),
         pad_token="<|pad|>",
         eos_token="<|im_end|>",
         bos_token=None,

@@ -45,10 +45,11 @@ def check_template(tokenizer, dataset, built: config.Built) -> list[str]:
             [
                 f"the data is conversational and the tokenizer of {name} has no chat template (a base "
                 "model's, say): train it as plain text with dataset.style=standard, or name a template "
-                "with model.chat_template=chatml, llama3 or tiny, or a .jinja file, whose markers the "
-                "tokenizer holds as tokens"
+                f"with model.chat_template={', '.join(sorted(schema.chat_templates()))} or a .jinja file, "
+                "whose markers the tokenizer holds as tokens"
             ]
         )
+    _check_system_role(tokenizer, dataset, whose)
     text = tokenizer.apply_chat_template(PROBE, tokenize=False)
     split = {m: n for m in dict.fromkeys(MARKER.findall(text)) if (n := len(_ids(tokenizer, m))) > 1}
     if split:
@@ -79,6 +80,25 @@ def check_template(tokenizer, dataset, built: config.Built) -> list[str]:
     if bos and _ids(tokenizer, "x", True)[:1] == [tokenizer.bos_token_id] and not text.startswith(bos):
         notes.append(f"{whose} writes no BOS ({bos!r}), which this tokenizer puts before plain text")
     return notes
+
+
+def _check_system_role(tokenizer, dataset, whose: str) -> None:
+    """Rows with a system message need a template that takes one (Gemma's refuses it)."""
+    from jinja2 import TemplateError
+
+    rows = [i for i, prompt in enumerate(dataset["prompt"]) if prompt and prompt[0]["role"] == "system"]
+    if not rows:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "PROBE-SYSTEM"}, *PROBE], tokenize=False)
+    except TemplateError as err:
+        raise errors.ConfigError(
+            [
+                f"{whose} refuses a system message ({err}), and {len(rows)} of {len(dataset)} training rows open "
+                f"with one (the first: row {rows[0]}). Fold it into the first user turn with a template that "
+                "does (model.chat_template=gemma_system for Gemma), or remove the system messages from the data"
+            ]
+        ) from None
 
 
 def stops(tokenizer, generation_config) -> list[int]:

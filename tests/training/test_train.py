@@ -304,7 +304,10 @@ def test_a_tokenizer_without_a_chat_template_takes_one_by_name(tmp_path):
     settings.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(settings))
     overrides = tiny_overrides("tiny_lora_dpo", f"model.model_name_or_path={base}")
-    with pytest.raises(errors.ConfigError, match="model.chat_template=chatml, llama3 or tiny"):
+    with pytest.raises(
+        errors.ConfigError,
+        match="model.chat_template=chatml, gemma, gemma_system, llama3, llama3_1, mistral, qwen3, tiny or a .jinja",
+    ):
         run(tmp_path / "a", overrides)
     assert not (tmp_path / "a" / "run" / "adapter_model.safetensors").exists()
     trainer, _ = run(tmp_path / "b", [*overrides, "model.chat_template=tiny"])
