@@ -12,6 +12,7 @@
   Qwen2ForCausalLM with Qwen2.5-7B's layout (real 152,064-row vocabulary, q/k/v with bias, grouped
   query attention, untied embeddings, bf16) shrunk to two narrow layers. `+smoke=tiny_qwen` runs the
   Qwen recipes on it.
+- Tiny models of the Llama 3.1, Mistral, Gemma 2 and Qwen3 architectures: families.py.
 
 Each is saved once to a cache folder whose name carries its version, so old builds are never reused.
 """

@@ -17,7 +17,7 @@ from test_packing import LAYOUTS, edge_batch, scored
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
-from dpo_recipes import config, errors
+from dpo_recipes import config, errors, validate
 from dpo_recipes.config import schema
 from dpo_recipes.memory import estimates, shapes
 from dpo_recipes.sources import families
@@ -188,6 +188,14 @@ def test_a_tied_models_weights_are_predicted_once():
     assert 9.2e9 < counts.weights < 9.35e9
     predicted = estimates.predict(shape).parts["policy weights"]
     assert predicted == pytest.approx(counts.weight_bytes / estimates.MB, rel=0.01)
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_each_family_recipe_validates_offline_with_its_prediction(family, capsys):
+    """`make validate RECIPE=<recipe> ARGS="hardware.memory_gb=24"`: the shipped config.json, no weights."""
+    assert validate.main([f"recipes={RECIPES[family]}", "hardware.memory_gb=24"]) == 0
+    out = capsys.readouterr().out
+    assert "no weights loaded" in out and "predicted peak memory per GPU (1 x single)" in out
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
