@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
-from trl import RewardConfig, RewardTrainer
+from trl import RewardConfig, RewardTrainer, SFTTrainer
 
 from data_prep.io import write_text
 from dpo_recipes import ROOT, config, console, errors
@@ -169,7 +169,8 @@ def finish(setup: Setup, parts: Parts) -> None:
 
 
 def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[TrainerCallback]):
-    """TRL's RewardTrainer for task=reward; else RecipeTrainer (DPO), with its reference and judge."""
+    """TRL's RewardTrainer for task=reward, its SFTTrainer on the chosen answers for task=sft; else
+    RecipeTrainer (DPO), with its reference and judge."""
     train_set, eval_set = sets
     judging = None
     if built.task == "dpo" and built.judge.every and eval_set is not None:
@@ -178,16 +179,18 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
                 built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
             )
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        if built.task == "reward":  # a score head on the model, trained on the same pairs
-            return RewardTrainer(
+        if built.task != "dpo":  # a score head trained on the pairs, or the LM loss on chosen answers
+            reward = built.task == "reward"
+            train_set, eval_set = sets if reward else map(data.completions, sets)
+            return (RewardTrainer if reward else SFTTrainer)(
                 model=built.model.model_name_or_path,
                 args=built.args,
                 train_dataset=train_set,
                 eval_dataset=eval_set,
                 processing_class=tokenizer,
                 peft_config=built.peft,
-                quantization_config=built.quantization,
                 callbacks=callbacks,
+                **({"quantization_config": built.quantization} if reward else {}),
             )
         policy, ref_model, peft = reference.load(built)
         return RecipeTrainer(
@@ -221,6 +224,10 @@ def tokenized(trainer, data_report: dict) -> dict:
 def trl_kept(trainer, sets: tuple, data_report: dict) -> dict[str, int]:
     """The rows TRL kept of each split: it drops rows too long for train.max_length. The drops go into
     the data report with a warning naming the fix; a split it would empty stops the run."""
+    if isinstance(trainer, SFTTrainer):  # it truncates (and may pack) rows, dropping none
+        return {
+            split: len(rows) for split, rows in zip(("train", "eval"), sets, strict=True) if rows is not None
+        }
     max_length = trainer.args.max_length  # None: no truncation, and TRL drops nothing
     limit = getattr(trainer.model.config, "max_position_embeddings", None)
     fix = "raise train.max_length" + (f" (the model takes up to {limit} tokens)" if limit else "")

@@ -15,6 +15,7 @@ from dpo_recipes.config.machine import MACHINE
 from dpo_recipes.config.schema import (
     OURS,
     TASKS,
+    TRAINS,
     DatasetSchema,
     ModelArgs,
     SourceSchema,
@@ -275,19 +276,29 @@ def task(v: View) -> list[str]:
         return [f"task: {v.task!r} is none of {', '.join(TASKS)}"]
     if v.task == "dpo":
         return []
-    found = []
+    found, trains = [], f"task={v.task} {TRAINS[v.task]}"
     if v.choices.get("loss"):
         found.append(
-            f"loss={v.choices['loss']}: task=reward trains a reward model (TRL's RewardTrainer, the "
-            "Bradley-Terry loss), which takes no DPO loss: drop the option (`override /loss: null` in the "
-            "recipe, `~loss` on the command line)"
+            f"loss={v.choices['loss']}: {trains}, which takes no DPO loss: drop the option "
+            "(`override /loss: null` in the recipe, `~loss` on the command line)"
         )
-    if v.lora and v.model.get("lora_task_type", "CAUSAL_LM") != "SEQ_CLS":
+    if v.choices.get("reference", "auto") != "auto":
+        found.append(
+            f"reference={v.choices['reference']}: {trains}, with no reference model: drop the option (a DPO "
+            "run after it takes this run's output as its reference.path)"
+        )
+    if v.task == "sft" and v.model.get("load_in_4bit"):
+        found.append(
+            "model.load_in_4bit: task=sft trains LoRA on bf16 weights here; set model.load_in_4bit=false"
+        )
+    if v.task == "reward" and v.lora and v.model.get("lora_task_type", "CAUSAL_LM") != "SEQ_CLS":
         found.append(
             "model.lora_task_type: a LoRA reward model needs SEQ_CLS, or its score head is neither trained nor saved"
         )
     if v.judge.every:
-        found.append("judge.every: a reward model generates no answers to judge; set judge.every=0")
+        found.append(
+            f"judge.every: judges a DPO policy against its reference; with task={v.task} set judge.every=0"
+        )
     return found
 
 

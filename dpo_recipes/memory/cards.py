@@ -37,7 +37,7 @@ def table(recipes: list[str], cards=CARDS_GB) -> str:
 
 def shipped_gpu_recipes() -> list[str]:
     recipes = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if not p.stem.startswith("tiny"))
-    return [r for r in recipes if "reward" not in r]  # predicted for DPO steps only
+    return [r for r in recipes if config.compose([f"recipes={r}"])[0].task == "dpo"]  # DPO steps only
 
 
 if __name__ == "__main__":

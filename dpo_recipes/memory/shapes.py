@@ -127,6 +127,7 @@ def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
         from peft import PeftConfig
 
         lora = PeftConfig.from_pretrained(reference.path)
+        lora.inference_mode = False  # saved for inference; DPO trains it
     return dataclasses.replace(
         Shape(
             config=config,

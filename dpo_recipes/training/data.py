@@ -103,6 +103,13 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
     return concatenate_datasets(parts), total  # the trainer's seeded sampler interleaves them
 
 
+def completions(rows: Dataset | None) -> Dataset | None:
+    """Pairs as TRL's prompt-completion rows for supervised fine-tuning: each prompt with its chosen answer."""
+    if rows is None:
+        return None
+    return rows.remove_columns("rejected").rename_column("chosen", "completion")
+
+
 def load(
     cfg: DatasetSchema, seed: int = 42, num_proc: int | None = None
 ) -> tuple[Dataset, Dataset | None, dict]:

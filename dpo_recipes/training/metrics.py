@@ -41,6 +41,8 @@ METRICS = [
     # task=reward (TRL's RewardTrainer): the share of pairs ranked right, the mean score margin
     ("accuracy", True, "reward model: accuracy"),
     ("margin", True, "reward model: chosen - rejected score"),
+    # task=sft (TRL's SFTTrainer): the share of answer tokens the model predicts as its top token
+    ("mean_token_accuracy", True, "SFT: answer token accuracy"),
     # judge.every: policy vs reference answers on held-out prompts (eval only), with its 95% interval
     ("judge/win_rate", True, "judge: win rate vs reference"),
     ("judge/win_rate_low", None, "judge: win rate vs reference"),

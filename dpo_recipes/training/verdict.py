@@ -7,10 +7,11 @@ from pathlib import Path
 from data_prep.io import write_text
 from dpo_recipes.rundir import paths
 
-# The preference numbers a reader looks at first: DPO's, then a reward model's
+# The numbers a reader looks at first: DPO's, a reward model's, supervised fine-tuning's
 HEADLINE = {
     "dpo": ("eval_rewards/accuracies", "eval_rewards/margins"),
     "reward": ("eval_accuracy", "eval_margin"),
+    "sft": ("eval_mean_token_accuracy", "eval_loss"),
 }
 
 
@@ -50,7 +51,16 @@ def _next(summary: dict, run_dir: str, resume: str | None) -> list[str]:
                 f'  make eval RUN=<a DPO run> ARGS="--judge {run_dir}"   # judge a policy with it',
                 f"  make export RUN={run_dir}",
             ]
-        return ["next:", *(f"  make {verb} RUN={run_dir}" for verb in ("samples", "eval", "export"))]
+        after = [f"  make {verb} RUN={run_dir}" for verb in ("samples", "eval", "export")]
+        if summary.get("task") == "sft":  # the usual next stage: DPO from this model, against it
+            lora = (Path(run_dir) / "adapter_config.json").exists()
+            start = (
+                f"reference=sft_adapter reference.path={run_dir}"
+                if lora
+                else f"model.model_name_or_path={run_dir}"
+            )
+            after.append(f'  make train RECIPE=<a {"LoRA" if lora else "full"} DPO recipe> ARGS="{start}"')
+        return ["next:", *after]
     if resume:
         return [f"resume: {resume}"]
     return []

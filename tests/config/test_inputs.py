@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import python_m, run, tiny_overrides
+from datasets import Dataset
 from tokenizers import Tokenizer, pre_tokenizers, processors, trainers
 from tokenizers import models as token_models
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, TrainingArguments
@@ -188,11 +189,14 @@ def test_a_template_ending_turns_with_another_token_than_eos_makes_it_eos(tmp_pa
     built = config.build(config.compose(["hardware=cpu"])[0], tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny.path())
     tokenizer.eos_token = "<|endoftext|>"  # as Qwen2.5's base tokenizer has it, under the ChatML template
-    notes = chat.check_template(tokenizer, [{"prompt": [{"role": "user", "content": "Hi"}]}], built)
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}]}])
+    notes = chat.check_template(tokenizer, rows, built)
     assert tokenizer.eos_token == "<|im_end|>" and notes == [
         "EOS set to '<|im_end|>' (was '<|endoftext|>'): the template ends each turn with it"
     ]
-    assert chat.check_template(tokenizer, [{"prompt": "User: Hi\n\nAssistant:"}], built) == []
+    assert (
+        chat.check_template(tokenizer, Dataset.from_list([{"prompt": "User: Hi\n\nAssistant:"}]), built) == []
+    )
     end, own = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert chat.stops(tokenizer, GenerationConfig(eos_token_id=own)) == sorted([end, own])  # samples, export
 
@@ -529,11 +533,15 @@ def test_a_sweep_into_an_earlier_sweeps_dir_with_other_overrides_is_refused(tmp_
 @pytest.mark.parametrize(
     "overrides,words",
     [
-        (["task=rewards"], "task: 'rewards' is none of dpo, reward"),
+        (["task=rewards"], "task: 'rewards' is none of dpo, reward, sft"),
         (["loss=ipo"], "train.loss_type: not a RewardConfig field"),
         (["loss=ipo"], "loss=ipo: task=reward trains a reward model"),
         (["model=tiny_llama_lora"], "model.lora_task_type: a LoRA reward model needs SEQ_CLS"),
-        (["judge=tiny", "judge.every=10"], "judge.every: a reward model generates no answers"),
+        (
+            ["judge=tiny", "judge.every=10"],
+            "judge.every: judges a DPO policy against its reference; with task=reward",
+        ),
+        (["reference=copy"], "reference=copy: task=reward trains a reward model"),
         (["train.beta=0.1"], "train.beta: not a RewardConfig field"),
     ],
 )

@@ -14,7 +14,7 @@ from dpo_recipes.config import precision, schema
 from dpo_recipes.errors import ConfigError
 from dpo_recipes.training import health, updates
 
-QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen7b")]
+QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen7b") and not r.endswith("_sft")]
 # 8 steps from the first, no warm-up: the learning rate the recipe ships with from step 1
 EIGHT = ["train.max_steps=8", "train.warmup_steps=0", "train.logging_steps=1", "train.eval_strategy=no"]
 FP32 = ["model.dtype=float32", "train.bf16=false"]

@@ -13,7 +13,7 @@ from dpo_recipes import config, train
 from dpo_recipes.config import schema
 from dpo_recipes.sources import tiny
 
-QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen7b")]
+QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen7b") and not r.endswith("_sft")]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 # What the smoke may change: the weights, the device and the processes, one pair a step, the data and
 # logger; never the precision (train.bf16 / fp16, model.dtype).

@@ -1,0 +1,98 @@
+"""Supervised fine-tuning as a task (`task: sft`, TRL's SFTTrainer) on the chosen answers of preference
+data, through the same groups as DPO; and DPO after it, from its adapter and against it."""
+
+import json
+
+import pytest
+import torch
+from conftest import run
+from safetensors.torch import load_file
+from trl import SFTTrainer
+
+from dpo_recipes import config, errors
+from dpo_recipes.training import chat, data
+
+SHORT = ["dataset.max_samples=32", "dataset.max_eval_samples=8", "++train.logging_steps=1"]
+
+
+def test_completions_pair_each_prompt_with_its_chosen_answer():
+    from datasets import Dataset
+
+    pairs = Dataset.from_list([{"prompt": "p", "chosen": "good", "rejected": "bad"}])
+    assert data.completions(pairs).to_list() == [{"prompt": "p", "completion": "good"}]
+    assert data.completions(None) is None
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["loss=ipo"], "loss=ipo: task=sft fine-tunes on the chosen answers"),
+        (["train.beta=0.1"], "train.beta: not a SFTConfig field"),
+        (["reference=copy"], "reference=copy: task=sft fine-tunes on the chosen answers (TRL's SFTTrainer"),
+        (["model.load_in_4bit=true"], "model.load_in_4bit: task=sft trains LoRA on bf16 weights"),
+        (["judge.every=10"], "judge.every: judges a DPO policy against its reference; with task=sft"),
+    ],
+)
+def test_an_sft_recipe_reads_train_as_sftconfig_and_refuses_dpo_options(overrides, words, tmp_path):
+    built = config.build(config.compose(["recipes=tiny_sft"])[0], tmp_path)
+    assert built.task == "sft" and type(built.args).__name__ == "SFTConfig"
+    with pytest.raises(errors.ConfigError) as err:
+        config.check(config.compose(["recipes=tiny_sft", *overrides])[0])
+    assert words in str(err.value), err.value
+
+
+@pytest.mark.slow
+def test_sft_logs_trls_own_losses_on_the_same_rows(tmp_path):
+    """The recipe's run and TRL's SFTTrainer given the same rows (each prompt with its chosen answer),
+    config and LoRA: the same loss at each of 3 steps, within 1e-5."""
+    overrides = ["recipes=tiny_sft", *SHORT, "++train.max_steps=3", "++train.eval_strategy=no"]
+    trainer, metrics = run(tmp_path, overrides)
+    ours = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    built = config.build(config.compose(overrides)[0], tmp_path / "trl")
+    train_set, _, _ = data.load(built.dataset, built.args.seed, built.args.dataset_num_proc)
+    tokenizer = chat.tokenizer(built)
+    trl = SFTTrainer(
+        model=built.model.model_name_or_path,
+        args=built.args,
+        train_dataset=data.completions(train_set),
+        processing_class=tokenizer,
+        peft_config=built.peft,
+    )
+    trl.train()
+    theirs = [e["loss"] for e in trl.state.log_history if "loss" in e]
+    assert len(ours) == len(theirs) == 3
+    assert ours == pytest.approx(theirs, abs=1e-5)
+    header = (metrics / "training_metrics.csv").read_text().splitlines()[0]
+    assert "mean_token_accuracy" in header
+
+
+@pytest.mark.slow
+def test_dpo_after_sft_starts_from_its_adapter_and_holds_it_as_the_reference(tmp_path):
+    """The two-stage pipeline the SFT verdict prints: DPO with reference=sft_adapter at the SFT run dir
+    starts where SFT ended (at its first step the policy's rewards are 0: policy and reference are the
+    same adapter) and keeps that adapter frozen as the reference."""
+    sft, sft_metrics = run(tmp_path / "sft", ["recipes=tiny_sft", *SHORT, "++train.max_steps=4"])
+    sft_dir = sft_metrics.parent
+    summary = json.loads((sft_metrics / "summary.json").read_text())
+    assert summary["task"] == "sft" and summary["status"] == "finished"
+    assert f"reference=sft_adapter reference.path={sft_dir}" in (sft_metrics / "summary.md").read_text()
+    dpo, _ = run(
+        tmp_path / "dpo",
+        [
+            "recipes=tiny_lora_dpo",
+            "reference=sft_adapter",
+            f"reference.path={sft_dir}",
+            *SHORT,
+            "++train.max_steps=2",
+        ],
+    )
+    first = next(e for e in dpo.state.log_history if "loss" in e)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first[
+        "rewards/margins"
+    ] == pytest.approx(0, abs=1e-5)
+    saved = load_file(sft_dir / "adapter_model.safetensors")
+    reference = {n: p for n, p in dpo.model.named_parameters() if ".ref." in n}
+    assert reference and not any(p.requires_grad for p in reference.values())
+    for name, weight in saved.items():
+        held = reference[name.replace(".weight", ".ref.weight")]
+        assert torch.equal(held.detach().cpu(), weight), name
