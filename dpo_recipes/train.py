@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
-from trl import RewardConfig, RewardTrainer, SFTTrainer
+from trl import RewardConfig
 
 from data_prep.io import write_text
 from dpo_recipes import ROOT, config, console, errors
@@ -45,7 +45,7 @@ from dpo_recipes.rundir import launching, paths, planning
 from dpo_recipes.sources import hub
 from dpo_recipes.training import chat, data, segments, stopping, tokenize, updates
 from dpo_recipes.training.metrics import MetricsCallback
-from dpo_recipes.training.trainer import RecipeTrainer
+from dpo_recipes.training.trainer import OTHERS, RecipeTrainer
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
 
@@ -169,7 +169,7 @@ def finish(setup: Setup, parts: Parts) -> None:
 
 
 def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[TrainerCallback]):
-    """TRL's RewardTrainer for task=reward, its SFTTrainer on the chosen answers for task=sft; else
+    """TRL's own trainer for a task other than DPO (trainer.OTHERS; SFT on the chosen answers); else
     RecipeTrainer (DPO), with its reference and judge."""
     train_set, eval_set = sets
     judging = None
@@ -179,10 +179,10 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
                 built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
             )
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        if built.task != "dpo":  # a score head trained on the pairs, or the LM loss on chosen answers
+        if built.task != "dpo":  # TRL's own trainer for the task, with no reference model
             reward = built.task == "reward"
-            train_set, eval_set = sets if reward else map(data.completions, sets)
-            return (RewardTrainer if reward else SFTTrainer)(
+            train_set, eval_set = map(data.completions, sets) if built.task == "sft" else sets
+            return OTHERS[built.task](
                 model=built.model.model_name_or_path,
                 args=built.args,
                 train_dataset=train_set,
@@ -224,7 +224,7 @@ def tokenized(trainer, data_report: dict) -> dict:
 def trl_kept(trainer, sets: tuple, data_report: dict) -> dict[str, int]:
     """The rows TRL kept of each split: it drops rows too long for train.max_length. The drops go into
     the data report with a warning naming the fix; a split it would empty stops the run."""
-    if isinstance(trainer, SFTTrainer):  # it truncates (and may pack) rows, dropping none
+    if not isinstance(trainer, (RecipeTrainer, OTHERS["reward"])):  # SFT, ORPO, CPO truncate, dropping none
         return {
             split: len(rows) for split, rows in zip(("train", "eval"), sets, strict=True) if rows is not None
         }

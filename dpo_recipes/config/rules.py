@@ -141,6 +141,8 @@ LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that
 
 
 def losses(v: View) -> list[str]:
+    if v.task != "dpo":  # another task's loss_type is its own config's, checked against it
+        return []
     problems, known = [], loss_types()
     for loss in v.losses:
         if loss not in known:
@@ -287,9 +289,9 @@ def task(v: View) -> list[str]:
             f"reference={v.choices['reference']}: {trains}, with no reference model: drop the option (a DPO "
             "run after it takes this run's output as its reference.path)"
         )
-    if v.task == "sft" and v.model.get("load_in_4bit"):
+    if v.task != "reward" and v.model.get("load_in_4bit"):  # these trainers take no quantization config
         found.append(
-            "model.load_in_4bit: task=sft trains LoRA on bf16 weights here; set model.load_in_4bit=false"
+            f"model.load_in_4bit: task={v.task} trains LoRA on bf16 weights here; set model.load_in_4bit=false"
         )
     if v.task == "reward" and v.lora and v.model.get("lora_task_type", "CAUSAL_LM") != "SEQ_CLS":
         found.append(

@@ -1,7 +1,7 @@
 """What a composed config may hold: our nodes' dataclasses, the Hydra glue (the ConfigStore schema, the
 resolvers, the `++` rewrite) and the generic pass that reads any node against its dataclass.
 
-`train:` keys are `trl.DPOConfig` fields (and `share_prompt`; `trl.RewardConfig` / `trl.SFTConfig` fields under task=reward / sft) and `model:` keys are `trl.ModelConfig` fields: both are read
+`train:` keys are `trl.DPOConfig` fields (and `share_prompt`; under another `task`, the fields of its config: TASKS) and `model:` keys are `trl.ModelConfig` fields: both are read
 against TRL's dataclasses themselves, so nothing here lists TRL's fields by hand. Our own nodes are typed
 below and read the same way, rather than by Hydra at compose time, which stops at the first error.
 """
@@ -22,6 +22,8 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import MISSING, OmegaConf
 from trl import DPOConfig, ModelConfig, RewardConfig, SFTConfig
+from trl.experimental.cpo import CPOConfig
+from trl.experimental.orpo import ORPOConfig
 
 from data_prep.convert import FORMATS, STYLES
 from dpo_recipes import ROOT
@@ -97,13 +99,22 @@ class SourceSchema:
 
 
 # What a run trains (the root key `task`): DPO; a reward model from the same preference data with TRL's
-# RewardTrainer; or supervised fine-tuning on the chosen answers with TRL's SFTTrainer (the usual step
-# before DPO). Each reads `train:` as its own config class.
-TASKS = {"dpo": TrainArgs, "reward": RewardConfig, "sft": SFTConfig}
+# RewardTrainer; supervised fine-tuning on the chosen answers with TRL's SFTTrainer (the usual step
+# before DPO); or a preference method without a reference model from trl.experimental: ORPO, or CPO and
+# SimPO (CPOTrainer's loss_type). Each reads `train:` as its own config class.
+TASKS = {
+    "dpo": TrainArgs,
+    "reward": RewardConfig,
+    "sft": SFTConfig,
+    "orpo": ORPOConfig,
+    "cpo": CPOConfig,
+}
 # What each task other than DPO trains, for the messages that refuse DPO-only options
 TRAINS = {
     "reward": "trains a reward model (TRL's RewardTrainer, the Bradley-Terry loss)",
     "sft": "fine-tunes on the chosen answers (TRL's SFTTrainer, the language-model loss on the answer)",
+    "orpo": "trains with ORPO (the language-model loss on the chosen answer and a log odds ratio penalty)",
+    "cpo": "trains with CPO or SimPO (train.loss_type; the policy's own log-probs, length-normalised for SimPO)",
 }
 
 

@@ -77,8 +77,8 @@ def _shipped(option: Path) -> dict:
 def read(cfg: DictConfig) -> View:
     """`cfg` resolved once into a View. The model node stays unresolved: its paths resolve when built."""
     train = OmegaConf.to_container(cfg.train, resolve=True, throw_on_missing=False)
-    if isinstance(train.get("loss_type"), str):  # `loss_type: robust` is TRL's `[robust]`
-        train["loss_type"] = [train["loss_type"]]
+    if cfg.get("task", "dpo") == "dpo" and isinstance(train.get("loss_type"), str):
+        train["loss_type"] = [train["loss_type"]]  # `loss_type: robust` is DPOConfig's `[robust]`
     nodes = {"train": train, "model": OmegaConf.to_container(cfg.model, resolve=False)}
     nodes |= {name: OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=False) for name in OURS}
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}

@@ -16,7 +16,9 @@ import trl
 import trl.kernels.chunked_logprob as trl_chunked
 import trl.trainer.utils as trl_utils
 from datasets.fingerprint import Hasher
-from trl import DPOTrainer
+from trl import DPOTrainer, RewardTrainer, SFTTrainer
+from trl.experimental.cpo import CPOTrainer
+from trl.experimental.orpo import ORPOTrainer
 
 from dpo_recipes.training import tokenize
 from dpo_recipes.training.cpu_head import cpu_head
@@ -182,3 +184,7 @@ class RecipeTrainer(DPOTrainer):
         self.__dict__.setdefault("ref_logps_cache", {})[name] = "hit" if hit else "computed"
         with self._head():
             return super()._precompute_ref_logps(*args, **kwargs)
+
+
+# TRL's own trainers for the tasks other than DPO (config/schema.py TASKS), none with a reference model
+OTHERS = {"reward": RewardTrainer, "sft": SFTTrainer, "orpo": ORPOTrainer, "cpo": CPOTrainer}

@@ -7,11 +7,13 @@ from pathlib import Path
 from data_prep.io import write_text
 from dpo_recipes.rundir import paths
 
-# The numbers a reader looks at first: DPO's, a reward model's, supervised fine-tuning's
+# The numbers a reader looks at first: DPO's (ORPO and CPO log the same), a reward model's, SFT's
 HEADLINE = {
     "dpo": ("eval_rewards/accuracies", "eval_rewards/margins"),
     "reward": ("eval_accuracy", "eval_margin"),
     "sft": ("eval_mean_token_accuracy", "eval_loss"),
+    "orpo": ("eval_rewards/accuracies", "eval_rewards/margins"),
+    "cpo": ("eval_rewards/accuracies", "eval_rewards/margins"),
 }
 
 
