@@ -179,6 +179,7 @@ def test_the_packed_layouts_give_the_padded_batchs_values_or_are_refused(family,
         assert (our_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
 
 
+@pytest.mark.slow
 def test_a_tied_models_weights_are_predicted_once():
     """Gemma 2 9B ties its 256k-row embedding to its head: the prediction holds it once (9.3B, not 10.2B)."""
     shape = shapes.shape_of(
@@ -190,6 +191,7 @@ def test_a_tied_models_weights_are_predicted_once():
     assert predicted == pytest.approx(counts.weight_bytes / estimates.MB, rel=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_each_family_recipe_validates_offline_with_its_prediction(family, capsys):
     """`make validate RECIPE=<recipe> ARGS="hardware.memory_gb=24"`: the shipped config.json, no weights."""
