@@ -37,8 +37,10 @@ def run() -> dict:
             start = time.perf_counter()
             done = subprocess.run(cmd, cwd=clone, capture_output=True, text=True)
             wall = time.perf_counter() - start
+            failed = re.findall(r"^FAILED (\S+)", done.stdout, re.MULTILINE)  # named, to be read again
             rows.append(
                 {"what": name, "wall_s": round(wall), "exit": done.returncode, "tests": counts(done.stdout)}
+                | ({"failed": failed} if failed else {})
             )
             if done.returncode:
                 break
@@ -48,6 +50,9 @@ def run() -> dict:
 def table(result: dict) -> str:
     lines = ["| step | wall s | exit | tests |", "| --- | --- | --- | --- |"]
     lines += [f"| `{r['what']}` | {r['wall_s']} | {r['exit']} | {r['tests']} |" for r in result["results"]]
+    lines += [
+        f"\nfailed in `{r['what']}`: {', '.join(r['failed'])}" for r in result["results"] if r.get("failed")
+    ]
     return "\n".join(lines) + f"\n\nA fresh clone of commit {result['commit']}, one step after the other."
 
 

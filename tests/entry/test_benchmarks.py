@@ -147,3 +147,7 @@ def test_the_suite_benchmark_reads_pytests_counts_without_its_timing():
     assert suite.counts("== 2 failed, 3 passed in 1.00s ==") == "2 failed, 3 passed"
     row = {"what": "make test-fast", "wall_s": 150, "exit": 0, "tests": "388 passed"}
     assert "| `make test-fast` | 150 | 0 | 388 passed |" in suite.table({"commit": "abc", "results": [row]})
+    failed = {**row, "exit": 1, "failed": ["tests/a.py::test_b[x]"]}
+    assert "failed in `make test-fast`: tests/a.py::test_b[x]" in suite.table(
+        {"commit": "abc", "results": [failed]}
+    )
