@@ -13,7 +13,12 @@ from dpo_recipes import config, train
 from dpo_recipes.config import schema
 from dpo_recipes.sources import tiny
 
-QWEN_RECIPES = [r for r in schema.recipes() if r.startswith("qwen7b") and not r.endswith("_sft")]
+# The DPO and reward-model recipes, which start from ln 2 (SFT, ORPO and SimPO: test_sft.py, test_methods.py)
+QWEN_RECIPES = [
+    r
+    for r in schema.recipes()
+    if r.startswith("qwen7b") and config.compose([f"recipes={r}"])[0].task in ("dpo", "reward")
+]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 # What the smoke may change: the weights, the device and the processes, one pair a step, the data and
 # logger; never the precision (train.bf16 / fp16, model.dtype).
