@@ -1,6 +1,8 @@
 """python -m data_prep FORMAT IN OUT: convert preference data to TRL's prompt/chosen/rejected form.
 
-FORMAT is alpaca, ultrafeedback, sharegpt or trl. IN is a .json array, .jsonl, .parquet, a folder saved
+FORMAT is alpaca, ultrafeedback, sharegpt or trl; thumbs reads thumbs-up/down rows (prompt, completion,
+label) into TRL's unpaired form, which --unpaired writes from pairs (for KTO); instruction reads
+one-answer instruction data (for SFT) into that form, every answer rated up. IN is a .json array, .jsonl, .parquet, a folder saved
 by `datasets`, or a hub dataset id (with --split). OUT is .jsonl, .parquet or (no suffix) a folder.
 Invalid rows are skipped and counted by rule in a report written next to OUT; --strict fails instead.
 """
@@ -14,10 +16,11 @@ from datasets.exceptions import DatasetGenerationError
 from pyarrow import ArrowException
 
 from data_prep import io
-from data_prep.convert import FORMATS, RULES, STYLES, Messages
+from data_prep.convert import ANSWERS, FORMATS, RULES, STYLES, Messages
 from data_prep.pipeline import Options, convert, describe, summary_line
 from data_prep.reading import read
 from data_prep.tokens import token_lengths, tokenizer_id
+from data_prep.unpaired import unpair, weights
 
 
 def mapping(text: str) -> dict[str, str]:
@@ -49,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", help="the text key of typed content parts (default: text, else value)")
     p.add_argument("--min-score-margin", type=float, help="drop rows whose score margin is below this")
     p.add_argument("--drop-ties", action="store_true", help="drop rows whose scores are equal")
+    p.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="write each pair as a desirable and an undesirable row (prompt, completion, label) for KTO",
+    )
+    p.add_argument("--seed", type=int, default=42, help="with --unpaired: the seed of the rows' order")
     p.add_argument("--strict", action="store_true", help="fail on any invalid row; write nothing")
     p.add_argument("--report", type=Path, help="report path (default: OUT.report.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT and its report")
@@ -65,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists() and not args.force:
             print(f"error: {path} exists; pass --force to overwrite it", file=sys.stderr)
             return 2
+    if args.unpaired and args.format in ANSWERS:
+        print(f"error: {args.format} rows are unpaired already; drop --unpaired", file=sys.stderr)
+        return 2
     if args.output.suffix not in ("", ".jsonl", ".parquet"):
         print(f"error: OUT must end in .jsonl or .parquet, or be a folder: {args.output}", file=sys.stderr)
         return 2
@@ -84,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = {"input": args.input, "output": str(args.output), **report}
+    if args.unpaired:
+        kept, repeats = unpair(kept, args.seed)
+        report["unpaired"] = {"rows": len(kept), "repeats_dropped": repeats, "seed": args.seed}
+        print(f"unpaired: {report['rows_out']} pairs into {len(kept)} rows ({repeats} repeated rows dropped)")
+    if "label" in kept.column_names:  # what a KTO run on these rows sets its loss weights to
+        report["kto_balance"] = weights(kept["label"])
     if args.tokenizer:
         from transformers import AutoTokenizer
 

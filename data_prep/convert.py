@@ -1,8 +1,9 @@
 """Pure row converters: one input row -> TRL's conversational explicit-prompt row, or `Invalid(rule)`.
 
 Output rows are `{"prompt": [messages ending with a user turn], "chosen": [assistant message],
-"rejected": [assistant message]}`. No I/O here: the CLI and training both run these through
-`datasets.map` (see `pipeline.py`).
+"rejected": [assistant message]}`, or for thumbs-up/down data (format `thumbs`) TRL's unpaired form
+`{"prompt": [...], "completion": [assistant message], "label": bool}`. No I/O here: the CLI and
+training both run these through `datasets.map` (see `pipeline.py`).
 """
 
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ RULES = {
     "low_margin": "score_chosen - score_rejected is below --min-score-margin",
     "unpaired_surrogate": "a text holds half of a UTF-16 surrogate pair (an escape like \\ud800 alone)",
     "duplicate": "an exact duplicate of an earlier pair",
+    "bad_label": "a thumbs row's `label` is neither up nor down (true/false, 1/0, up/down, good/bad, ...)",
 }
 ROLES = {
     "system": "system",
@@ -34,7 +36,19 @@ ROLES = {
     "bot": "assistant",
     "model": "assistant",
 }
-FORMATS = ("alpaca", "ultrafeedback", "sharegpt", "trl")
+FORMATS = ("alpaca", "ultrafeedback", "sharegpt", "trl", "thumbs", "instruction")
+# The answer columns each format writes besides `prompt` (thumbs also writes a bool `label`)
+PAIRED = ("chosen", "rejected")
+ANSWERS = {"thumbs": ("completion",), "instruction": ("completion",)}
+ANSWER_COLUMNS = (*PAIRED, "completion")
+LABELS = {  # how thumbs data spells up and down (case-insensitive), besides true/false and 1/0
+    **dict.fromkeys(
+        ("true", "1", "up", "thumbs_up", "good", "positive", "desirable", "yes", "\U0001f44d"), True
+    ),
+    **dict.fromkeys(
+        ("false", "0", "down", "thumbs_down", "bad", "negative", "undesirable", "no", "\U0001f44e"), False
+    ),
+}
 # conversational: messages (plain strings become user/assistant turns); standard: plain text (messages
 # become a transcript, see to_text); auto: standard where the rows are plain strings, else conversational.
 STYLES = ("auto", "conversational", "standard")
@@ -137,9 +151,19 @@ def extra_keys(row: dict, keys: tuple[str, str]) -> set[str]:
 
 
 def check(prompt: list[dict], chosen: list[dict], rejected: list[dict], system: str | None = None) -> dict:
-    """Validate a converted pair: role order, empty text, identical answers. `system`, a row's own system
-    column (sharegpt's, or any mapped with --columns system=...), opens the prompt; a conversation that
-    opens with another system message is a mismatch."""
+    """Validate a converted pair: role order, empty text, identical answers."""
+    prompt = _prompt(prompt, system)
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        _answer_of(name, completion)
+    if chosen[0]["content"] == rejected[0]["content"]:
+        raise Invalid("identical_pair", "chosen and rejected are the same text")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _prompt(prompt: list[dict], system: str | None) -> list[dict]:
+    """The prompt checked: roles in order, no empty turn. `system`, a row's own system column
+    (sharegpt's, or any mapped with --columns system=...), opens it; a conversation that opens with
+    another system message is a mismatch."""
     if system and prompt[:1] and prompt[0]["role"] == "system":
         if prompt[0]["content"] != system:
             raise Invalid(
@@ -154,17 +178,17 @@ def check(prompt: list[dict], chosen: list[dict], rejected: list[dict], system: 
     for i, m in enumerate(prompt):
         if not m["content"].strip() and m["role"] != "system":
             raise Invalid("empty_prompt", f"prompt message {i} ({m['role']}) is empty")
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        if [m["role"] for m in completion] != ["assistant"]:
-            raise Invalid(
-                "bad_role_order",
-                f"`{name}` should be one assistant message, has roles {[m['role'] for m in completion]}",
-            )
-        if not completion[0]["content"].strip():
-            raise Invalid("empty_completion", f"`{name}` is empty")
-    if chosen[0]["content"] == rejected[0]["content"]:
-        raise Invalid("identical_pair", "chosen and rejected are the same text")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return prompt
+
+
+def _answer_of(name: str, completion: list[dict]) -> None:
+    if [m["role"] for m in completion] != ["assistant"]:
+        raise Invalid(
+            "bad_role_order",
+            f"`{name}` should be one assistant message, has roles {[m['role'] for m in completion]}",
+        )
+    if not completion[0]["content"].strip():
+        raise Invalid("empty_completion", f"`{name}` is empty")
 
 
 def _system(row: dict) -> str | None:
@@ -175,9 +199,8 @@ def _answer(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def alpaca(row: dict, spelled: Messages = Messages()) -> dict:
-    """`instruction` + optional `input` (joined with a blank line), `system`, `history`; `chosen`/`rejected`
-    strings, or `output` as a `[chosen, rejected]` pair."""
+def _alpaca_prompt(row: dict) -> list[dict]:
+    """`instruction` + optional `input` (joined with a blank line), after the turns of `history`."""
     instruction = _field(row, "instruction", str)
     extra = _field(row, "input", str, required=False)
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
@@ -187,6 +210,13 @@ def alpaca(row: dict, spelled: Messages = Messages()) -> dict:
             raise Invalid("wrong_type", f"`history`[{i}] should be a [user, assistant] pair of strings")
         prompt += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     prompt.append({"role": "user", "content": user})
+    return prompt
+
+
+def alpaca(row: dict, spelled: Messages = Messages()) -> dict:
+    """`instruction` + optional `input` (joined with a blank line), `system`, `history`; `chosen`/`rejected`
+    strings, or `output` as a `[chosen, rejected]` pair."""
+    prompt = _alpaca_prompt(row)
     if row.get("chosen") is None and row.get("rejected") is None and row.get("output") is not None:
         pair = _field(row, "output", list)
         if len(pair) != 2 or not all(isinstance(t, str) for t in pair):
@@ -227,29 +257,63 @@ def sharegpt(row: dict, spelled: Messages = Messages()) -> dict:
     return check(prompt, [chosen], [rejected], _system(row))
 
 
+def _turns(row: dict, name: str, spelled: Messages, wrap) -> list[dict]:
+    """Field `name`: a plain string (wrapped as one turn by `wrap`) or a list of messages."""
+    value = _field(row, name, str, list)
+    return wrap(value) if isinstance(value, str) else _messages(value, name, spelled.keys("trl"), spelled)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
 def trl(row: dict, spelled: Messages = Messages()) -> dict:
     """TRL's explicit-prompt form, conversational or plain strings (wrapped as user/assistant turns)."""
-    keys = spelled.keys("trl")
-    prompt, chosen, rejected = (_field(row, k, str, list) for k in ("prompt", "chosen", "rejected"))
-    prompt = (
-        [{"role": "user", "content": prompt}]
-        if isinstance(prompt, str)
-        else _messages(prompt, "prompt", keys, spelled)
-    )
-    chosen = _answer(chosen) if isinstance(chosen, str) else _messages(chosen, "chosen", keys, spelled)
-    rejected = (
-        _answer(rejected) if isinstance(rejected, str) else _messages(rejected, "rejected", keys, spelled)
-    )
+    prompt = _turns(row, "prompt", spelled, _user)
+    chosen, rejected = (_turns(row, k, spelled, _answer) for k in PAIRED)
     return check(prompt, chosen, rejected, _system(row))
 
 
-CONVERTERS = {"alpaca": alpaca, "ultrafeedback": ultrafeedback, "sharegpt": sharegpt, "trl": trl}
+def thumbs(row: dict, spelled: Messages = Messages()) -> dict:
+    """Thumbs-up/down data, one rated answer a row, in TRL's unpaired form: `prompt` and `completion`
+    (plain strings or messages, as in `trl`) and `label` (a bool, 1/0, or a word in LABELS)."""
+    prompt = _prompt(_turns(row, "prompt", spelled, _user), _system(row))
+    completion = _turns(row, "completion", spelled, _answer)
+    _answer_of("completion", completion)
+    given = _field(row, "label", bool, int, str)
+    label = LABELS.get(str(given).strip().lower()) if not isinstance(given, bool) else given
+    if label is None:
+        raise Invalid("bad_label", f"`label` is {given!r}")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def instruction(row: dict, spelled: Messages = Messages()) -> dict:
+    """Instruction data for supervised fine-tuning, one answer a row: alpaca's `instruction` (with its
+    `input`, `system`, `history`) and an `output` string, or `prompt` and `completion` as in `thumbs`;
+    written in the unpaired form, every answer rated up."""
+    if "instruction" in row:
+        prompt, completion = _alpaca_prompt(row), _answer(_field(row, "output", str))
+    else:
+        prompt = _turns(row, "prompt", spelled, _user)
+        completion = _turns(row, "completion", spelled, _answer)
+    _answer_of("completion", completion)
+    return {"prompt": _prompt(prompt, _system(row)), "completion": completion, "label": True}
+
+
+CONVERTERS = {
+    "alpaca": alpaca,
+    "ultrafeedback": ultrafeedback,
+    "sharegpt": sharegpt,
+    "trl": trl,
+    "thumbs": thumbs,
+    "instruction": instruction,
+}
 
 
 def to_text(pair: dict, row: dict) -> dict:
     """The standard style of a converted pair: a row given as plain strings (TRL's standard form) keeps
     them as they are; messages become a transcript (to_standard)."""
-    sides = ("prompt", "chosen", "rejected")
+    sides = ("prompt", *(k for k in ANSWER_COLUMNS if k in pair))
     if all(isinstance(row.get(k), str) for k in sides) and [m["role"] for m in pair["prompt"]] == ["user"]:
         return {**pair, **{k: row[k] for k in sides}}
     return to_standard(pair)
@@ -260,4 +324,5 @@ def to_standard(row: dict) -> dict:
     role-labelled transcript ending in "Assistant:" ("User: Hi.\n\nAssistant:"), each answer starts with
     the space that separates it from the prompt (" Hello!"), as in TRL's standard format."""
     text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in row["prompt"]) + "\n\nAssistant:"
-    return {**row, "prompt": text, **{k: " " + row[k][0]["content"] for k in ("chosen", "rejected")}}
+    answers = {k: " " + row[k][0]["content"] for k in ANSWER_COLUMNS if k in row}
+    return {**row, "prompt": text, **answers}

@@ -12,7 +12,10 @@ import pyarrow as pa
 from datasets import Dataset, Features, Json, List, Value
 
 from data_prep.convert import (
+    ANSWER_COLUMNS,
+    ANSWERS,
     CONVERTERS,
+    PAIRED,
     ROLES,
     RULES,
     STYLES,
@@ -50,7 +53,11 @@ class Options:
     def __post_init__(self):
         if self.format not in CONVERTERS:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(CONVERTERS)}")
-        clash = set(self.keep_columns) & {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+        if self.format == "thumbs" and (self.min_score_margin is not None or self.drop_ties):
+            raise ValueError(
+                "thumbs rows have no score pair: --min-score-margin and --drop-ties are for pairs"
+            )
+        clash = set(self.keep_columns) & {*self.written, "score_chosen", "score_rejected"}
         if clash:
             raise ValueError(f"keep-columns cannot name {sorted(clash)}: the conversion writes them")
         if self.style not in STYLES:
@@ -60,11 +67,17 @@ class Options:
             raise ValueError(f"roles {wrong}: map a role name to system, user or assistant")
         self.rename = {theirs: ours for ours, theirs in self.columns.items()}  # read for every row
 
+    @property
+    def written(self) -> tuple[str, ...]:
+        """The columns the conversion writes: prompt, chosen, rejected; or prompt, completion, label."""
+        answers = ANSWERS.get(self.format, PAIRED)
+        return ("prompt", *answers, "label") if self.format in ANSWERS else ("prompt", *answers)
+
 
 def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features:
     message = List({"role": Value("string"), "content": Value("string")})
     text = Value("string") if options.style == "standard" else message
-    out = {"prompt": text, "chosen": text, "rejected": text}
+    out = {name: Value("bool") if name == "label" else text for name in options.written}
     out.update({name: Value("float64") for name in scores})
     for name in options.keep_columns:
         out[name] = Json() if "_raw" in dataset.column_names else dataset.features[name]  # JSON: any type
@@ -109,8 +122,8 @@ def _key(pair: dict) -> str:
     """The pair's digest for finding duplicates: every role and text, each behind its length, so that
     no two different pairs give the same string. Encoding every text here is also where a text that
     UTF-8 cannot hold is found, before Arrow would fail the whole file on it."""
-    sides = [pair[side] for side in ("prompt", "chosen", "rejected")]
-    texts = [
+    sides = [pair[side] for side in ("prompt", *ANSWER_COLUMNS) if side in pair]
+    texts = [str(pair["label"]) for _ in ("label",) if "label" in pair] + [
         t
         for side in sides
         for t in ([side] if isinstance(side, str) else (v for m in side for v in m.values()))
@@ -129,8 +142,9 @@ def _convert_batch(batch: dict, indices: list[int], options: Options, features: 
     scores = [name for name in ("score_chosen", "score_rejected") if name in features]
     raw, line_errors = batch.get("_raw"), batch.get("_line_error")
     empty = "" if options.style == "standard" else []
-    columns = ("prompt", "chosen", "rejected", *scores)
-    dropped = (empty, empty, empty) + (None,) * (len(scores) + len(options.keep_columns))
+    columns = (*options.written, *scores)
+    blank = tuple(None if name == "label" else empty for name in options.written)
+    dropped = blank + (None,) * (len(scores) + len(options.keep_columns))
     out = []
     for j, index in enumerate(indices):
         given = raw[j] if raw is not None else {k: batch[k][j] for k in batch}
@@ -179,13 +193,18 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
     """Return (kept rows in TRL's form, report). Nothing is dropped without a rule and a count."""
     raw = "_raw" in dataset.column_names
     score_columns = {options.columns.get(k, k) for k in ("score_chosen", "score_rejected")}
-    scores = ["score_chosen", "score_rejected"] if raw or score_columns & set(dataset.column_names) else []
+    paired = options.format not in ANSWERS
+    scores = (
+        ["score_chosen", "score_rejected"]
+        if paired and (raw or score_columns & set(dataset.column_names))
+        else []
+    )
     if len(dataset) == 0:
         raise ValueError("the input holds no rows")
     sample, role_and_content = first_rows(dataset), options.messages.keys(options.format)
     if options.style == "auto":  # plain strings stay plain text; anything else is conversational
         first = {options.rename.get(k, k): v for k, v in (sample[:1] or [{}])[0].items()}
-        plain = options.format == "trl" and isinstance(first.get("prompt"), str)
+        plain = options.format in ("trl", *ANSWERS) and isinstance(first.get("prompt"), str)
         options = dataclasses.replace(options, style="standard" if plain else "conversational")
     found = shape(sample, role_and_content[0])
     _check_names(options, found)
@@ -217,7 +236,7 @@ def convert(dataset: Dataset, options: Options, desc: str = "Converting") -> tup
             seen[key] = index
             keep.append(index)
     kept = converted.select(np.array(keep, dtype=np.int64)).remove_columns(list(WHY))  # hashed as one buffer
-    if raw and (not keep or columns.column("score_chosen").take(keep).null_count == len(keep)):
+    if scores and raw and (not keep or columns.column("score_chosen").take(keep).null_count == len(keep)):
         kept = kept.remove_columns(scores)
     report = {
         "format": options.format,
@@ -249,6 +268,8 @@ FIELDS = (
     "conversations",
     "system",
     "history",
+    "completion",
+    "label",
 )
 SAMPLE_FIT = 100
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from data_prep.convert import ANSWER_COLUMNS
+
 
 def tokenizer_id(name: str) -> str:
     """A tokenizer as a report names it: a local folder by its absolute path, else the hub id."""
@@ -24,22 +26,20 @@ def token_ids(tokenizer, prompt, answer=None) -> list[int]:
 
 
 def token_lengths(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> dict:
-    """Token counts after the chat template (prompt, chosen, rejected) and how many rows TRL would drop
-    because the prompt alone reaches `max_length`."""
+    """Token counts after the chat template (prompt, chosen, rejected; or prompt, completion for
+    unpaired rows) and how many rows TRL would drop because the prompt alone reaches `max_length`."""
+    sides = [k for k in ANSWER_COLUMNS if k in dataset.column_names]
 
     def lengths(row):
         prompt = len(token_ids(tokenizer, row["prompt"]))
-        answers = {
-            k + "_len": len(token_ids(tokenizer, row["prompt"], row[k])) - prompt
-            for k in ("chosen", "rejected")
-        }
+        answers = {k + "_len": len(token_ids(tokenizer, row["prompt"], row[k])) - prompt for k in sides}
         return {"prompt_len": prompt, **answers}
 
     counted = dataset.map(
         lengths, remove_columns=dataset.column_names, num_proc=num_proc, desc="Counting tokens"
     )
     stats = {}
-    for name in ("prompt", "chosen", "rejected"):
+    for name in ("prompt", *sides):
         values = sorted(counted[name + "_len"])
         if values:
             stats[name] = {
