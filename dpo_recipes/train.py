@@ -45,7 +45,7 @@ from dpo_recipes.rundir import launching, paths, planning
 from dpo_recipes.sources import hub
 from dpo_recipes.training import chat, data, segments, stopping, tokenize, updates
 from dpo_recipes.training.metrics import MetricsCallback
-from dpo_recipes.training.trainer import OTHERS, RecipeTrainer
+from dpo_recipes.training.trainer import OTHERS, REFERENCED, balanced
 
 LIBRARIES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core"]
 
@@ -118,6 +118,7 @@ def assemble(setup: Setup) -> Parts:
     data_report["train"]["template_notes"] = chat.check_template(tokenizer, train_set, built)
     for note in data_report["train"]["template_notes"]:
         print(f"note: {note}")
+    balanced(built, train_set, data_report["train"])
     on_signal, on_non_finite = stopping.StopOnSignal(), stopping.StopOnNonFinite(built.run.nan_patience)
     trainer = trainer_of(built, tokenizer, (train_set, eval_set), [on_signal, on_non_finite])
     console.use(trainer)
@@ -169,8 +170,8 @@ def finish(setup: Setup, parts: Parts) -> None:
 
 
 def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[TrainerCallback]):
-    """TRL's own trainer for a task other than DPO (trainer.OTHERS; SFT on the chosen answers); else
-    RecipeTrainer (DPO), with its reference and judge."""
+    """TRL's own trainer for a task without a reference (trainer.OTHERS; SFT on the chosen answers);
+    else, with the reference strategy's models, RecipeTrainer (DPO, with its judge) or KTOTrainer."""
     train_set, eval_set = sets
     judging = None
     if built.task == "dpo" and built.judge.every and eval_set is not None:
@@ -179,8 +180,7 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
                 built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
             )
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
-        if built.task != "dpo":  # TRL's own trainer for the task, with no reference model
-            reward = built.task == "reward"
+        if built.task not in REFERENCED:  # TRL's own trainer for the task, with no reference model
             train_set, eval_set = map(data.completions, sets) if built.task == "sft" else sets
             return OTHERS[built.task](
                 model=built.model.model_name_or_path,
@@ -190,10 +190,10 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
                 processing_class=tokenizer,
                 peft_config=built.peft,
                 callbacks=callbacks,
-                **({"quantization_config": built.quantization} if reward else {}),
+                **({"quantization_config": built.quantization} if built.task == "reward" else {}),
             )
         policy, ref_model, peft = reference.load(built)
-        return RecipeTrainer(
+        return REFERENCED[built.task](
             model=policy,
             ref_model=ref_model,
             args=built.args,
@@ -203,7 +203,7 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
             peft_config=peft,
             quantization_config=built.quantization if isinstance(policy, str) else None,
             callbacks=callbacks,
-            judging=judging,
+            **({"judging": judging} if built.task == "dpo" else {}),
         )
 
 
@@ -224,7 +224,7 @@ def tokenized(trainer, data_report: dict) -> dict:
 def trl_kept(trainer, sets: tuple, data_report: dict) -> dict[str, int]:
     """The rows TRL kept of each split: it drops rows too long for train.max_length. The drops go into
     the data report with a warning naming the fix; a split it would empty stops the run."""
-    if not isinstance(trainer, (RecipeTrainer, OTHERS["reward"])):  # SFT, ORPO, CPO truncate, dropping none
+    if not isinstance(trainer, (*REFERENCED.values(), OTHERS["reward"])):  # the others drop none
         return {
             split: len(rows) for split, rows in zip(("train", "eval"), sets, strict=True) if rows is not None
         }
@@ -308,8 +308,11 @@ def row_counts(report: dict, train_rows: int | bool, kept: int | None) -> dict:
     }
     if "rows_mixed" in report:  # dataset.sources: the share of each source's rows taken
         found["rows_mixed"] = report["rows_mixed"]
-    if train_rows is not False:
-        found["rows_held_out_for_eval"] = report.get("rows_mixed", report["rows_out"]) - train_rows
+    if train_rows is not False:  # dataset.unpair: the pairs trained on, before each became two rows
+        trained = report.get("pairs_unpaired", train_rows)
+        found["rows_held_out_for_eval"] = report.get("rows_mixed", report["rows_out"]) - trained
+    if "rows_unpaired" in report:  # dataset.unpair: two rows a pair, less the repeats
+        found["rows_unpaired"] = report["rows_unpaired"]
     if kept is not None:
         found["rows_kept_by_trl"] = kept
     return found
@@ -333,7 +336,7 @@ def describe(setup: Setup, sets: tuple, report: dict, kept: dict[str, int]) -> d
         "git_commit": git_commit(),
         "task": built.task,
         "reference": {"strategy": built.reference.strategy, "path": built.reference.path}
-        if built.task == "dpo"
+        if built.task in REFERENCED
         else None,
         "config": OmegaConf.to_container(setup.cfg, resolve=True),
     }

@@ -38,11 +38,14 @@ def prompts(run: trained.Run, path: str | None) -> list[dict]:
     if path:
         rows = io.read(path)
     else:
-        _, rows, _ = data.load(DatasetSchema(**run.config["dataset"]), run.seed)
+        # as pairs where the run unpaired them (dataset.unpair, for KTO): each prompt once, with its chosen answer
+        _, rows, _ = data.load(DatasetSchema(**{**run.config["dataset"], "unpair": False}), run.seed)
         if rows is None:
             raise errors.RunError("the run has no eval data: name prompts with --prompts FILE")
     if "prompt" not in rows.column_names:
         raise errors.RunError(f"{path or 'the eval data'}: no 'prompt' column (has {rows.column_names})")
+    if "label" in rows.column_names:  # thumbs rows: each prompt once, with no chosen answer
+        return list({json.dumps(row["prompt"]): {"prompt": row["prompt"]} for row in rows}.values())
     return list(rows)
 
 

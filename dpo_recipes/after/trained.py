@@ -166,8 +166,10 @@ class AdapterOff:
 
 def reference(run: Run, trained):
     """The reference the run trained against: a `reference.path` model (with the SFT adapter for
-    `sft_adapter`), the policy with its adapter off, or the base model."""
-    strategy, path = run.summary["reference"]["strategy"], run.summary["reference"]["path"]
+    `sft_adapter`), the policy with its adapter off, or the base model; for a method without a
+    reference (ORPO, SimPO, CPO, SFT), the model it started from."""
+    held = run.summary.get("reference") or {"strategy": "base", "path": None}
+    strategy, path = held["strategy"], held["path"]
     if strategy == "path":
         revision = (run.config.get("reference") or {}).get("revision")
         return _load(path, run.dtype, "reference.path", run.flags(revision))

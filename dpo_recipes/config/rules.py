@@ -9,7 +9,7 @@ import difflib
 import math
 from pathlib import Path
 
-from data_prep.convert import Messages
+from data_prep.convert import ANSWERS, Messages
 from dpo_recipes.config import precision, reference, secrets
 from dpo_recipes.config.machine import MACHINE
 from dpo_recipes.config.schema import (
@@ -284,12 +284,12 @@ def task(v: View) -> list[str]:
             f"loss={v.choices['loss']}: {trains}, which takes no DPO loss: drop the option "
             "(`override /loss: null` in the recipe, `~loss` on the command line)"
         )
-    if v.choices.get("reference", "auto") != "auto":
+    if v.choices.get("reference", "auto") != "auto" and v.task != "kto":
         found.append(
             f"reference={v.choices['reference']}: {trains}, with no reference model: drop the option (a DPO "
             "run after it takes this run's output as its reference.path)"
         )
-    if v.task != "reward" and v.model.get("load_in_4bit"):  # these trainers take no quantization config
+    if v.task not in ("reward", "kto") and v.model.get("load_in_4bit"):  # these take no quantization config
         found.append(
             f"model.load_in_4bit: task={v.task} trains LoRA on bf16 weights here; set model.load_in_4bit=false"
         )
@@ -302,6 +302,35 @@ def task(v: View) -> list[str]:
             f"judge.every: judges a DPO policy against its reference; with task={v.task} set judge.every=0"
         )
     return found
+
+
+def unpaired(v: View) -> list[str]:
+    """KTO learns from unpaired rows (prompt, completion, label): thumbs or instruction data, or pairs
+    split with dataset.unpair; SFT from either; every other task from pairs."""
+    formats = {s.get("format", "trl") for s in v.sources if isinstance(s, dict)} or {v.dataset.format}
+    paired, unpaired = sorted(formats - set(ANSWERS)), sorted(formats & set(ANSWERS))
+    if v.task == "kto" and not v.dataset.unpair and paired:
+        return [
+            f"dataset.format: task=kto learns from unpaired rows, and format {paired[0]!r} gives pairs: set "
+            "dataset.unpair=true (each pair becomes a desirable and an undesirable row), or give thumbs-up/down "
+            "rows (format: thumbs; `make prep ... ARGS=--unpaired` writes them from pairs)"
+        ]
+    if v.dataset.unpair and unpaired:
+        return [f"dataset.unpair: format {unpaired[0]} is unpaired already; remove dataset.unpair"]
+    if v.task != "kto" and v.dataset.unpair:
+        return [f"dataset.unpair: only task=kto learns from unpaired rows; with task={v.task} remove it"]
+    if v.task not in ("kto", "sft") and unpaired:
+        return [
+            f"dataset.format: {unpaired[0]} gives unpaired rows, which task={v.task} cannot learn from: use "
+            "task=kto (or task=sft, on the answers rated up), or paired data"
+        ]
+    kl = v.task == "kto" and v.train.get("loss_type", "kto") != "apo_zero_unpaired"
+    if kl and v.train.get("per_device_train_batch_size", 1) <= 1:  # as TRL's KTOTrainer refuses it
+        return [
+            "train.per_device_train_batch_size: KTO estimates its KL term from the other rows of each "
+            "micro-batch, so it needs 2 or more (lower gradient_accumulation_steps to keep the batch)"
+        ]
+    return []
 
 
 def memory(v: View) -> list[str]:
@@ -336,6 +365,7 @@ RULES = {
     "flex_on_cpu": flex_on_cpu,
     "judge": judge,
     "task": task,
+    "unpaired": unpaired,
     "memory": memory,
 }
 

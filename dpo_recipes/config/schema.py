@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import MISSING, OmegaConf
-from trl import DPOConfig, ModelConfig, RewardConfig, SFTConfig
+from trl import DPOConfig, KTOConfig, ModelConfig, RewardConfig, SFTConfig
 from trl.experimental.cpo import CPOConfig
 from trl.experimental.orpo import ORPOConfig
 
@@ -82,6 +82,8 @@ class DatasetSchema:
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the input's column (--columns)
     messages: dict[str, Any] = field(default_factory=dict)  # role_key, content_key, roles, text_key
     sources: list[dict[str, Any]] = field(default_factory=list)  # instead of path: several, mixed
+    # each pair as a desirable and an undesirable row (TRL's unpaired form), for task=kto
+    unpair: bool = False
 
 
 @dataclass
@@ -100,14 +102,16 @@ class SourceSchema:
 
 # What a run trains (the root key `task`): DPO; a reward model from the same preference data with TRL's
 # RewardTrainer; supervised fine-tuning on the chosen answers with TRL's SFTTrainer (the usual step
-# before DPO); or a preference method without a reference model from trl.experimental: ORPO, or CPO and
-# SimPO (CPOTrainer's loss_type). Each reads `train:` as its own config class.
+# before DPO); a preference method without a reference model from trl.experimental: ORPO, or CPO and
+# SimPO (CPOTrainer's loss_type); or KTO (TRL's KTOTrainer), which learns from unpaired rows against a
+# reference as DPO does. Each reads `train:` as its own config class.
 TASKS = {
     "dpo": TrainArgs,
     "reward": RewardConfig,
     "sft": SFTConfig,
     "orpo": ORPOConfig,
     "cpo": CPOConfig,
+    "kto": KTOConfig,
 }
 # What each task other than DPO trains, for the messages that refuse DPO-only options
 TRAINS = {
@@ -115,6 +119,7 @@ TRAINS = {
     "sft": "fine-tunes on the chosen answers (TRL's SFTTrainer, the language-model loss on the answer)",
     "orpo": "trains with ORPO (the language-model loss on the chosen answer and a log odds ratio penalty)",
     "cpo": "trains with CPO or SimPO (train.loss_type; the policy's own log-probs, length-normalised for SimPO)",
+    "kto": "trains with KTO (each answer rated on its own against the reference, from unpaired rows)",
 }
 
 
@@ -270,8 +275,12 @@ def loss_types() -> set[str]:
     return set(re.findall(r"`'(\w+)'`", help_text))
 
 
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
 def unknown_keys(node: str, keys, cls) -> list[str]:
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    known = _fields(cls)
     problems = []
     for key in keys:
         if key in SET_BY_US and node == "train":
@@ -286,6 +295,9 @@ def unknown_keys(node: str, keys, cls) -> list[str]:
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
             trl_class = trl_name(cls) if node in ("train", "model") else None
             what = f"not a {trl_class} field" if trl_class else f"unknown {node} key"
+            owners = [t for t, c in TASKS.items() if node == "train" and key in _fields(c)]
+            if owners:  # another method's key: say which
+                what += f"; it belongs to {' and '.join(f'task={t} ({trl_name(TASKS[t])})' for t in owners)}"
             problems.append(f"{node}.{key}: {what}{hint}")
     return problems
 

@@ -110,11 +110,15 @@ class Verdict:
 
 
 def preflight(built, processes: int | None = None, **changes) -> Verdict:
-    """Before any weight loads: the predicted peak of a DPO run, the micro-batch `hardware.micro_batch=auto`
-    picks, and the verdict against its budget (budget_mb); raises TooBig, listing the fixes, for a run
-    predicted not to fit. `changes`: Shape fields to plan with instead of the run's."""
-    if built.task != "dpo":
+    """Before any weight loads: the predicted peak of a DPO or KTO run, the micro-batch
+    `hardware.micro_batch=auto` picks, and the verdict against its budget (budget_mb); raises TooBig,
+    listing the fixes, for a run predicted not to fit. `changes`: Shape fields to plan with instead of the
+    run's. A KTO step is a DPO step on half as many pairs: its rows, through the same fused head, each
+    against the reference, and a KL pass under no_grad that holds no activations past its own layer."""
+    if built.task not in ("dpo", "kto"):
         return Verdict(None, [])
+    if built.task == "kto":
+        changes.setdefault("batch", -(-built.args.per_device_train_batch_size // 2))
     args, budget = built.args, budget_mb(built.hardware)
     try:
         shape = shape_of(built, processes=processes, **changes)
@@ -143,8 +147,9 @@ def preflight(built, processes: int | None = None, **changes) -> Verdict:
     if built.judge.every and built.judge.kind != "none" and not shape.judge_bytes:
         lines.append(f"note: the judge's weights are not counted: no config.json for {built.judge.path} here")
     where = f"per GPU ({shape.processes} x {built.hardware.engine})" if shape.cuda else "in this process"
+    micro = f"{args.per_device_train_batch_size} rows" if built.task == "kto" else shape.batch
     lines += [
-        f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {shape.batch}, "
+        f"predicted peak memory {where}: {estimate.peak_mb / 1024:.2f} GiB (micro-batch {micro}, "
         f"{shape.length} tokens a sequence, reference {shape.reference})",
         *estimate.lines(),
     ]

@@ -11,6 +11,7 @@ from pyarrow import ArrowException
 from data_prep.convert import Messages
 from data_prep.pipeline import Options, convert, describe, summary_line
 from data_prep.reading import read
+from data_prep.unpaired import unpair
 from dpo_recipes import errors
 from dpo_recipes.config.schema import DatasetSchema, SourceSchema
 from dpo_recipes.errors import DataError
@@ -79,7 +80,7 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
         rows, report = _convert(
             source.path, source.split, source.max_samples, source, f"train ({key})", num_proc, key, cfg.style
         )
-        rows = rows.select_columns(["prompt", "chosen", "rejected"])  # what every converter writes
+        rows = rows.select_columns(Options(source.format).written)  # what the converter writes
         if source.fraction is not None:  # a seeded draw, kept in file order
             drawn = np.random.default_rng(seed).choice(
                 len(rows), max(1, round(source.fraction * len(rows))), replace=False
@@ -87,6 +88,11 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
             rows = rows.select(np.sort(drawn))
         parts.append(rows)
         reports.append({"path": source.path, "format": source.format, **report, "rows_mixed": len(rows)})
+    if len({tuple(part.column_names) for part in parts}) > 1:
+        raise DataError(
+            "the sources of the mix are not all paired or all unpaired rows: convert the pairs with "
+            "`make prep ... ARGS=--unpaired` and mix them as format thumbs"
+        )
     styles = {r["path"]: r["style"] for r in reports}
     if len(set(styles.values())) > 1:
         raise DataError(
@@ -104,16 +110,37 @@ def _mix(cfg: DatasetSchema, seed: int, num_proc) -> tuple[Dataset, dict]:
 
 
 def completions(rows: Dataset | None) -> Dataset | None:
-    """Pairs as TRL's prompt-completion rows for supervised fine-tuning: each prompt with its chosen answer."""
+    """Pairs as TRL's prompt-completion rows for supervised fine-tuning: each prompt with its chosen
+    answer; of thumbs rows, those rated up."""
     if rows is None:
         return None
+    if "label" in rows.column_names:
+        return rows.filter(lambda up: up, input_columns="label").remove_columns("label")
     return rows.remove_columns("rejected").rename_column("chosen", "completion")
+
+
+def unpaired(sets: tuple, reports: dict, seed: int) -> tuple:
+    """dataset.unpair: each split's pairs as unpaired rows (data_prep.unpaired.unpair), counted."""
+    out = []
+    for name, rows in zip(("train", "eval"), sets, strict=True):
+        if rows is not None:
+            pairs, (rows, repeats) = len(rows), unpair(rows, seed)
+            reports[name].update(
+                pairs_unpaired=pairs, rows_unpaired=len(rows), unpaired_repeats_dropped=repeats
+            )
+            print(
+                f"{name} data: {pairs} pairs unpaired into {len(rows)} rows ({repeats} repeated rows dropped)"
+            )
+        out.append(rows)
+    return tuple(out)
 
 
 def load(
     cfg: DatasetSchema, seed: int = 42, num_proc: int | None = None
 ) -> tuple[Dataset, Dataset | None, dict]:
-    """Return (train, eval, report) in TRL's prompt/chosen/rejected form; eval is None when there is none."""
+    """Return (train, eval, report) in TRL's prompt/chosen/rejected form, or its unpaired
+    prompt/completion/label form (formats thumbs and instruction, dataset.unpair); eval is None when there
+    is none."""
     if cfg.sources:
         train, report = _mix(cfg, seed, num_proc)
     else:
@@ -144,4 +171,6 @@ def load(
             rows_in=n, rows_out=n, held_out=held, dropped={}, held_out_from_train=True, source=source
         )
         print(f"eval data: {source}")
+    if cfg.unpair:
+        train, evaluation = unpaired((train, evaluation), reports, seed)
     return train, evaluation, reports

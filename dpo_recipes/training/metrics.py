@@ -43,6 +43,8 @@ METRICS = [
     ("margin", True, "reward model: chosen - rejected score"),
     # task=sft (TRL's SFTTrainer): the share of answer tokens the model predicts as its top token
     ("mean_token_accuracy", True, "SFT: answer token accuracy"),
+    # task=kto (TRL's KTOTrainer): its estimate of the policy's KL divergence from the reference
+    ("kl", None, "KTO: KL estimate"),
     # judge.every: policy vs reference answers on held-out prompts (eval only), with its 95% interval
     ("judge/win_rate", True, "judge: win rate vs reference"),
     ("judge/win_rate_low", None, "judge: win rate vs reference"),

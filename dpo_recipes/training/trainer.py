@@ -16,10 +16,11 @@ import trl
 import trl.kernels.chunked_logprob as trl_chunked
 import trl.trainer.utils as trl_utils
 from datasets.fingerprint import Hasher
-from trl import DPOTrainer, RewardTrainer, SFTTrainer
+from trl import DPOTrainer, KTOTrainer, RewardTrainer, SFTTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
+from data_prep.unpaired import in_range, weights
 from dpo_recipes.training import tokenize
 from dpo_recipes.training.cpu_head import cpu_head
 from dpo_recipes.training.segments import SEGMENTED, packed
@@ -186,5 +187,36 @@ class RecipeTrainer(DPOTrainer):
             return super()._precompute_ref_logps(*args, **kwargs)
 
 
-# TRL's own trainers for the tasks other than DPO (config/schema.py TASKS), none with a reference model
+# The trainers of the tasks with a reference model (config/reference.py's strategies): DPO's, and TRL's
+# own KTOTrainer; TRL's own trainers for the others (config/schema.py TASKS), none with a reference
+REFERENCED = {"dpo": RecipeTrainer, "kto": KTOTrainer}
 OTHERS = {"reward": RewardTrainer, "sft": SFTTrainer, "orpo": ORPOTrainer, "cpo": CPOTrainer}
+
+
+def balanced(built, train_set, report: dict) -> None:
+    """task=kto: the desirable and undesirable loss weights for the training rows' balance
+    (data_prep.unpaired.weights) where the recipe leaves both at 1, else the recipe's, with a warning
+    when they miss the rule; said in the data report (kto_balance) and on the console."""
+    if built.task != "kto":
+        return
+    args, balance = built.args, weights(train_set["label"])
+    given = (args.desirable_weight, args.undesirable_weight)
+    if given != (1.0, 1.0):
+        balance.update(desirable_weight=given[0], undesirable_weight=given[1], set_by="the recipe")
+    else:
+        args.desirable_weight, args.undesirable_weight = (
+            balance["desirable_weight"],
+            balance["undesirable_weight"],
+        )
+        balance["set_by"] = "the data's balance"
+    report["kto_balance"] = balance
+    print(
+        f"KTO weights: desirable {balance['desirable_weight']:.3g}, undesirable {balance['undesirable_weight']:.3g} "
+        f"for {balance['desirable']} desirable and {balance['undesirable']} undesirable rows ({balance['set_by']})"
+    )
+    if not in_range(balance):
+        print(
+            "warning: desirable_weight x desirable rows / (undesirable_weight x undesirable rows) is outside "
+            "[1, 4/3], the KTO paper's range: leave both weights at 1 to have them set from the data",
+            file=sys.stderr,
+        )

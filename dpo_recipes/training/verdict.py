@@ -14,6 +14,7 @@ HEADLINE = {
     "sft": ("eval_mean_token_accuracy", "eval_loss"),
     "orpo": ("eval_rewards/accuracies", "eval_rewards/margins"),
     "cpo": ("eval_rewards/accuracies", "eval_rewards/margins"),
+    "kto": ("eval_rewards/margins", "eval_kl"),
 }
 
 

@@ -210,7 +210,8 @@ def _train_keys(path) -> set[str]:
 def test_one_key_one_home():
     """Loss keys live in loss/, precision and batch keys in hardware/, reference keys in reference/,
     report_to in logger/; recipes and the other groups set none of them, but a recipe of a method with
-    no loss group (task: orpo, cpo) sets its own beta and loss."""
+    no loss group (task: orpo, cpo, kto) sets its own beta and loss, and a KTO recipe its micro-batch
+    (KTO needs 2 or more rows in each; hardware=gpu's is 1)."""
     conf = config.CONF_DIR
     loss_keys = set().union(*(_train_keys(p) for p in (conf / "loss").glob("*.yaml")))
     hardware_keys = set().union(*(_train_keys(p) for p in (conf / "hardware").glob("*.yaml")))
@@ -226,8 +227,12 @@ def test_one_key_one_home():
         *(conf / "dataset").glob("*.yaml"),
     ]
     for path in [*others, conf / "train.yaml"]:
-        own = yaml.safe_load(path.read_text()).get("task") in ("orpo", "cpo")
-        misplaced = _train_keys(path) & (hardware_keys if own else loss_keys | hardware_keys)
+        task = yaml.safe_load(path.read_text()).get("task")
+        misplaced = _train_keys(path) & (
+            hardware_keys if task in ("orpo", "cpo", "kto") else loss_keys | hardware_keys
+        )
+        if task == "kto":
+            misplaced -= {"per_device_train_batch_size", "gradient_accumulation_steps"}
         assert not misplaced, f"{path.name} sets {sorted(misplaced)}, which belong to loss/ or hardware/"
 
 

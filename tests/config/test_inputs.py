@@ -75,6 +75,7 @@ CASES = {
     ),
     "judge": (dict(judge={"kind": "pairwise"}), "judge.path: judge.kind=pairwise needs"),
     "task": (dict(task="reward", choices={"loss": "sigmoid"}), "loss=sigmoid: task=reward trains a reward"),
+    "unpaired": (dict(task="kto", dataset={"path": TOY}), "task=kto learns from unpaired rows"),
     "memory": (dict(hardware={"memory_gb": 0}), "hardware.memory_gb: 0 is no card's memory"),
     "deepspeed": (dict(hardware={"engine": "deepspeed"}, choices={"hardware": "zero3"}), "needs DeepSpeed"),
     "gpu": (dict(train={"bf16": True}), "add the override hardware=cpu"),

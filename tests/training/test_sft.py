@@ -96,3 +96,22 @@ def test_dpo_after_sft_starts_from_its_adapter_and_holds_it_as_the_reference(tmp
     for name, weight in saved.items():
         held = reference[name.replace(".weight", ".ref.weight")]
         assert torch.equal(held.detach().cpu(), weight), name
+
+
+@pytest.mark.slow
+def test_sft_trains_on_plain_instruction_data(tmp_path):
+    """Alpaca-style rows with one `output` each (format instruction), as most SFT data comes: every row
+    is trained on, its answer as the completion."""
+    rows = [
+        {"instruction": f"Write a cheerful sentence on topic {i}.", "output": f"Topic {i} is a delight!"}
+        for i in range(24)
+    ]
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data_args = [f"dataset.path={path}", "dataset.format=instruction", "dataset.eval_path=null"]
+    trainer, metrics = run(
+        tmp_path, ["recipes=tiny_sft", *data_args, "++train.max_steps=2", "++train.logging_steps=1"]
+    )
+    counts = json.loads((metrics / "summary.json").read_text())["dataset"]["train"]
+    assert counts["rows_kept_by_conversion"] == counts["rows_kept_by_trl"] == 24
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2]
