@@ -3,7 +3,8 @@
 it and any precomputed reference log-probs again, with a note of whether they did, a CPU log-prob
 head that scores only the positions that have a label, in tiles that fit the cache, padding-free
 batches (`train.padding_free=true`: each micro-batch's sequences packed into one row), each pair's
-prompt computed once (`train.share_prompt=true`), and a judge at evaluations (`judge.every`)."""
+prompt computed once (`train.share_prompt=true`), and a judge at evaluations (`judge.every`). TRL's
+KTOTrainer takes the CPU head too (RecipeKTOTrainer)."""
 
 import inspect
 import os
@@ -49,7 +50,25 @@ def changed_in_trl() -> list[str]:
     ]
 
 
-class RecipeTrainer(DPOTrainer):
+class CPUHead:
+    """A trainer whose forward and backward run under the CPU head while on CPU (cpu_head.py); TRL's own
+    head elsewhere (on CUDA it already scores only labels)."""
+
+    def _head(self):
+        if "trl_changed" not in self.__dict__:
+            self.trl_changed = changed_in_trl()
+        return cpu_head() if self.args.device.type == "cpu" and not self.trl_changed else nullcontext()
+
+    def training_step(self, *args, **kwargs):  # the forward and the backward
+        with self._head():
+            return super().training_step(*args, **kwargs)
+
+    def prediction_step(self, *args, **kwargs):
+        with self._head():
+            return super().prediction_step(*args, **kwargs)
+
+
+class RecipeTrainer(CPUHead, DPOTrainer):
     """See the module's docstring."""
 
     def __init__(self, *args, judging=None, **kwargs):
@@ -127,18 +146,6 @@ class RecipeTrainer(DPOTrainer):
                 group["lr"] = self.args.learning_rate * rule(scheduler.last_epoch)
             scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def _head(self):
-        """The CPU head while on CPU; TRL's own head elsewhere (on CUDA it already scores only labels)."""
-        return cpu_head() if self.args.device.type == "cpu" and not self.trl_changed else nullcontext()
-
-    def training_step(self, *args, **kwargs):  # the forward and the backward
-        with self._head():
-            return super().training_step(*args, **kwargs)
-
-    def prediction_step(self, *args, **kwargs):
-        with self._head():
-            return super().prediction_step(*args, **kwargs)
-
     def _prepare_dataset(self, *args, **kwargs):
         if self.trl_changed:
             return super()._prepare_dataset(*args, **kwargs)
@@ -189,7 +196,11 @@ class RecipeTrainer(DPOTrainer):
 
 # The trainers of the tasks with a reference model (config/reference.py's strategies): DPO's, and TRL's
 # own KTOTrainer; TRL's own trainers for the others (config/schema.py TASKS), none with a reference
-REFERENCED = {"dpo": RecipeTrainer, "kto": KTOTrainer}
+class RecipeKTOTrainer(CPUHead, KTOTrainer):
+    """TRL's KTOTrainer with the CPU head: the same log-probs, scored at the labelled positions only."""
+
+
+REFERENCED = {"dpo": RecipeTrainer, "kto": RecipeKTOTrainer}
 OTHERS = {"reward": RewardTrainer, "sft": SFTTrainer, "orpo": ORPOTrainer, "cpo": CPOTrainer}
 
 

@@ -28,6 +28,7 @@ def smoke(recipe: str, *extra: str) -> list[str]:
         *EIGHT,
         "dataset.max_samples=8",
         "train.disable_tqdm=true",
+        *(["train.per_device_train_batch_size=2"] if "kto" in recipe else []),  # as its header's smoke line
         *extra,
     ]
 
