@@ -194,12 +194,12 @@ class RecipeTrainer(CPUHead, DPOTrainer):
             return super()._precompute_ref_logps(*args, **kwargs)
 
 
-# The trainers of the tasks with a reference model (config/reference.py's strategies): DPO's, and TRL's
-# own KTOTrainer; TRL's own trainers for the others (config/schema.py TASKS), none with a reference
 class RecipeKTOTrainer(CPUHead, KTOTrainer):
     """TRL's KTOTrainer with the CPU head: the same log-probs, scored at the labelled positions only."""
 
 
+# The trainers of the tasks with a reference model (config/reference.py's strategies): DPO's, and TRL's
+# KTOTrainer; TRL's own trainers for the others (config/schema.py TASKS), none with a reference
 REFERENCED = {"dpo": RecipeTrainer, "kto": RecipeKTOTrainer}
 OTHERS = {"reward": RewardTrainer, "sft": SFTTrainer, "orpo": ORPOTrainer, "cpo": CPOTrainer}
 
