@@ -53,9 +53,9 @@ class Options:
     def __post_init__(self):
         if self.format not in CONVERTERS:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(CONVERTERS)}")
-        if self.format == "thumbs" and (self.min_score_margin is not None or self.drop_ties):
+        if self.format in ANSWERS and (self.min_score_margin is not None or self.drop_ties):
             raise ValueError(
-                "thumbs rows have no score pair: --min-score-margin and --drop-ties are for pairs"
+                f"{self.format} rows have no score pair: --min-score-margin and --drop-ties are for pairs"
             )
         clash = set(self.keep_columns) & {*self.written, "score_chosen", "score_rejected"}
         if clash:
@@ -70,8 +70,9 @@ class Options:
     @property
     def written(self) -> tuple[str, ...]:
         """The columns the conversion writes: prompt, chosen, rejected; or prompt, completion, label."""
-        answers = ANSWERS.get(self.format, PAIRED)
-        return ("prompt", *answers, "label") if self.format in ANSWERS else ("prompt", *answers)
+        if self.format in ANSWERS:
+            return ("prompt", *ANSWERS[self.format], "label")
+        return ("prompt", *PAIRED)
 
 
 def _features(dataset: Dataset, options: Options, scores: list[str]) -> Features:
@@ -123,7 +124,7 @@ def _key(pair: dict) -> str:
     no two different pairs give the same string. Encoding every text here is also where a text that
     UTF-8 cannot hold is found, before Arrow would fail the whole file on it."""
     sides = [pair[side] for side in ("prompt", *ANSWER_COLUMNS) if side in pair]
-    texts = [str(pair["label"]) for _ in ("label",) if "label" in pair] + [
+    texts = ([str(pair["label"])] if "label" in pair else []) + [
         t
         for side in sides
         for t in ([side] if isinstance(side, str) else (v for m in side for v in m.values()))

@@ -50,8 +50,10 @@ def test_thumbs_rows_with_a_named_column_mapping_keep_good_labels_and_count_ever
 
 
 def test_thumbs_refuses_score_filters_and_plain_strings_stay_plain_under_auto():
-    with pytest.raises(ValueError, match="no score pair"):
+    with pytest.raises(ValueError, match="thumbs rows have no score pair"):
         Options("thumbs", drop_ties=True)
+    with pytest.raises(ValueError, match="instruction rows have no score pair"):
+        Options("instruction", min_score_margin=1.0)
     rows = Dataset.from_list([{"prompt": "Hi", "completion": " Hello", "label": True}])
     kept, _ = convert(rows, Options("thumbs", style="auto"))
     assert kept[0] == {"prompt": "Hi", "completion": " Hello", "label": True}
