@@ -38,6 +38,7 @@ from trl import RewardConfig
 
 from data_prep.io import write_text
 from dpo_recipes import ROOT, config, console, errors
+from dpo_recipes.after.judge import selection
 from dpo_recipes.after.judging import Judging
 from dpo_recipes.config import precision, reference, schema, secrets
 from dpo_recipes.memory import measuring, preflight
@@ -176,9 +177,7 @@ def trainer_of(built: config.Built, tokenizer, sets: tuple, callbacks: list[Trai
     judging = None
     if built.task == "dpo" and built.judge.every and eval_set is not None:
         with built.args.main_process_first(desc="the judge"):  # the first process builds a tiny one
-            judging = Judging(
-                built.judge, eval_set.select(range(min(built.judge.prompts, len(eval_set))))["prompt"]
-            )
+            judging = Judging(built.judge, selection(eval_set["prompt"], built.judge.prompts))
     with hub.fetching("model", built.model.model_name_or_path, "model.model_name_or_path"):
         if built.task not in REFERENCED:  # TRL's own trainer for the task, with no reference model
             train_set, eval_set = map(data.completions, sets) if built.task == "sft" else sets

@@ -1,4 +1,5 @@
-"""Did DPO make the answers better? For N held-out prompts of a run's eval set, generate from the
+"""Did DPO make the answers better? For N distinct held-out prompts of a run's eval set (for a run
+trained with judge.every, not the ones its best checkpoint was picked on), generate from the
 reference and the trained policy (in batches, padded on the left), judge policy vs reference and policy
 vs the data's chosen answer, and report each comparison's win rate with a 95% Wilson interval over
 prompts, the length-controlled rate and the answer-length ratio, beside the judge's own agreement with
@@ -72,6 +73,28 @@ def notes(comparisons: dict) -> list[str]:
     return out
 
 
+def held_out(run: trained.Run, options) -> tuple[list[dict], list[str]]:
+    """The first `options.n` distinct held-out prompts, a row each (a prompt is the unit the interval
+    counts); for a run trained with judge.every, none of the prompts its best checkpoint was picked on."""
+    first = {}
+    for row in samples.prompts(run, options.prompts):
+        first.setdefault(judges.unit(row["prompt"]), row)  # each prompt's first row, in the data's order
+    rows = list(first.values())
+    node, notes = run.config.get("judge") or {}, []
+    if node.get("every") and not options.prompts:
+        picked = {judges.unit(p) for p in judges.selection([row["prompt"] for row in rows], node["prompts"])}
+        rows = [row for row in rows if judges.unit(row["prompt"]) not in picked]
+        notes.append(
+            f"{len(picked)} held-out prompts set aside: judge.every picked the best checkpoint on them"
+        )
+        if not rows:
+            raise errors.RunError(
+                f"{run.dir}: every held-out prompt was one judge.every picked checkpoints on: name other "
+                "prompts with --prompts FILE"
+            )
+    return rows[: options.n], notes
+
+
 def evaluate(run: trained.Run, options) -> dict:
     """Generate, judge and write; returns what eval.json holds."""
     node = run.config.get("judge") or {}
@@ -83,7 +106,7 @@ def evaluate(run: trained.Run, options) -> dict:
         )
     revision = options.judge_revision or node.get("revision")
     ready(path, revision)
-    rows = samples.prompts(run, options.prompts)[: options.n]
+    rows, aside = held_out(run, options)
     k = options.samples if options.temperature > 0 else 1
     prompts = [row["prompt"] for row in rows for _ in range(k)]
     groups = [i for i in range(len(rows)) for _ in range(k)]
@@ -116,7 +139,7 @@ def evaluate(run: trained.Run, options) -> dict:
         "interval": "95%, Wilson's score over prompts at their effective count (judge.interval)",
         "judge_agrees_with_data": agreement,
         "comparisons": comparisons,
-        "notes": notes(comparisons),
+        "notes": aside + notes(comparisons),
     }
     write(run, report, prompts, made["policy"], per_answer)
     return report

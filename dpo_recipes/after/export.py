@@ -7,6 +7,7 @@ python -m dpo_recipes.after.export <run dir> [--out DIR] [--max-shard-size 5GB] 
 
 import argparse
 import fnmatch
+import json
 import re
 import shlex
 import shutil
@@ -20,7 +21,7 @@ from dpo_recipes import errors
 from dpo_recipes.after import judge, trained
 from dpo_recipes.rundir import paths
 from dpo_recipes.sources import hub
-from dpo_recipes.training import chat, data
+from dpo_recipes.training import chat, data, metrics
 
 # What a run or checkpoint folder holds besides the model and its tokenizer.
 TRAINING_FILES = [
@@ -131,15 +132,23 @@ def _card(run: trained.Run, how: str) -> str:
     for split, counts in summary.get("dataset", {}).items():
         source = summary.get("eval_source") if split == "eval" else data_path
         lines.append(f"- {split} ({source}): {data.counts_line(counts)}")
-    lines += ["", "## Metrics", "", "| metric | final | best (step) |", "| --- | --- | --- |"]
-    final, best = summary.get("final", {}), summary.get("best", {})
+    final, best, column = summary.get("final", {}), summary.get("best", {}), "final"
+    shipped = run.weights == run.dir
+    if not shipped:  # a checkpoint's own numbers: the last logged at or before its step
+        step = paths.step(run.weights)
+        history = json.loads((paths.metrics_dir(run.dir) / paths.HISTORY).read_text())
+        final = metrics.summarize([e for e in history if e.get("step", 0) <= step])["final"]
+        column = f"at step {step} (these weights)"
+    lines += ["", "## Metrics", "", f"| metric | {column} | best (step) |", "| --- | --- | --- |"]
     for name in [p + m for p in ("eval_", "") for m in CARD_METRICS]:
         if name in final:
             top = best.get(name)
             lines.append(
                 f"| {name} | {final[name]:.4g} | " + (f"{top['value']:.4g} ({top['step']}) |" if top else "|")
             )
-    if "eval" in summary:  # make eval: the answers judged against the reference's
+    if "eval" in summary and not shipped:
+        lines += ["", "`make eval` judged the run's final weights, not these: run it on this export."]
+    elif "eval" in summary:  # make eval: the answers judged against the reference's
         lines += [
             "",
             "## Judged answers (`make eval`)",

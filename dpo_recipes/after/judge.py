@@ -10,6 +10,7 @@ set of verdicts into the numbers to act on.
 A preference is a number in [0, 1]: above 0.5 the first answer wins, 0.5 is a tie.
 """
 
+import json
 import math
 
 import numpy as np
@@ -106,10 +107,12 @@ class RewardJudge(Judge):
     def prefer(self, prompts: list, a: list[str], b: list[str]) -> tuple[list[float], dict]:
         """Preferences of `a` over `b`, and both answers' scores."""
         sa, sb = self.scores(prompts, a), self.scores(prompts, b)
-        prefs = [
-            0.5 if x == y or sx == sy else float(sx > sy) for x, y, sx, sy in zip(a, b, sa, sb, strict=True)
-        ]
-        return prefs, {"a": sa, "b": sb}
+        return preferences(a, b, sa, sb), {"a": sa, "b": sb}
+
+
+def preferences(a: list[str], b: list[str], sa: list[float], sb: list[float]) -> list[float]:
+    """`a` over `b` by their reward scores: 1, 0, or 0.5 for the same text or the same score."""
+    return [0.5 if x == y or sx == sy else float(sx > sy) for x, y, sx, sy in zip(a, b, sa, sb, strict=True)]
 
 
 class PairwiseJudge(Judge):
@@ -136,6 +139,17 @@ class PairwiseJudge(Judge):
         forward, backward = self.first(prompts, a, b), self.first(prompts, b, a)
         prefs = [(x + 1 - y) / 2 for x, y in zip(forward, backward, strict=True)]
         return prefs, {"a_first": forward, "b_first": backward}
+
+
+def unit(prompt) -> str:
+    """A prompt as the unit an interval counts: the same prompt in two rows is one unit."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def selection(prompts: list, k: int) -> list:
+    """The held-out prompts `judge.every` picks the best checkpoint on: the last `k` distinct ones.
+    `make eval` reports on the others, so that the pick is not judged on the prompts it was made on."""
+    return list({unit(p): p for p in prompts}.values())[-k:]
 
 
 def outcomes(prefs) -> np.ndarray:

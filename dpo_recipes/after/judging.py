@@ -10,14 +10,15 @@ from dpo_recipes.after.evaluate import answers, judged, ready
 
 class Judging:
     """judge.every while training: at each evaluation on a multiple of `every` steps, the policy's greedy
-    answers to the first `judge.prompts` eval prompts judged against the reference's, as eval metrics.
+    answers to `prompts` (judge.selection: the last `judge.prompts` distinct eval prompts) judged against
+    the reference's, as eval metrics.
     The reference's answers are made once, before the first step: by the separate reference model, or
     by the policy while it still is the reference (a new adapter is a no-op, a resumed run's checkpoint
     is not loaded yet)."""
 
     def __init__(self, spec, prompts: list):
         ready(spec.path, spec.revision)
-        self.spec, self.prompts, self.judge, self.reference = spec, prompts[: spec.prompts], None, None
+        self.spec, self.prompts, self.judge, self.reference = spec, prompts, None, None
         self.options = SimpleNamespace(
             temperature=0.0, max_new_tokens=spec.max_new_tokens, batch_size=16, seed=0
         )

@@ -241,6 +241,31 @@ def test_a_policy_that_did_not_train_gives_an_interval_holding_one_half(default_
 
 
 @pytest.mark.slow
+def test_two_samplings_of_one_model_judged_against_each_other_hold_one_half_at_the_stated_rate():
+    """The control that consults the judge: 100 pairs of independent samplings (temperature 1) of the
+    tiny base's answers to the distinct toy eval prompts, each pair judged by the tiny judge. The two
+    sides are one policy, so a 95% interval should hold 1/2 in about 95 of the 100: at least 88 (below
+    that is under 1 in 1,000 for a calibrated interval) and not all 100 (too wide to say anything)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = list({judges.unit(r["prompt"]): r["prompt"] for r in toy_eval_rows()}.values())
+    tokenizer = AutoTokenizer.from_pretrained(tiny.path())
+    model = AutoModelForCausalLM.from_pretrained(tiny.path()).eval()
+    sampling = options(temperature=1.0, batch_size=128)
+    decoding = samples.decoding_of(tokenizer, model, sampling)
+    repeats, n = 100, len(prompts)
+    made = evaluate.answers(model, tokenizer, prompts * 2 * repeats, sampling, decoding, model.device, "s")
+    scores = judges.load("reward", str(tiny.judge_path())).scores(prompts * 2 * repeats, made)
+    held = []
+    for i in range(repeats):
+        a, b = slice(2 * i * n, (2 * i + 1) * n), slice((2 * i + 1) * n, (2 * i + 2) * n)
+        prefs = judges.preferences(made[a], made[b], scores[a], scores[b])
+        low, high = judges.compare(prefs, [len(x) for x in made[a]], [len(x) for x in made[b]])["interval"]
+        held.append(low <= 0.5 <= high)
+    assert 88 <= sum(held) < repeats, sum(held)
+
+
+@pytest.mark.slow
 def test_batched_generation_gives_the_one_prompt_at_a_time_answers(default_run):
     """Greedy: left padding changes no answer (the positions follow the mask)."""
     from transformers import AutoTokenizer
@@ -263,7 +288,7 @@ def test_batched_generation_gives_the_one_prompt_at_a_time_answers(default_run):
 def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step(tmp_path, default_run):
     """judge.every=50 on the default recipe (150 steps): a win-rate column with its interval at steps
     50, 100, 150; the training itself the default run's, loss for loss; the best judged step's checkpoint
-    kept through save_total_limit=1; `--checkpoint best` exports it."""
+    kept through save_total_limit=1; `--checkpoint best` exports it, with that step's metrics on its card."""
     import csv
 
     from conftest import python_m, run
@@ -293,7 +318,7 @@ def test_judging_while_training_logs_the_win_rate_and_export_takes_the_best_step
     assert done.returncode == 0, done.stderr
     card = (tmp_path / "x" / "README.md").read_text()
     assert (f"the weights of checkpoint-{step}" in card) == (step != 150), card
-    assert "| eval_judge/win_rate |" in card
+    assert f"| eval_judge/win_rate | {judged[step]:.4g} |" in card  # the numbers of the weights shipped
     # without judging, --checkpoint best says what to do
     (metrics / "summary.json").write_text(
         json.dumps({**json.loads((metrics / "summary.json").read_text()), "best": {}})
