@@ -23,6 +23,7 @@ MAIN_ADDR ?= 127.0.0.1
 MAIN_PORT ?= 29500
 RUN ?=
 RESUME ?=
+ROUNDS ?=
 SWEEP ?=
 SWEEP_DIR ?=
 LAUNCHER ?=
@@ -37,7 +38,7 @@ export DPO_RUN_STAMP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
 FORMAT ?= alpaca
 IN ?=
 OUT ?=
-.PHONY: help setup train sweep sweep-report samples eval export validate prep test test-fast test-slow test-e2e bench bench-gpu lint format clean
+.PHONY: help setup train sweep sweep-report iterate samples eval export validate prep test test-fast test-slow test-e2e bench bench-gpu lint format clean
 
 help: ## List every target
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
@@ -66,6 +67,9 @@ sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in AR
 sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
 	$(PY) -m dpo_recipes.after.sweep '$(DIR)' $(ARGV)
+
+iterate: setup ## On-policy rounds of RECIPE (e.g. tiny_rounds): sample, judge, pair best vs worst, train DPO again; ROUNDS=3; RUN=name resumes them; ARGS as for train
+	$(PY) -m dpo_recipes.after.rounds recipes=$(RECIPE) $(if $(ROUNDS),rounds.count=$(ROUNDS)) $(if $(RUN),--name '$(RUN)') $(ARGV)
 
 samples: setup ## Answers of the reference and the trained policy to N held-out prompts of RUN (a run dir), side by side; ARGS="--temperature 0.7"
 	@test -n "$(RUN)" || { echo 'usage: make samples RUN=outputs/<recipe>/<time> [N=16]'; exit 2; }

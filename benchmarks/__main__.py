@@ -19,6 +19,7 @@ from benchmarks import (
     jobs,
     memory,
     overhead,
+    rounds,
     share,
     spread,
     step,
@@ -52,11 +53,12 @@ BENCHMARKS = {
     "share": ("Share: the prompt computed once per pair vs TRL as shipped (tiny Llama)", share),
     "eval": ("Eval: `make eval`'s generation, batched vs one prompt at a time (tiny Llama)", evaluation),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
+    "rounds": ("Rounds: `make iterate RECIPE=tiny_rounds`, three rounds a seed, win rates and cost", rounds),
     "suite": ("Tests: the suite on a fresh clone, as CI runs it", suite),
 }
 # Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory`; the spread and the
-# suite take most of an hour.
-ON_REQUEST = {"gpu", "gpu_memory", "spread", "suite"}
+# suite take most of an hour, the rounds minutes a seed.
+ON_REQUEST = {"gpu", "gpu_memory", "spread", "rounds", "suite"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 

@@ -20,6 +20,10 @@ VERBS = {
     "sweep": ("dpo_recipes.train", "several runs (Hydra multirun): key=a,b grids, hydra/launcher=..."),
     "validate": ("dpo_recipes.validate", "compose a recipe and build TRL's objects; no weights load"),
     "prep": ("data_prep", "convert FORMAT IN OUT to TRL's prompt/chosen/rejected form"),
+    "iterate": (
+        "dpo_recipes.after.rounds",
+        "on-policy rounds: sample, judge, pair best vs worst, train DPO again",
+    ),
     "samples": (
         "dpo_recipes.after.samples",
         "the reference's and the policy's answers of a run side by side",
@@ -31,7 +35,7 @@ VERBS = {
     "export": ("dpo_recipes.after.export", "a run as a standalone model (LoRA merged) with a model card"),
     "sweep-report": ("dpo_recipes.after.sweep", "rebuild the report of a sweep's dir"),
 }
-RECIPE_VERBS = {"train", "sweep", "validate"}  # their first argument may name the recipe
+RECIPE_VERBS = {"train", "sweep", "validate", "iterate"}  # their first argument may name the recipe
 LAUNCH = "dpo_recipes.launch"  # train with --nproc: one process per device through accelerate
 
 STARTER = {

@@ -67,6 +67,7 @@ def pytest_configure(config):
 # file when it is free, so the longest start first and the workers finish together.
 LONGEST = [
     "entry/test_scaleout.py",
+    "after/test_rounds.py",
     "training/test_precision.py",
     "memory/test_memory.py",
     "after/test_after.py",

@@ -114,7 +114,7 @@ def best(run: Run) -> Run:
     return Run(run.dir, run.summary, checkpoint)
 
 
-def _load(path: str, dtype: str, key: str, flags: dict, quantization=None, task: str = "dpo"):
+def load(path: str, dtype: str, key: str, flags: dict, quantization=None, task: str = "dpo"):
     import torch
     import transformers
 
@@ -137,13 +137,13 @@ def base(run: Run, dtype: str | None = None, as_trained: bool = False):
         quantization = get_quantization_config(ModelArgs(**model))
     flags = run.flags(model.get("model_revision"))
     path = model["model_name_or_path"]
-    return _load(path, dtype or run.dtype, "model.model_name_or_path", flags, quantization, run.task)
+    return load(path, dtype or run.dtype, "model.model_name_or_path", flags, quantization, run.task)
 
 
 def policy(run: Run):
     """The trained model: the base (as trained) with the run's adapter, or the run's own weights."""
     if not run.lora:
-        return _load(str(run.weights), run.dtype, "RUN", run.flags(), task=run.task)
+        return load(str(run.weights), run.dtype, "RUN", run.flags(), task=run.task)
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base(run, as_trained=True), run.weights).eval()
@@ -172,7 +172,7 @@ def reference(run: Run, trained):
     strategy, path = held["strategy"], held["path"]
     if strategy == "path":
         revision = (run.config.get("reference") or {}).get("revision")
-        return _load(path, run.dtype, "reference.path", run.flags(revision))
+        return load(path, run.dtype, "reference.path", run.flags(revision))
     if strategy == "sft_adapter":
         from peft import PeftModel
 

@@ -167,6 +167,23 @@ class JudgeSchema:
 
 
 @dataclass
+class RoundsSchema:
+    """On-policy rounds (`make iterate`; dpo_recipes/after/rounds.py): each round samples `samples`
+    answers to each of `prompts` training prompts from the current policy at `temperature`, pairs the
+    judge's best against its worst where their scores differ by more than `min_margin`, and trains DPO
+    on those pairs from the current policy; each round is judged on `eval_prompts` held-out prompts."""
+
+    count: int = 3
+    samples: int = 4
+    prompts: int = 128  # fresh ones each round while the training prompts last
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    min_margin: float = 0.0
+    eval_prompts: int = 64
+    batch_size: int = 32  # prompts generated at once
+
+
+@dataclass
 class RunSchema:
     name: str | None = None  # a stable run dir, outputs/<recipe>/<name>; default: the launch time
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | a checkpoint dir
@@ -187,6 +204,7 @@ OURS = {
     "hardware": HardwareSchema,
     "reference": ReferenceSchema,
     "judge": JudgeSchema,
+    "rounds": RoundsSchema,
     "run": RunSchema,
     "sweep_report": SweepReportSchema,
     "logger": LoggerSchema,

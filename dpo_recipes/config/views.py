@@ -19,6 +19,7 @@ from dpo_recipes.config.schema import (
     JudgeSchema,
     LoggerSchema,
     ReferenceSchema,
+    RoundsSchema,
     RunSchema,
 )
 
@@ -34,6 +35,7 @@ class View:
     hardware: HardwareSchema
     reference: ReferenceSchema
     judge: JudgeSchema
+    rounds: RoundsSchema
     run: RunSchema
     logger: LoggerSchema
     choices: dict  # the option each group took, for messages: {"hardware": "zero3", ...}

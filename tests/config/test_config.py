@@ -46,7 +46,8 @@ def test_every_recipe_composes_and_builds_on_cpu(recipe, tmp_path):
 def test_every_recipe_header_gives_its_launch_command(recipe):
     header = (schema.RECIPES_DIR / f"{recipe}.yaml").read_text().split("defaults:")[0]
     assert "# @package _global_" in header
-    assert f"make train RECIPE={recipe}" in header or (recipe == "tiny_lora_dpo" and "make train" in header)
+    verb = "iterate" if "\nrounds:" in (schema.RECIPES_DIR / f"{recipe}.yaml").read_text() else "train"
+    assert f"make {verb} RECIPE={recipe}" in header or (recipe == "tiny_lora_dpo" and "make train" in header)
 
 
 def test_qwen_lora_recipe_matches_the_reference_setup(tmp_path):

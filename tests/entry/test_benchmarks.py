@@ -151,3 +151,24 @@ def test_the_suite_benchmark_reads_pytests_counts_without_its_timing():
     assert "failed in `make test-fast`: tests/a.py::test_b[x]" in suite.table(
         {"commit": "abc", "results": [failed]}
     )
+
+
+def test_the_rounds_table_has_a_row_a_round_of_each_seed():
+    from benchmarks import rounds
+
+    def compared(rate):
+        return {"win_rate": rate, "interval": [rate - 0.1, rate + 0.05], "length_ratio": 1.02}
+
+    row = {
+        "round": 1,
+        "vs_start": compared(0.7),
+        "vs_previous": compared(0.6),
+        "sampled": {"pairs": 500, "prompts": 512},
+        "seconds": {"sampling": 3.0, "judging": 1.0, "training": 30.0, "eval": 2.0},
+    }
+    table = rounds.table({"seeds": {"42": [row, {**row, "round": 2}], "1": [row]}})
+    assert (
+        "| 42 | 2 | 0.70 (0.60-0.75) | 0.60 (0.50-0.65) | 1.02 | 500 of 512 | 3.0 | 1.0 | 30.0 | 2.0 |"
+        in table
+    )
+    assert table.count("\n| ") == 4  # the separator and three rounds
