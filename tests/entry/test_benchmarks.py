@@ -153,7 +153,7 @@ def test_the_suite_benchmark_reads_pytests_counts_without_its_timing():
     )
 
 
-def test_the_rounds_table_has_a_row_a_round_of_each_seed():
+def test_the_rounds_table_has_a_row_a_round_of_each_run():
     from benchmarks import rounds
 
     def compared(rate):
@@ -166,9 +166,9 @@ def test_the_rounds_table_has_a_row_a_round_of_each_seed():
         "sampled": {"pairs": 500, "prompts": 512},
         "seconds": {"sampling": 3.0, "judging": 1.0, "training": 30.0, "eval": 2.0},
     }
-    table = rounds.table({"seeds": {"42": [row, {**row, "round": 2}], "1": [row]}})
+    table = rounds.table({"runs": {"fresh, seed 42": [row, {**row, "round": 2}], "cached, seed 1": [row]}})
     assert (
-        "| 42 | 2 | 0.70 (0.60-0.75) | 0.60 (0.50-0.65) | 1.02 | 500 of 512 | 3.0 | 1.0 | 30.0 | 2.0 |"
+        "| fresh, seed 42 | 2 | 0.70 (0.60-0.75) | 0.60 (0.50-0.65) | 1.02 | 500 of 512 | 3.0 | 1.0 | 30.0 | 2.0 |"
         in table
     )
     assert table.count("\n| ") == 4  # the separator and three rounds
