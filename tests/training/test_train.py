@@ -83,8 +83,8 @@ def test_summary_describes_the_run(default_run):
 
 
 def test_the_cpu_recipes_ship_padding_free_with_the_prompt_shared(default_run):
-    """As `make train` runs: each micro-batch packed, each prompt computed once, attended by segment;
-    the 7B recipes, not yet measured on a GPU, keep TRL's padded batches."""
+    """As `make train` runs: each micro-batch packed, each prompt computed once, attended by segment (the
+    CPU DPO recipes); the 7B recipes, not yet measured on a GPU, keep TRL's padded batches."""
     from dpo_recipes.training.segments import SEGMENTED
 
     trainer, _ = default_run
@@ -93,7 +93,7 @@ def test_the_cpu_recipes_ship_padding_free_with_the_prompt_shared(default_run):
     for recipe in schema.recipes():
         train_args = config.compose([f"recipes={recipe}"])[0].train
         shipped = [bool(train_args.get(key)) for key in ("padding_free", "share_prompt")]
-        assert shipped == [recipe in ("tiny_lora_dpo", "tiny_full_dpo")] * 2, recipe
+        assert shipped == [recipe in ("tiny_lora_dpo", "tiny_full_dpo", "tiny_rounds")] * 2, recipe
 
 
 def test_evaluate_takes_data_the_trainer_already_tokenized(default_run):
