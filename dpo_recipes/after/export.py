@@ -147,7 +147,7 @@ def _card(run: trained.Run, how: str) -> str:
                 f"| {name} | {final[name]:.4g} | " + (f"{top['value']:.4g} ({top['step']}) |" if top else "|")
             )
     if "eval" in summary and not shipped:
-        lines += ["", "`make eval` judged the run's final weights, not these: run it on this export."]
+        lines += ["", "`make eval` judged the run's final weights, not these, so its numbers are not shown."]
     elif "eval" in summary:  # make eval: the answers judged against the reference's
         lines += [
             "",
