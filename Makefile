@@ -64,7 +64,7 @@ sweep: setup ## Multirun: SWEEP=beta_lr (a conf/sweep preset) and/or grids in AR
 	$(PY) -m dpo_recipes.train -m $(TRAIN_ARGS) $(if $(SWEEP),+sweep=$(SWEEP)) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
 		$(if $(SWEEP_DIR),'hydra.sweep.dir=$(SWEEP_DIR)') $(ARGV)
 
-sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster); ARGS="--metric eval_loss --lower"
+sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jobs ran on a cluster), or compare the rounds dirs in DIR=outputs/<recipe>; ARGS="--metric eval_loss --lower"
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
 	$(PY) -m dpo_recipes.after.sweep '$(DIR)' $(ARGV)
 

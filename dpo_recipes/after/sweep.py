@@ -4,6 +4,9 @@ Written by a Hydra callback when the multirun ends, or again for an existing swe
 its jobs ran on a cluster):
 
     python -m dpo_recipes.after.sweep multirun/tiny_lora_dpo/2026-11-20_10-00-00 [--metric eval_loss --lower]
+
+For a dir of on-policy rounds (make iterate RUN=<name> ARGS=... into outputs/<recipe>/<name>), the same
+command on outputs/<recipe> compares them: each one's last round judged against its start.
 """
 
 import argparse
@@ -20,11 +23,16 @@ from data_prep.io import atomic_path, write_text
 from dpo_recipes.rundir import paths
 from dpo_recipes.training.metrics import BEST, to_csv
 
+ROUNDS = paths.ROUNDS[0]  # make iterate's report across rounds (dpo_recipes/after/rounds.py)
+
 
 def _overrides(job_dir: Path) -> dict:
     """The job's own overrides (`train.beta=0.1` -> beta: 0.1), Hydra's own left out."""
     path = job_dir / paths.RECORD / paths.OVERRIDES
-    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    return _keys(yaml.safe_load(path.read_text()) if path.exists() else [])
+
+
+def _keys(items: list[str]) -> dict:
     pairs = [item.lstrip("+~").split("=", 1) for item in items if "=" in item]
     pairs = [(k, v) for k, v in pairs if k != "sweep" and not k.startswith("hydra")]
     short = [k.rsplit(".", 1)[-1] for k, _ in pairs]
@@ -224,6 +232,63 @@ def unlogged(sweep_dir: Path, names) -> str | None:
     return None
 
 
+def rounds_dirs(parent: Path) -> list[Path]:
+    """The dirs `make iterate` wrote its report across rounds in."""
+    return sorted(d for d in parent.iterdir() if (d / ROUNDS).is_file()) if parent.is_dir() else []
+
+
+def rounds_row(rounds_dir: Path) -> dict:
+    """One rounds dir: its keys beside the recipe, its rounds, and its last round against the start."""
+    report = json.loads((rounds_dir / ROUNDS).read_text())
+    row = {
+        "dir": str(rounds_dir),
+        "overrides": _keys([o for o in report["overrides"] if not o.startswith("recipes=")]),
+    }
+    row["rounds"] = len(report["rounds"])
+    last = report["rounds"][-1]["vs_start"] if report["rounds"] else {}
+    row["win_rate_vs_start"] = last.get("win_rate")
+    row["lower"], row["upper"] = last.get("interval", (None, None))
+    row["length_ratio_vs_start"] = last.get("length_ratio")
+    row["rates_vs_start"] = [r["vs_start"]["win_rate"] for r in report["rounds"]]
+    return row
+
+
+def write_rounds_report(parent: Path) -> dict:
+    """sweep_summary.json, .csv and sweep_curves.png across the rounds dirs in `parent`; the best is the
+    one whose last round's interval against its start lies highest (its lower bound, then its rate)."""
+    rows = [rounds_row(d) for d in rounds_dirs(parent)]
+    done = [r for r in rows if r["rounds"]]
+    best = max(done, key=lambda r: (r["lower"], r["win_rate_vs_start"]), default=None)
+    report = {"rounds_dirs": str(parent), "ranked_by": "last round vs start: lower bound, then win rate",
+              "runs": rows, "best": best}  # fmt: skip
+    write_text(parent / "sweep_summary.json", json.dumps(report, indent=2))
+    flat = [{"dir": r["dir"], **r["overrides"], **{k: v for k, v in r.items() if k not in ("dir", "overrides")}}
+            for r in rows]  # fmt: skip
+    write_text(parent / "sweep_summary.csv", to_csv(flat, first=("dir",)))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for row in done:
+        label = ", ".join(f"{k}={row['overrides'][k]}" for k in _varying(rows)) or Path(row["dir"]).name
+        ax.plot(range(1, row["rounds"] + 1), row["rates_vs_start"], "o-", label=label)
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set(title=f"rounds in {parent}", xlabel="round", ylabel="judged win rate vs start", ylim=(0, 1))
+    if ax.lines:
+        ax.legend(fontsize=8)
+    with atomic_path(parent / "sweep_curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    chosen = (f"best: {best['dir']} (round {best['rounds']} vs start {best['win_rate_vs_start']:.2f}, 95% CI "
+              f"{best['lower']:.2f}-{best['upper']:.2f})" if best else "best: none (no round finished)")  # fmt: skip
+    print(
+        f"rounds report: {len(done)} of {len(rows)} dirs with a finished round; {chosen}; {parent / 'sweep_summary.csv'}"
+    )
+    return report
+
+
 class SweepReport(Callback):
     """Hydra callback: write the sweep report when a multirun ends; exit 1 if any job failed or the
     report's metric was never logged."""
@@ -253,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tie-break", default="eval_loss", help="lowest value wins a tie")
     args = parser.parse_args(argv)
     jobs = job_dirs(args.sweep_dir)
+    if not jobs and rounds_dirs(args.sweep_dir):
+        write_rounds_report(args.sweep_dir)
+        return 0
     if not jobs:
-        print(f"error: {args.sweep_dir} is not a sweep dir (no job dirs with .hydra/ in it)", file=sys.stderr)
+        print(
+            f"error: {args.sweep_dir} is not a sweep dir (no job dirs with .hydra/ in it) nor a dir of rounds "
+            f"dirs (with {ROUNDS} in them)",
+            file=sys.stderr,
+        )
         return 2
     try:
         write_report(args.sweep_dir, args.metric, not args.lower, args.tie_break)

@@ -22,6 +22,7 @@ LAUNCH = "launch.yaml"  # in each record, beside Hydra's files
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 CONFIG, OVERRIDES = HYDRA_FILES[0], HYDRA_FILES[2]
 EXPORT = "export"  # make export's default output
+ROUNDS = ("rounds.json", "rounds.md", "rounds.png")  # make iterate's report across rounds, in its dir
 LOCK = ".launch.lock"  # the live launch holding the dir: host, pid, launch time
 # What a run and the steps after it write at the top of its dir (the only names run.overwrite removes):
 # records, metrics, checkpoints, weights, tokenizer files, the model card, loggers' folders, exports
