@@ -1,7 +1,8 @@
 """On-policy rounds: each round samples `rounds.samples` answers to each of `rounds.prompts` training
 prompts from the current policy, scores them with the recipe's judge, pairs the best answer against the
-worst, and trains DPO on those pairs from the current policy, which is also the round's reference (a
-LoRA round is merged into its base before the next, so the adapter-off reference is the round before).
+worst, and trains DPO on those pairs (and `rounds.offline` of the dataset's own) from the current
+policy, which is also the round's reference (a LoRA round is merged into its base before the next, so
+the adapter-off reference is the round before).
 Each round is a run of its own in <dir>/round-<r>; a finished round is skipped and a crash resumes the
 round it was in. Every round's greedy answers to held-out prompts are judged against the start's and
 the round before's: <dir>/rounds.json, rounds.md and rounds.png.
@@ -30,7 +31,7 @@ from dpo_recipes.config.schema import RoundsSchema
 from dpo_recipes.rundir import paths
 from dpo_recipes.training import chat, data
 
-REPORT = ("rounds.json", "rounds.md", "rounds.png")
+REPORT = paths.ROUNDS
 TIMES = "round.json"  # in each round's run dir: the seconds its training took
 # Each round trains on its own pairs and is evaluated on the held-out rows the driver wrote once.
 DATASET = ["dataset.format=trl", "dataset.sources=[]", "dataset.columns={}", "dataset.messages={}",
@@ -47,6 +48,7 @@ class Setup:
     prompts: list  # distinct training prompts, none of them an eval prompt
     eval_prompts: list
     start: str  # the model the first round starts from
+    offline: list  # the dataset's pairs on training prompts, when rounds.offline mixes them in
 
 
 def distinct(rows) -> list:
@@ -66,8 +68,11 @@ def prepare(name: str | None, overrides: list[str]) -> Setup:
             f"judge.kind={built.judge.kind}: rounds score each sampled answer, which needs a reward model "
             "(judge=tiny on the tiny recipes, judge=skywork_v2_qwen3_8b on the 7B ones)"
         )
-    if view.rounds.samples < 2 or view.rounds.count < 1:
-        problems.append("rounds.samples must be at least 2 (a best and a worst) and rounds.count at least 1")
+    if view.rounds.samples < 2 or view.rounds.count < 1 or view.rounds.offline < 0:
+        problems.append(
+            "rounds.samples must be at least 2 (a best and a worst), rounds.count at least 1 and "
+            "rounds.offline 0 or more"
+        )
     if problems:
         raise errors.ConfigError(problems)
     train, held, _ = data.load(built.dataset, built.args.seed)
@@ -96,7 +101,17 @@ def prepare(name: str | None, overrides: list[str]) -> Setup:
         write_text(recorded, json.dumps({"overrides": ours, "rounds": []}))
         io.write(held, run_dir / "data" / "eval.jsonl")
     start = built.model.model_name_or_path
-    return Setup(run_dir, ours, built, view.rounds, prompts, eval_prompts[: view.rounds.eval_prompts], start)
+    offline = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in train
+               if view.rounds.offline and judges.unit(row["prompt"]) not in unseen]  # fmt: skip
+    return Setup(
+        run_dir, ours, built, view.rounds, prompts, eval_prompts[: view.rounds.eval_prompts], start, offline
+    )
+
+
+def fresh(items: list, r: int, n: int) -> list:
+    """Round r's `n` items: the ones after the rounds before's, from the start again once all were used."""
+    first = ((r - 1) * n) % len(items) if items else 0
+    return (items[first:] + items[:first])[:n]
 
 
 def tokenizer_of(s: Setup, model: str):
@@ -188,8 +203,7 @@ def sampled(s: Setup, r: int, model: str) -> dict:
     if out.exists() and stats.exists():
         return json.loads(stats.read_text())
     rounds, k = s.rounds, s.rounds.samples
-    first = ((r - 1) * rounds.prompts) % len(s.prompts)
-    prompts = (s.prompts[first:] + s.prompts[:first])[: rounds.prompts]  # fresh ones while they last
+    prompts = fresh(s.prompts, r, rounds.prompts)
     clock = time.perf_counter()
     flat = answers(s, model, [p for p in prompts for _ in range(k)], rounds.temperature,
                    s.built.args.seed + r, f"round {r}: sampling {k} answers a prompt")  # fmt: skip
@@ -204,9 +218,11 @@ def sampled(s: Setup, r: int, model: str) -> dict:
             f"round {r}: no pair kept of {len(prompts)} prompts ({dropped}): sample more answers a prompt "
             "(rounds.samples), at a higher rounds.temperature, or lower rounds.min_margin"
         )
+    offline = fresh(s.offline, r, rounds.offline)
     report = {
         "prompts": len(prompts),
         "pairs": len(rows),
+        "offline": len(offline),
         "dropped": dropped,
         "judge_scores": {
             "mean": round(float(np.mean(scores)), 4),
@@ -215,7 +231,7 @@ def sampled(s: Setup, r: int, model: str) -> dict:
         "mean_chars": round(float(np.mean([len(t) for t in flat])), 1),
         "seconds": {"sampling": round(generation, 1), "judging": round(judging, 1)},
     }
-    io.write(Dataset.from_list(rows), out)
+    io.write(Dataset.from_list(rows + offline), out)
     write_text(stats, json.dumps(report, indent=2))
     return report
 
@@ -294,10 +310,11 @@ def line(row: dict) -> str:
         return f"{c['win_rate']:.2f} (95% CI {c['interval'][0]:.2f}-{c['interval'][1]:.2f})"
 
     p = row["sampled"]
+    mixed = f" and {p['offline']} of the dataset's" if p.get("offline") else ""
     return (
         f"round {row['round']}: win rate vs start {rate(row['vs_start'])}, vs the round before "
         f"{rate(row['vs_previous'])}; length ratio vs start {row['vs_start']['length_ratio']:.2f}; "
-        f"{p['pairs']} pairs of {p['prompts']} prompts, sampled answers' judge score {p['judge_scores']['mean']:.2f}"
+        f"{p['pairs']} pairs of {p['prompts']} prompts{mixed}, sampled answers' judge score {p['judge_scores']['mean']:.2f}"
     )
 
 

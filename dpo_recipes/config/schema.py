@@ -171,7 +171,8 @@ class RoundsSchema:
     """On-policy rounds (`make iterate`; dpo_recipes/after/rounds.py): each round samples `samples`
     answers to each of `prompts` training prompts from the current policy at `temperature`, pairs the
     judge's best against its worst where their scores differ by more than `min_margin`, and trains DPO
-    on those pairs from the current policy; each round is judged on `eval_prompts` held-out prompts."""
+    on those pairs, with `offline` of the dataset's own pairs, from the current policy; each round is
+    judged on `eval_prompts` held-out prompts."""
 
     count: int = 3
     samples: int = 4
@@ -181,6 +182,7 @@ class RoundsSchema:
     min_margin: float = 0.0
     eval_prompts: int = 64
     batch_size: int = 32  # prompts generated at once
+    offline: int = 0  # the dataset's pairs added to each round's (fresh ones each round while they last)
 
 
 @dataclass

@@ -4,15 +4,19 @@ and the tiny recipe's three rounds as `make iterate` runs them, judged round ove
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dpo_recipes import errors
 from dpo_recipes.after import judge as judges
-from dpo_recipes.after import rounds
+from dpo_recipes.after import rounds, sweep
+from dpo_recipes.rundir import paths
+from dpo_recipes.training import data
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +42,7 @@ def test_each_prompt_pairs_its_best_scored_answer_against_its_worst_and_counts_w
     [
         (["recipes=tiny_rounds", "judge=none"], "judge.kind=none: rounds score each sampled answer"),
         (["recipes=tiny_rounds", "rounds.samples=1"], "rounds.samples must be at least 2"),
+        (["recipes=tiny_rounds", "rounds.offline=-1"], "rounds.offline 0 or more"),
         (["recipes=tiny_kto", "judge=tiny"], "task=kto: rounds train DPO"),
     ],
 )
@@ -46,10 +51,48 @@ def test_rounds_refuse_what_they_cannot_run_before_any_weight_loads(overrides, e
         rounds.prepare("refused", overrides)
 
 
+@pytest.mark.slow
+def test_a_round_adds_fresh_pairs_of_the_dataset_to_its_own_when_asked(tmp_path, monkeypatch):
+    """rounds.offline=5: each round's data is its sampled pairs, then the next 5 of the dataset's pairs
+    on training prompts (none on an eval prompt), counted apart in the round's report: round 2 adds the
+    6th to the 10th."""
+    monkeypatch.chdir(tmp_path)
+    keys = ["rounds.prompts=8", "rounds.max_new_tokens=16", "rounds.offline=5"]
+    s = rounds.prepare("mixed", ["recipes=tiny_rounds", *keys])
+    train, held, _ = data.load(s.built.dataset, s.built.args.seed)
+    unseen = {judges.unit(row["prompt"]) for row in held}
+    expected = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in train
+                if judges.unit(row["prompt"]) not in unseen][:10]  # fmt: skip
+    report = rounds.sampled(s, 2, s.start)
+    written = rows_of(s.dir / "data" / "round-2.jsonl")
+    assert report["offline"] == 5 and len(written) == report["pairs"] + 5
+    assert written[report["pairs"] :] == expected[5:10]
+
+
+def command(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "dpo_recipes.after.rounds", "--name", "r", "recipes=tiny_rounds", *extra]
+
+
+def env() -> dict:
+    """The test's environment (its cache of tiny models among it), as it is when the test runs."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def iterate(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dpo_recipes.after.rounds", "--name", "r", "recipes=tiny_rounds", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    return subprocess.run(command(*extra), cwd=cwd, capture_output=True, text=True, env=env())
+
+
+def killed_mid_training(cwd: Path, run_dir: Path) -> None:
+    """`make iterate` killed (SIGKILL, the training process with it) once `run_dir` holds a checkpoint."""
+    process = subprocess.Popen(command(), cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not any(paths.complete(c) for c in paths.checkpoints(run_dir)):
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{run_dir} never saved a checkpoint"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -63,9 +106,12 @@ def numbers(report: list[dict]) -> list[dict]:
 @pytest.mark.e2e
 def test_three_rounds_of_the_tiny_recipe_learn_from_their_own_answers_and_resume(tmp_path):
     """From the tiny base, on its own sampled answers and the tiny judge only: the first round's greedy
-    answers beat the start's with the interval above 1/2, the last round's at 0.8 or more (BENCHMARKS.md,
-    Rounds: every round over three seeds). A round that lost its export and its answers after training redoes only those, to the same
-    numbers; a finished round is not trained again; other settings in the same dir are refused."""
+    answers beat the start's with the interval above 1/2, the last round's at 0.8 or more. BENCHMARKS.md
+    (Rounds) has the spread: on tiny models built anew (as here, and on a first run) every round over
+    three seeds; on an older build of them round 1 reaches 0.53-0.67, its interval not above 1/2, and round 3
+    0.91-0.94. make eval judges a round against the round before; the sweep report reads the rounds. A
+    round killed mid-training resumes from its checkpoint to the same numbers; a finished round is not
+    trained again; other settings in the same dir are refused."""
     done = iterate(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     where = tmp_path / "outputs" / "tiny_rounds" / "r"
@@ -86,12 +132,36 @@ def test_three_rounds_of_the_tiny_recipe_learn_from_their_own_answers_and_resume
         )
     assert (where / "rounds.png").stat().st_size > 0 and (where / "rounds.md").exists()
 
-    shutil.rmtree(where / "round-3" / "export")
+    evaluated = subprocess.run([sys.executable, "-m", "dpo_recipes.after.evaluate", str(where / "round-2"), "--n", "64"],
+                               cwd=tmp_path, capture_output=True, text=True, env=env())  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    judged = json.loads((where / "round-2" / "dpo_metrics" / "eval.json").read_text())
+    # make eval's reference is round 2's: round 1 merged, its adapter off; its answers come from the
+    # unmerged adapter in other batches, so a greedy answer may differ from the driver's
+    versus = judged["comparisons"]["policy_vs_reference"]
+    assert (
+        judged["prompts"] == 64
+        and abs(versus["win_rate"] - report["rounds"][1]["vs_previous"]["win_rate"]) <= 0.1
+    )
+
+    finished = {r: (where / f"round-{r}" / "dpo_metrics" / "summary.json").read_text() for r in (1, 2)}
+    shutil.rmtree(where / "round-3")
     (where / "data" / "answers-round-3.json").unlink()
+    killed_mid_training(tmp_path, where / "round-3")
+    assert paths.summary(where / "round-3").get("status") != "finished"
     again = iterate(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "run finished" not in again.stdout  # no round trained again
+    assert f"resuming from {where.absolute() / 'round-3' / 'checkpoint-'}" in again.stdout
+    assert again.stdout.count("run finished") == 1  # round 3 alone; a finished round is not trained again
+    assert finished == {
+        r: (where / f"round-{r}" / "dpo_metrics" / "summary.json").read_text() for r in (1, 2)
+    }
     resumed = json.loads((where / "rounds.json").read_text())["rounds"]
     assert numbers(resumed) == numbers(report["rounds"])
+    assert sweep.main([str(where.parent)]) == 0  # make sweep-report DIR=outputs/tiny_rounds
+    compared = json.loads((where.parent / "sweep_summary.json").read_text())["runs"]
+    assert [(r["rounds"], r["win_rate_vs_start"]) for r in compared] == [
+        (3, resumed[-1]["vs_start"]["win_rate"])
+    ]
     mixed = iterate(tmp_path, "rounds.samples=3")
     assert mixed.returncode == 2 and "one report would mix two experiments" in mixed.stderr
