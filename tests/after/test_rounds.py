@@ -106,10 +106,10 @@ def numbers(report: list[dict]) -> list[dict]:
 @pytest.mark.e2e
 def test_three_rounds_of_the_tiny_recipe_learn_from_their_own_answers_and_resume(tmp_path):
     """From the tiny base, on its own sampled answers and the tiny judge only: the first round's greedy
-    answers beat the start's with the interval above 1/2, the last round's at 0.8 or more. BENCHMARKS.md
-    (Rounds) has the spread: on tiny models built anew (as here, and on a first run) every round over
-    three seeds; on an older build of them round 1 reaches 0.53-0.67, its interval not above 1/2, and round 3
-    0.91-0.94. make eval judges a round against the round before; the sweep report reads the rounds. A
+    answers beat the start's with the interval above 1/2, the last round's at 0.8 or more (BENCHMARKS.md,
+    Rounds: round 1 at 0.67-0.93, its lower bound 0.55 or more, round 3 at 0.95-0.99, over three seeds and
+    two builds of the tiny models). make eval judges a round against the round before; the sweep report
+    reads the rounds. A
     round killed mid-training resumes from its checkpoint to the same numbers; a finished round is not
     trained again; other settings in the same dir are refused."""
     done = iterate(tmp_path)
