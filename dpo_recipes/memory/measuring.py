@@ -23,7 +23,8 @@ class Measured(TrainerCallback):
         fresh = state.global_step == 0  # a resumed run's steps are not its first
         if self.until is None and fresh and args.device.type == "cpu" and self.engine in ("single", "ddp"):
             trainer, self.until = self.trainer, state.global_step + self.STEPS
-            self.tracker = Tracker().watch(trainer.model, trainer.ref_model, optimizer=trainer.optimizer)
+            reference = getattr(trainer, "ref_model", None)  # ORPO and CPO hold none
+            self.tracker = Tracker().watch(trainer.model, reference, optimizer=trainer.optimizer)
             self.tracker.__enter__()
 
     def close(self):

@@ -11,7 +11,7 @@ import torch
 from dpo_recipes import errors
 from dpo_recipes.errors import TooBig
 from dpo_recipes.memory.estimates import MARGIN, Estimate, predict
-from dpo_recipes.memory.shapes import Shape, counted_elsewise, prep_report, shape_of
+from dpo_recipes.memory.shapes import NO_REFERENCE, Shape, counted_elsewise, prep_report, shape_of
 from dpo_recipes.memory.trace import MB
 
 
@@ -66,7 +66,7 @@ def fixes(shape: Shape, budget: float, effective: int) -> list[Fix]:
         text = f"train.per_device_train_batch_size={b} train.gradient_accumulation_steps={effective // b}"
         found.append(Fix("batch", text, best[1]))
     candidates = []  # (kind, text, change): the first shard that fits and the longest length only
-    if shape.reference != "precomputed":
+    if shape.reference not in ("precomputed", "none"):
         candidates.append(("reference", "reference=precomputed", dict(reference="precomputed")))
     if not shape.checkpointing:
         candidates.append(("checkpointing", "train.activation_checkpointing=true", dict(checkpointing=True)))
@@ -76,7 +76,8 @@ def fixes(shape: Shape, budget: float, effective: int) -> list[Fix]:
         shard = dict(engine="deepspeed", zero_stage=3, processes=n, dtype=stored, offload=False)
         candidates.append(("shard", f"hardware=zero3 NPROC={n}", shard))
     if not shape.four_bit and shape.cuda:
-        quantized = dict(four_bit=True, lora=shape.lora or _default_lora(), reference="adapter")
+        reference = "none" if shape.reference == "none" else "adapter"
+        quantized = dict(four_bit=True, lora=shape.lora or _default_lora(), reference=reference)
         text = "QLoRA: model=qwen2_5_7b_qlora or model.use_peft=true model.load_in_4bit=true"
         candidates.append(("quantize", text, quantized))
     for length in (shape.length * 3 // 4, shape.length // 2, shape.length // 4):
@@ -110,12 +111,13 @@ class Verdict:
 
 
 def preflight(built, processes: int | None = None, **changes) -> Verdict:
-    """Before any weight loads: the predicted peak of a DPO or KTO run, the micro-batch
+    """Before any weight loads: the predicted peak of a DPO, KTO, ORPO or CPO/SimPO run, the micro-batch
     `hardware.micro_batch=auto` picks, and the verdict against its budget (budget_mb); raises TooBig,
     listing the fixes, for a run predicted not to fit. `changes`: Shape fields to plan with instead of the
     run's. A KTO step is a DPO step on half as many pairs: its rows, through the same fused head, each
-    against the reference, and a KL pass under no_grad that holds no activations past its own layer."""
-    if built.task not in ("dpo", "kto"):
+    against the reference, and a KL pass under no_grad that holds no activations past its own layer. An
+    ORPO or CPO step has no reference and holds the whole vocabulary's logits (shapes.Shape.head)."""
+    if built.task not in ("dpo", "kto", *NO_REFERENCE):
         return Verdict(None, [])
     if built.task == "kto":
         changes.setdefault("batch", -(-built.args.per_device_train_batch_size // 2))

@@ -13,6 +13,8 @@ from data_prep.tokens import tokenizer_id
 from dpo_recipes import errors
 from dpo_recipes.sources import hub
 
+NO_REFERENCE = ("orpo", "cpo")  # tasks whose step has no reference pass
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -41,6 +43,10 @@ class Shape:
     zero_stage: int | None = None
     processes: int = 1
     offload: bool = False
+    # ORPO and CPO/SimPO (reference "none") score the whole vocabulary's logits, as TRL's trainers do, and
+    # ORPO (CPO with cpo_alpha > 0) adds the chosen answers' NLL over them
+    head: str = "fused"  # fused, logits
+    chosen_nll: bool = False
 
 
 def prep_report(dataset) -> dict | None:
@@ -114,7 +120,8 @@ def accelerate_setting(built, key: str):
 
 
 def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
-    """The Shape of a built DPO run (`changes`: fields to plan with instead, e.g. batch)."""
+    """The Shape of a built DPO, KTO, ORPO or CPO run (`changes`: fields to plan with instead, e.g.
+    batch)."""
     config = hub.model_config(built.model.model_name_or_path, built.model.model_revision)
     dtype = (built.args.model_init_kwargs or {}).get("dtype", built.model.dtype)  # precision.upcast's
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else getattr(config, "dtype", None)
@@ -139,7 +146,9 @@ def shape_of(built, *, processes: int | None = None, **changes) -> Shape:
             four_bit=bool(built.model.load_in_4bit),
             checkpointing=bool(args.activation_checkpointing)
             or accelerate_setting(built, "fsdp_activation_checkpointing"),
-            reference=built.reference.strategy,
+            reference="none" if built.task in NO_REFERENCE else built.reference.strategy,
+            head="logits" if built.task in NO_REFERENCE else "fused",
+            chosen_nll=built.task == "orpo" or (built.task == "cpo" and args.cpo_alpha != 0),
             batch=args.per_device_train_batch_size,
             length=length,
             args=args,

@@ -197,6 +197,8 @@ def _decoder_layers(model, n: int) -> torch.nn.ModuleList:
 
 def _step(model, reference, shape: Shape, ids, mask) -> None:
     """The policy pass, the reference pass without gradients (TRL's order), the sigmoid loss, backward."""
+    if shape.head == "logits":
+        return _logits_step(model, shape, ids, mask)
     logps = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True).log_probs.sum(1)
     if shape.reference != "precomputed":
         with torch.no_grad():
@@ -208,6 +210,26 @@ def _step(model, reference, shape: Shape, ids, mask) -> None:
         logps = logps - ref.log_probs.sum(1)
     chosen, rejected = logps.chunk(2) if len(logps) % 2 == 0 else (logps, -logps)  # one packed row
     torch.nn.functional.logsigmoid(chosen - rejected).mean().neg().backward()
+
+
+def _logits_step(model, shape: Shape, ids, mask) -> None:
+    """ORPO's and CPO's step as their trainers take it (concatenated_forward): the whole vocabulary's
+    logits, the chosen half's NLL over them (ORPO; CPO with cpo_alpha > 0), each sequence's mean log-prob
+    (TRL's get_batch_logps), no reference; backward."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    if shape.mixed is not None:  # accelerate's autocast wrapper hands the outputs back in fp32
+        logits = logits.float()
+    half = len(ids) // 2
+    loss = 0
+    if shape.chosen_nll:
+        chosen = logits[:half, :-1].contiguous()
+        loss = torch.nn.functional.cross_entropy(
+            chosen.view(-1, chosen.shape[-1]), ids[:half, 1:].reshape(-1)
+        )
+    logps = ORPOTrainer.get_batch_logps(logits, ids, average_log_prob=True)
+    (loss - torch.nn.functional.logsigmoid(logps[:half] - logps[half:]).mean()).backward()
 
 
 def _quantized_linears(shape: Shape) -> tuple[int, int]:
