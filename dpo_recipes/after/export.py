@@ -95,6 +95,9 @@ def card(run: trained.Run, how: str) -> str:
     return portable(_card(run, how))
 
 
+METHODS = {"dpo": "DPO", "sft": "SFT", "orpo": "ORPO", "cpo": "CPO", "kto": "KTO"}  # by task, for the card
+
+
 def _card(run: trained.Run, how: str) -> str:
     summary, model = run.summary, run.config["model"]
     base = model["model_name_or_path"]
@@ -110,9 +113,14 @@ def _card(run: trained.Run, how: str) -> str:
         method, tag = "reward modeling", "reward-model"
         detail = "A score head trained by TRL's RewardTrainer (the Bradley-Terry loss on each pair)"
     else:
-        method, tag = "DPO", "dpo"
-        loss = run.config["train"].get("loss_type", ["sigmoid"])
-        detail = f"Loss: {loss}, beta {run.beta}; reference: {summary['reference']['strategy']}"
+        train, reference = run.config["train"], summary.get("reference")  # None: a method without one
+        loss = train.get("loss_type", ["sigmoid"] if run.task == "dpo" else None)
+        method = "SimPO" if run.task == "cpo" and loss == "simpo" else METHODS[run.task]
+        tag = method.lower()
+        detail = ", ".join(
+            [*([f"Loss: {loss}"] if loss else []), *([] if run.task == "sft" else [f"beta {run.beta}"])]
+        )
+        detail += f"; reference: {reference['strategy']}" if reference else "; no reference model"
     lines = [
         "---",
         *([] if local else [f"base_model: {base}"]),  # the Hub's field takes a hub id only

@@ -110,7 +110,8 @@ def test_each_method_logs_trls_own_losses_on_the_same_rows(recipe, tmp_path):
 @pytest.mark.parametrize("recipe", TRAINERS)
 def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(recipe, tmp_path):
     """As shipped: the share of held-out pairs whose chosen answer the policy prefers at the end (KTO,
-    which rates each answer alone: the margin of the mean rewards), and `make eval` on the run: the
+    which rates each answer alone: the margin of the mean rewards), `make export` (the adapter merged,
+    the card naming the recipe), and `make eval` on the run: the
     tiny judge prefers the policy's answers to the base's on 64 held-out prompts, the 95% interval of
     its win rate above 1/2."""
     from conftest import python_m
@@ -121,6 +122,15 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
         assert summary["final"]["eval_rewards/margins"] >= 0.25, summary["final"]
     else:
         assert summary["final"]["eval_rewards/accuracies"] >= 0.9, summary["final"]
+    exported = python_m("dpo_recipes.after.export", str(metrics.parent))  # make export, the adapter merged
+    assert exported.returncode == 0, exported.stderr
+    card = (metrics.parent / "export" / "README.md").read_text()
+    method, reference = {"tiny_orpo": ("ORPO", "no reference model"), "tiny_simpo": ("SimPO", "no reference model"),
+                         "tiny_kto": ("KTO", "reference: adapter")}[recipe]  # fmt: skip
+    assert f"trained with {method}" in card and reference in card and f"make train RECIPE={recipe}" in card, (
+        card
+    )
+    assert not (metrics.parent / "export" / "adapter_config.json").exists()
     if recipe == "tiny_kto":  # its answers beat the base's with an interval holding 1/2 (its recipe)
         return
     done = python_m("dpo_recipes.after.evaluate", str(metrics.parent), "--n", "64", "--max-new-tokens", "48")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run
+from conftest import python_m, run
 from safetensors.torch import load_file
 from trl import SFTTrainer
 
@@ -70,12 +70,17 @@ def test_sft_logs_trls_own_losses_on_the_same_rows(tmp_path):
 def test_dpo_after_sft_starts_from_its_adapter_and_holds_it_as_the_reference(tmp_path):
     """The two-stage pipeline the SFT verdict prints: DPO with reference=sft_adapter at the SFT run dir
     starts where SFT ended (at its first step the policy's rewards are 0: policy and reference are the
-    same adapter) and keeps that adapter frozen as the reference."""
+    same adapter) and keeps that adapter frozen as the reference. `make export` merges the SFT model
+    alone, its card naming SFT."""
     sft, sft_metrics = run(tmp_path / "sft", ["recipes=tiny_sft", *SHORT, "++train.max_steps=4"])
     sft_dir = sft_metrics.parent
     summary = json.loads((sft_metrics / "summary.json").read_text())
     assert summary["task"] == "sft" and summary["status"] == "finished"
     assert f"reference=sft_adapter reference.path={sft_dir}" in (sft_metrics / "summary.md").read_text()
+    exported = python_m("dpo_recipes.after.export", str(sft_dir), "--out", str(tmp_path / "sft_export"))
+    assert exported.returncode == 0, exported.stderr  # make export: the SFT model alone, merged
+    card = (tmp_path / "sft_export" / "README.md").read_text()
+    assert "trained with SFT" in card and "no reference model" in card, card
     dpo, _ = run(
         tmp_path / "dpo",
         [
