@@ -216,10 +216,11 @@ def test_pickle_weights_are_refused_by_default(tmp_path):
 
 
 @pytest.mark.e2e
-def test_full_fine_tuning_resumes_to_the_same_losses(tmp_path, capsys):
-    overrides = [o.replace("recipes=tiny_lora_dpo", "recipes=tiny_full_dpo") for o in RESUMABLE]
+@pytest.mark.parametrize("method", ["tiny_full_dpo", "tiny_kto", "tiny_orpo"])
+def test_full_fine_tuning_and_the_other_methods_resume_to_the_same_losses(method, tmp_path, capsys):
+    overrides = [o.replace("recipes=tiny_lora_dpo", f"recipes={method}") for o in RESUMABLE]
     cfg, recipe = config.compose([*overrides, "train.max_steps=20"])
-    run_dir = tmp_path / "full"
+    run_dir = tmp_path / method
     reference = losses(train.run(cfg, run_dir, recipe).state.log_history)
     # Back to the state of a run that died after checkpoint-10: no summary, no later checkpoint.
     (run_dir / "dpo_metrics" / "summary.json").unlink()
