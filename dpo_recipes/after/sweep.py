@@ -23,6 +23,10 @@ from data_prep.io import atomic_path, write_text
 from dpo_recipes.rundir import paths
 from dpo_recipes.training.metrics import BEST, to_csv
 
+# What a sweep's jobs are ranked by where sweep_report.metric (--metric) names nothing: (metric, higher is
+# better) for DPO, ORPO and CPO/SimPO, which score pairs; KTO, which rates each answer alone; and SFT
+PAIRED = ("eval_rewards/accuracies", True)
+TASK_METRIC = {"kto": ("eval_rewards/margins", True), "sft": ("eval_loss", False)}
 ROUNDS = paths.ROUNDS[0]  # make iterate's report across rounds (dpo_recipes/after/rounds.py)
 
 
@@ -52,7 +56,7 @@ def job(job_dir: Path, metrics: tuple[str, ...] = ()) -> dict:
     summary_path = paths.summary_file(job_dir)
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        tokenize = summary.get("tokenize", {}).get("train", {})
+        tokenize = (summary.get("tokenize") or {}).get("train") or {}  # None: tokenized by TRL's own path
         status = summary.get("status")
         error = "" if status == "finished" else f"{status} at step {summary.get('steps')}: re-run the sweep"
         row.update(status="ok" if status == "finished" else status, error=error)
@@ -174,15 +178,24 @@ def _grid(rows: list[dict], metric: str):
     return ("beta", xs), ("learning_rate", ys), values, marks
 
 
+def task_metric(sweep_dir: Path) -> tuple[str, bool]:
+    """The metric the jobs' task ranks by (and whether higher is better), where all ran one task."""
+    summaries = [paths.summary_file(d) for d in job_dirs(sweep_dir)]
+    tasks = {json.loads(p.read_text()).get("task", "dpo") for p in summaries if p.exists()}
+    return TASK_METRIC.get(tasks.pop(), PAIRED) if len(tasks) == 1 else PAIRED
+
+
 def write_report(
     sweep_dir: Path,
-    metric: str = "eval_rewards/accuracies",
+    metric: str | None = None,
     higher: bool = True,
     tie_break: str = "eval_loss",
 ) -> dict:
     """Write sweep_summary.csv, sweep_summary.json and sweep_curves.png into `sweep_dir`; ValueError
-    when no job logged `metric` or `tie_break`."""
+    when no job logged `metric` (None: the jobs' task's, task_metric) or `tie_break`."""
     sweep_dir = Path(sweep_dir)
+    if metric is None:
+        metric, higher = task_metric(sweep_dir)
     if problem := unlogged(sweep_dir, (metric, tie_break)):
         raise ValueError(problem)
     rows = sorted((job(d, (metric, tie_break)) for d in job_dirs(sweep_dir)), key=lambda row: row["job"])
@@ -302,6 +315,9 @@ class SweepReport(Callback):
         except ValueError as err:
             print(f"error: sweep_report: {err}", file=sys.stderr)
             sys.exit(1)
+        except Exception as err:  # Hydra would only warn of it: the sweep must not end as if reported
+            print(f"error: sweep_report: {type(err).__name__}: {err}", file=sys.stderr)
+            sys.exit(1)
         failed = [r["job"] for r in report["jobs"] if r["status"] != "ok"]
         if failed:
             print(f"error: jobs {failed} failed; see sweep_summary.csv", file=sys.stderr)
@@ -313,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dpo_recipes.after.sweep", description="Rebuild a sweep's report."
     )
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--metric", default="eval_rewards/accuracies")
+    parser.add_argument(
+        "--metric",
+        help="default: the jobs' task's (eval_rewards/accuracies; KTO eval_rewards/margins; SFT eval_loss)",
+    )
     parser.add_argument("--lower", action="store_true", help="lower values of --metric are better")
     parser.add_argument("--tie-break", default="eval_loss", help="lowest value wins a tie")
     args = parser.parse_args(argv)

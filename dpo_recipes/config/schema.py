@@ -196,8 +196,10 @@ class RunSchema:
 
 @dataclass
 class SweepReportSchema:
-    metric: str = "eval_rewards/accuracies"  # any logged metric: the job with the best final value is picked
-    higher_is_better: bool = True
+    # any logged metric: the job with the best final value is picked; None: the task's own
+    # (eval_rewards/accuracies; KTO eval_rewards/margins, SFT eval_loss: dpo_recipes/after/sweep.py)
+    metric: str | None = None
+    higher_is_better: bool = True  # of a metric named here
     tie_break: str = "eval_loss"  # lowest final value wins a tie
 
 

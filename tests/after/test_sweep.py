@@ -205,3 +205,21 @@ def test_sweeps_over_losses_and_recipes(tmp_path):
         (recipe, loss) for recipe in ("tiny_lora_dpo", "tiny_full_dpo") for loss in ("sigmoid", "ipo")
     }
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_kto_sweep_reports_its_jobs(tmp_path):
+    """KTO rates each answer alone (it logs no preference accuracy): with the report's defaults its jobs
+    are ranked by the eval reward margin, and the rebuilt report picks the same job."""
+    out = multirun(tmp_path / "kto", "recipes=tiny_kto", "train.beta=1.0,2.0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "kto" / "sweep_summary.json").read_text())
+    assert [r["status"] for r in report["jobs"]] == ["ok", "ok"] and report[
+        "metric"
+    ] == "eval_rewards/margins"
+    margins = [r["final_eval_rewards/margins"] for r in report["jobs"]]
+    assert report["best"]["job"] == margins.index(max(margins))
+    assert sweep.main([str(tmp_path / "kto")]) == 0
+    assert (
+        json.loads((tmp_path / "kto" / "sweep_summary.json").read_text())["best"]["job"]
+        == report["best"]["job"]
+    )
