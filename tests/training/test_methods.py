@@ -111,9 +111,9 @@ def test_each_method_logs_trls_own_losses_on_the_same_rows(recipe, tmp_path):
 def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(recipe, tmp_path):
     """As shipped: the share of held-out pairs whose chosen answer the policy prefers at the end (KTO,
     which rates each answer alone: the margin of the mean rewards), `make export` (the adapter merged,
-    the card naming the recipe), and `make eval` on the run: the
-    tiny judge prefers the policy's answers to the base's on 64 held-out prompts, the 95% interval of
-    its win rate above 1/2."""
+    the card naming the recipe, the method and its reference or none), and `make eval` on the run: the
+    tiny judge prefers the policy's answers to the base's on 64 held-out prompts, the 95% interval of its
+    win rate above 1/2."""
     from conftest import python_m
 
     trainer, metrics = run(tmp_path, [f"recipes={recipe}", "++train.disable_tqdm=true"])
