@@ -18,6 +18,7 @@ from benchmarks import (
     gpu_memory,
     jobs,
     memory,
+    methods,
     overhead,
     rounds,
     share,
@@ -53,12 +54,13 @@ BENCHMARKS = {
     "share": ("Share: the prompt computed once per pair vs TRL as shipped (tiny Llama)", share),
     "eval": ("Eval: `make eval`'s generation, batched vs one prompt at a time (tiny Llama)", evaluation),
     "spread": ("Spread: the default run's proof across instruction sets, threads and seeds", spread),
+    "methods": ("Methods: each tiny method recipe as shipped, then `make eval`; SFT then DPO", methods),
     "rounds": ("Rounds: `make iterate RECIPE=tiny_rounds`, three rounds a seed, win rates and cost", rounds),
     "suite": ("Tests: the suite on a fresh clone, as CI runs it", suite),
 }
 # Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory`; the spread and the
-# suite take most of an hour, the rounds minutes a seed.
-ON_REQUEST = {"gpu", "gpu_memory", "spread", "rounds", "suite"}
+# suite take most of an hour, the rounds and the methods minutes a seed.
+ON_REQUEST = {"gpu", "gpu_memory", "spread", "methods", "rounds", "suite"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 

@@ -101,8 +101,10 @@ def prepare(name: str | None, overrides: list[str]) -> Setup:
         write_text(recorded, json.dumps({"overrides": ours, "rounds": []}))
         io.write(held, run_dir / "data" / "eval.jsonl")
     start = built.model.model_name_or_path
-    offline = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in train
-               if view.rounds.offline and judges.unit(row["prompt"]) not in unseen]  # fmt: skip
+    offline = []
+    if view.rounds.offline:  # the dataset's own pairs, on training prompts only
+        keep = ("prompt", "chosen", "rejected")
+        offline = [{k: row[k] for k in keep} for row in train if judges.unit(row["prompt"]) not in unseen]
     return Setup(
         run_dir, ours, built, view.rounds, prompts, eval_prompts[: view.rounds.eval_prompts], start, offline
     )

@@ -172,3 +172,30 @@ def test_the_rounds_table_has_a_row_a_round_of_each_run():
         in table
     )
     assert table.count("\n| ") == 4  # the separator and three rounds
+
+
+def test_the_methods_table_has_a_row_a_run_and_the_two_stage_rows_comparison():
+    from benchmarks import methods
+
+    def compared(rate, wins, ties, losses):
+        return {
+            "win_rate": rate,
+            "interval": [rate - 0.12, rate + 0.1],
+            "wins": wins,
+            "ties": ties,
+            "losses": losses,
+        }
+
+    row = {"recipe": "tiny_orpo", "seed": 42, "metric": "eval_rewards/accuracies", "value": 1.0, "s_per_step": 0.11,
+           "predicted_mb": 45.3, "measured_mb": 42.7, "vs_base": compared(0.7, 40, 10, 14)}  # fmt: skip
+    two = {**row, "recipe": "sft_then_dpo", "vs_dpo_from_base": compared(0.6, 30, 17, 17)}
+    table = methods.table({"runs": [row, {**row, "measured_mb": None}, {**row, "predicted_mb": None}, two]})
+    assert (
+        "| tiny_orpo | 42 | eval_rewards/accuracies 1.0 | 0.11 | 45 / 43 (1.06) | 0.70 (0.58-0.80; 40-10-14) |"
+        in table
+    )
+    assert "| not measured |" in table and "| not predicted |" in table
+    assert (
+        "over the SFT model: 0.70 (0.58-0.80; 40-10-14); over `tiny_lora_dpo` from the base: 0.60 (0.48-0.70"
+        in table
+    )
