@@ -118,7 +118,7 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
 
     trainer, metrics = run(tmp_path, [f"recipes={recipe}", "++train.disable_tqdm=true"])
     summary = json.loads((metrics / "summary.json").read_text())
-    if recipe == "tiny_kto":  # measured 0.51 to 5.69 over train.seed 1, 2, 3 and 42
+    if recipe == "tiny_kto":  # measured 0.47 to 5.93 over train.seed 1, 2 and 42
         assert summary["final"]["eval_rewards/margins"] >= 0.25, summary["final"]
     else:
         assert summary["final"]["eval_rewards/accuracies"] >= 0.9, summary["final"]
@@ -131,7 +131,7 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
         card
     )
     assert not (metrics.parent / "export" / "adapter_config.json").exists()
-    if recipe == "tiny_kto":  # its interval clears 1/2 on some CPUs only (BENCHMARKS.md, Methods)
+    if recipe == "tiny_kto":  # lower bound 0.53 to 0.83 over seeds 1, 2, 42: too near 1/2 for every CPU
         return
     done = python_m("dpo_recipes.after.evaluate", str(metrics.parent), "--n", "64", "--max-new-tokens", "48")
     assert done.returncode == 0, done.stderr
