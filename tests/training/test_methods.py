@@ -131,8 +131,8 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
         card
     )
     assert not (metrics.parent / "export" / "adapter_config.json").exists()
-    if recipe == "tiny_kto":  # lower bound 0.53 to 0.83 over seeds 1, 2, 42: too near 1/2 for every CPU
-        return
+    if recipe == "tiny_kto":  # lower bound 0.53 to 0.83 over seeds 1, 2, 42 here; with the kernels capped
+        return  # at AVX2 or at baseline (their own tiny base and judge) the win rate is 0.47 and 0.50
     done = python_m("dpo_recipes.after.evaluate", str(metrics.parent), "--n", "64", "--max-new-tokens", "48")
     assert done.returncode == 0, done.stderr
     versus = json.loads((metrics / "eval.json").read_text())["comparisons"]["policy_vs_reference"]
