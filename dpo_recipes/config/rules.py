@@ -137,6 +137,26 @@ def resume(v: View) -> list[str]:
     return [f"run.resume: {value!r} is not auto, never or a checkpoint dir with trainer_state.json"]
 
 
+def run_name(v: View) -> list[str]:
+    """run.name (RUN=) names a dir under outputs/<recipe>/; a path there would nest a new run inside."""
+    name = str(v.run.name or "")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        return [f"run.name: {name!r} is a path; RUN names a dir under outputs/<recipe>/: give the name alone"]
+    if parts[:1] == ("outputs",) and len(parts) > 2:  # a run dir, as make samples and make eval take it
+        return [f"run.name: {name!r} is a run dir; make train takes its name: RUN={'/'.join(parts[2:])}"]
+    return []
+
+
+def beta(v: View) -> list[str]:
+    """Each method's beta scales the log-prob ratios (or margins) its loss compares; at 0 or below the
+    loss drops the preference (ORPO: plain SFT) or reverses it, and TRL trains on."""
+    value = v.train.get("beta")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        return [f"train.beta: {value} leaves the preference out of the loss or reverses it; set it above 0"]
+    return []
+
+
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair"}  # the only TRL 1.16 losses that read label_smoothing
 
 
@@ -356,7 +376,9 @@ RULES = {
     "scale": scale,
     "precision": precision.problems,
     "resume": resume,
+    "run_name": run_name,
     "losses": losses,
+    "beta": beta,
     "reference": reference_strategy,
     "local_paths": local_paths,
     "lora_targets": lora_targets,

@@ -57,7 +57,9 @@ CASES = {
         "full fine-tuning with bfloat16 weights and no fp32 master",
     ),
     "resume": (dict(run={"resume": "/no/checkpoint"}), "run.resume: '/no/checkpoint' is not auto"),
+    "run_name": (dict(run={"name": "/abs/run"}), "run.name: '/abs/run' is a path; RUN names a dir"),
     "losses": (dict(train={"loss_type": ["sigmoidd"]}), "did you mean 'sigmoid'?"),
+    "beta": (dict(train={"beta": -0.1}), "train.beta: -0.1 leaves the preference out of the loss"),
     "reference": (dict(reference={"strategy": "path"}), "reference.path: reference=path needs"),
     "local_paths": (dict(dataset={"path": "./no/such.jsonl"}), "dataset.path: ./no/such.jsonl is neither"),
     "lora_targets": (dict(model={"use_peft": True, "lora_target_modules": ["lm_head"]}), "lm_head: TRL's"),
@@ -146,6 +148,24 @@ def test_a_secret_on_the_command_line_stops_the_run_before_anything_is_written(t
     )
     assert out.returncode == 2 and "train.model_init_kwargs.token: holds a secret" in out.stderr
     assert TOKEN not in out.stderr + out.stdout and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        ("outputs/tiny_lora_dpo/e50", "is a run dir; make train takes its name: RUN=e50"),
+        (str(ROOT / "outputs" / "x"), "is a path; RUN names a dir under outputs/<recipe>/"),
+        ("../x", "is a path"),
+    ],
+)
+def test_a_run_dir_or_path_given_as_run_is_refused_naming_the_name(name, words, tmp_path, monkeypatch):
+    """`make train RUN=outputs/<recipe>/<name>` (the form make samples takes) would start a new run
+    nested in that one instead of resuming it."""
+    monkeypatch.chdir(tmp_path)
+    out = python_m("dpo_recipes.train", f"run.name={name}")
+    assert out.returncode == 2 and words in out.stderr, out.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no run dir, no record
+    assert config.check(config.compose(["run.name=sweeps/a"])[0]).run.name == "sweeps/a"  # a folder of runs
 
 
 # Plain text, templates, system columns.
