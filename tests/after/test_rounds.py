@@ -82,12 +82,13 @@ def iterate(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(*extra), cwd=cwd, capture_output=True, text=True, env=env())
 
 
-def killed_mid_training(cwd: Path, run_dir: Path) -> None:
-    """`make iterate` killed (SIGKILL, the training process with it) once `run_dir` holds a checkpoint."""
+def killed_mid_training(cwd: Path, run_dir: Path, step: int) -> None:
+    """`make iterate` killed (SIGKILL, the training process with it) once `run_dir` holds a checkpoint of
+    `step` or later."""
     process = subprocess.Popen(command(), cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 600
-    while not any(paths.complete(c) for c in paths.checkpoints(run_dir)):
+    while not any(paths.complete(c) and paths.step(c) >= step for c in paths.checkpoints(run_dir)):
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, f"{run_dir} never saved a checkpoint"
         time.sleep(0.1)
@@ -147,7 +148,7 @@ def test_three_rounds_of_the_tiny_recipe_learn_from_their_own_answers_and_resume
     finished = {r: (where / f"round-{r}" / "dpo_metrics" / "summary.json").read_text() for r in (1, 2)}
     shutil.rmtree(where / "round-3")
     (where / "data" / "answers-round-3.json").unlink()
-    killed_mid_training(tmp_path, where / "round-3")
+    killed_mid_training(tmp_path, where / "round-3", 250)  # of 300: the resumed run trains the last 50
     assert paths.summary(where / "round-3").get("status") != "finished"
     again = iterate(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
