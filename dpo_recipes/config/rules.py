@@ -130,27 +130,22 @@ def scale(v: View) -> list[str]:
     return problems
 
 
-def resume(v: View) -> list[str]:
-    value = v.run.resume
-    if value in ("auto", "never") or (Path(str(value)) / "trainer_state.json").is_file():
-        return []
-    return [f"run.resume: {value!r} is not auto, never or a checkpoint dir with trainer_state.json"]
-
-
-def run_name(v: View) -> list[str]:
-    """run.name (RUN=) names a dir under outputs/<recipe>/; a path there would nest a new run inside."""
-    name = str(v.run.name or "")
+def run(v: View) -> list[str]:
+    """run.resume: auto, never or a checkpoint. run.name (RUN=): a dir under outputs/<recipe>/, where a
+    path (a run dir as make samples takes it, an absolute one, ..) would nest a new run."""
+    found, resume, name = [], v.run.resume, str(v.run.name or "")
+    if resume not in ("auto", "never") and not (Path(str(resume)) / "trainer_state.json").is_file():
+        found.append(f"run.resume: {resume!r} is not auto, never or a checkpoint dir with trainer_state.json")
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts:
-        return [f"run.name: {name!r} is a path; RUN names a dir under outputs/<recipe>/: give the name alone"]
-    if parts[:1] == ("outputs",) and len(parts) > 2:  # a run dir, as make samples and make eval take it
-        return [f"run.name: {name!r} is a run dir; make train takes its name: RUN={'/'.join(parts[2:])}"]
-    return []
+        found.append(f"run.name: {name!r} is a path; RUN names a dir under outputs/<recipe>/")
+    elif parts[:1] == ("outputs",) and len(parts) > 2:
+        found.append(f"run.name: {name!r} is a run dir; make train takes its name: RUN={'/'.join(parts[2:])}")
+    return found
 
 
 def beta(v: View) -> list[str]:
-    """Each method's beta scales the log-prob ratios (or margins) its loss compares; at 0 or below the
-    loss drops the preference (ORPO: plain SFT) or reverses it, and TRL trains on."""
+    """At 0 or below a loss drops the preference (ORPO's: plain SFT) or reverses it; TRL trains on."""
     value = v.train.get("beta")
     if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         return [f"train.beta: {value} leaves the preference out of the loss or reverses it; set it above 0"]
@@ -375,8 +370,7 @@ RULES = {
     "secrets": lambda v: secrets.found(v.raw),
     "scale": scale,
     "precision": precision.problems,
-    "resume": resume,
-    "run_name": run_name,
+    "run": run,
     "losses": losses,
     "beta": beta,
     "reference": reference_strategy,
