@@ -24,19 +24,12 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 
 from dpo_recipes import ROOT, config, errors
+from dpo_recipes.config import schema
 from dpo_recipes.rundir import launching, paths, planning
 
 # torch's launcher SIGKILLs its workers this many seconds after passing them a signal it received
 # itself (scancel signals every process of a job): 30 by default, too little for a 7B checkpoint.
 SHUTDOWN_TIMEOUT = "900"
-
-
-def scalable() -> list[str]:
-    """The hardware options that name an accelerate config, so that they run on several processes."""
-    options = sorted((config.CONF_DIR / "hardware").glob("*.yaml"))
-    return [
-        p.stem for p in options if (yaml.safe_load(p.read_text()) or {})["hardware"].get("accelerate_config")
-    ]
 
 
 def command(
@@ -48,7 +41,9 @@ def command(
     if not accelerate_config:
         option = HydraConfig.get().runtime.choices.get("hardware")
         raise errors.ConfigError(
-            [f"hardware={option} runs in one process; to launch {nproc} use one of: {', '.join(scalable())}"]
+            [
+                f"hardware={option} runs in one process; to launch {nproc} use one of: {', '.join(schema.scalable())}"
+            ]
         )
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     deepspeed = (yaml.safe_load(Path(accelerate_config).read_text()).get("deepspeed_config") or {}).get(

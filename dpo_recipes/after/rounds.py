@@ -7,7 +7,10 @@ Each round is a run of its own in <dir>/round-<r>; a finished round is skipped a
 round it was in. Every round's greedy answers to held-out prompts are judged against the start's and
 the round before's: <dir>/rounds.json, rounds.md and rounds.png.
 
-python -m dpo_recipes.after.rounds [--name NAME] recipes=<recipe> [rounds.count=3] [key=value ...]
+python -m dpo_recipes.after.rounds [--name NAME] [--nproc N] recipes=<recipe> [rounds.count=3] [key=value ...]
+
+--nproc N trains each round on N processes through `python -m dpo_recipes.launch` (as make train NPROC=N);
+sampling and judging run in this process.
 """
 
 import argparse
@@ -21,12 +24,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 
 from data_prep import io
 from data_prep.io import write_text
 from dpo_recipes import config, errors
 from dpo_recipes.after import evaluate, export, samples, trained
 from dpo_recipes.after import judge as judges
+from dpo_recipes.config import schema
 from dpo_recipes.config.schema import RoundsSchema
 from dpo_recipes.rundir import paths
 from dpo_recipes.training import chat, data
@@ -49,15 +54,21 @@ class Setup:
     eval_prompts: list
     start: str  # the model the first round starts from
     offline: list  # the dataset's pairs on training prompts, when rounds.offline mixes them in
+    nproc: int = 1  # processes that train each round
 
 
 def distinct(rows) -> list:
     return list({judges.unit(row["prompt"]): row["prompt"] for row in rows}.values())
 
 
-def prepare(name: str | None, overrides: list[str]) -> Setup:
+def prepare(name: str | None, overrides: list[str], nproc: int = 1) -> Setup:
     """Compose the recipe, refuse what rounds cannot run, and write the held-out rows once."""
     cfg, recipe = config.compose(overrides)
+    if nproc > 1 and not cfg.hardware.accelerate_config:  # before the checks of this machine
+        raise errors.ConfigError([
+            f"--nproc {nproc}: hardware={HydraConfig.get().runtime.choices.get('hardware')} runs in one "
+            f"process; train the rounds with one of {', '.join(schema.scalable())} (HARDWARE=...)"
+        ])  # fmt: skip
     view = config.check(cfg)
     built = config.build(cfg, Path("outputs") / recipe, recipe)
     problems = []
@@ -85,8 +96,9 @@ def prepare(name: str | None, overrides: list[str]) -> Setup:
     eval_prompts = distinct(held)
     unseen = {judges.unit(p) for p in eval_prompts}
     prompts = [p for p in distinct(train) if judges.unit(p) not in unseen]
-    recorded, ours = run_dir / REPORT[0], [o for o in overrides if not o.startswith("rounds.count=")]
-    if recorded.exists() and (before := json.loads(recorded.read_text())["overrides"]) != ours:
+    recorded = run_dir / REPORT[0]
+    ours = {"overrides": [o for o in overrides if not o.startswith("rounds.count=")], "nproc": nproc}
+    if recorded.exists() and (before := settings(json.loads(recorded.read_text()))) != ours:
         raise errors.RunError(
             f"{run_dir} holds rounds run with {before}, not {ours}: one report would mix two experiments; "
             "pick another name (RUN=...)"
@@ -98,16 +110,20 @@ def prepare(name: str | None, overrides: list[str]) -> Setup:
     if (
         not recorded.exists()
     ):  # the settings, before anything else is written: a rerun is checked against them
-        write_text(recorded, json.dumps({"overrides": ours, "rounds": []}))
+        write_text(recorded, json.dumps({**ours, "rounds": []}))
         io.write(held, run_dir / "data" / "eval.jsonl")
     start = built.model.model_name_or_path
     offline = []
     if view.rounds.offline:  # the dataset's own pairs, on training prompts only
         keep = ("prompt", "chosen", "rejected")
         offline = [{k: row[k] for k in keep} for row in train if judges.unit(row["prompt"]) not in unseen]
-    return Setup(
-        run_dir, ours, built, view.rounds, prompts, eval_prompts[: view.rounds.eval_prompts], start, offline
-    )
+    return Setup(run_dir, ours["overrides"], built, view.rounds, prompts,
+                 eval_prompts[: view.rounds.eval_prompts], start, offline, nproc)  # fmt: skip
+
+
+def settings(report: dict) -> dict:
+    """What one rounds dir keeps fixed: the overrides and the processes that train a round."""
+    return {"overrides": report["overrides"], "nproc": report.get("nproc", 1)}
 
 
 def fresh(items: list, r: int, n: int) -> list:
@@ -247,7 +263,8 @@ def trained_round(s: Setup, r: int, model: str) -> None:
             f"dataset.eval_path={(s.dir / 'data' / 'eval.jsonl').absolute()}", *DATASET,
             f"model.model_name_or_path={model}", "run.resume=auto"]  # fmt: skip
     clock = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "dpo_recipes.train", *s.overrides, *keys])
+    entry = ["dpo_recipes.launch", "--nproc", str(s.nproc)] if s.nproc > 1 else ["dpo_recipes.train"]
+    done = subprocess.run([sys.executable, "-m", *entry, *s.overrides, *keys])
     if done.returncode != 0:
         raise errors.RunError(
             f"round {r}'s training failed (exit {done.returncode}); run the same command again to resume it"
@@ -281,7 +298,7 @@ def compared(a: dict, b: dict) -> dict:
 
 def iterate(s: Setup) -> dict:
     """Every round not yet finished, then the report across them."""
-    report = {"overrides": s.overrides, "start": s.start, "rounds": []}
+    report = {"overrides": s.overrides, "nproc": s.nproc, "start": s.start, "rounds": []}
     model, start = s.start, greedy(s, s.start, "start")
     previous = start
     for r in range(1, s.rounds.count + 1):
@@ -358,9 +375,10 @@ def main(argv: list[str]) -> int:
         prog="python -m dpo_recipes.after.rounds", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--name", help="the rounds' dir, outputs/<recipe>/<name>; the same name resumes them")
+    parser.add_argument("--nproc", type=int, default=1, help="processes that train each round (make NPROC=N)")
     options, overrides = parser.parse_known_args(argv)
     try:
-        s = prepare(options.name, config.plain_keys(overrides))
+        s = prepare(options.name, config.plain_keys(overrides), options.nproc)
         print(
             f"{s.rounds.count} round(s) in {s.dir}: {len(s.prompts)} training prompts, {len(s.eval_prompts)} eval prompts"
         )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
@@ -273,6 +274,14 @@ def plain_keys(overrides: list[str]) -> list[str]:
 
 def recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def scalable() -> list[str]:
+    """The hardware options that name an accelerate config, so that they run on several processes."""
+    options = sorted((CONF_DIR / "hardware").glob("*.yaml"))
+    return [
+        p.stem for p in options if (yaml.safe_load(p.read_text()) or {})["hardware"].get("accelerate_config")
+    ]
 
 
 def chat_templates() -> dict[str, Path]:

@@ -15,7 +15,7 @@ import pytest
 from dpo_recipes import errors
 from dpo_recipes.after import judge as judges
 from dpo_recipes.after import rounds, sweep
-from dpo_recipes.rundir import paths
+from dpo_recipes.rundir import paths, planning
 from dpo_recipes.training import data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,19 @@ def test_rounds_refuse_what_they_cannot_run_before_any_weight_loads(overrides, e
         rounds.prepare("refused", overrides)
 
 
+def test_rounds_on_several_processes_need_a_hardware_option_that_launches_them():
+    with pytest.raises(errors.ConfigError, match="hardware=gpu runs in one process; .* one of cpu, ddp"):
+        rounds.prepare("refused", ["recipes=tiny_rounds", "hardware=gpu"], nproc=2)
+
+
+def test_a_rounds_dir_refuses_another_number_of_training_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rounds.prepare("r", ["recipes=tiny_rounds"])
+    assert rounds.prepare("r", ["recipes=tiny_rounds", "rounds.count=5"]).nproc == 1  # more rounds: the same
+    with pytest.raises(errors.RunError, match="'nproc': 1}, not .*'nproc': 2}: one report would mix"):
+        rounds.prepare("r", ["recipes=tiny_rounds"], nproc=2)
+
+
 @pytest.mark.slow
 def test_a_round_adds_fresh_pairs_of_the_dataset_to_its_own_when_asked(tmp_path, monkeypatch):
     """rounds.offline=5: each round's data is its sampled pairs, then the next 5 of the dataset's pairs
@@ -67,6 +80,21 @@ def test_a_round_adds_fresh_pairs_of_the_dataset_to_its_own_when_asked(tmp_path,
     written = rows_of(s.dir / "data" / "round-2.jsonl")
     assert report["offline"] == 5 and len(written) == report["pairs"] + 5
     assert written[report["pairs"] :] == expected[5:10]
+
+
+@pytest.mark.e2e
+def test_nproc_trains_each_round_on_that_many_processes(tmp_path):
+    """make iterate NPROC=2: sampling and judging in the driver, the round's training launched on two
+    processes (DDP over gloo) into the round's run dir, whose record says so."""
+    short = ["rounds.count=1", "rounds.prompts=16", "rounds.max_new_tokens=16", "rounds.eval_prompts=8",
+             "train.max_steps=4", "train.eval_steps=2"]  # fmt: skip
+    done = iterate(tmp_path, "--nproc", "2", *short)
+    assert done.returncode == 0, done.stderr[-3000:]
+    where = tmp_path / "outputs" / "tiny_rounds" / "r"
+    report = json.loads((where / "rounds.json").read_text())
+    assert report["nproc"] == 2 and [r["round"] for r in report["rounds"]] == [1]
+    assert [planning.read_launch(r).world for r in paths.records(where / "round-1")] == [2]
+    assert paths.summary(where / "round-1")["status"] == "finished"
 
 
 def command(*extra: str) -> list[str]:
