@@ -116,7 +116,7 @@ def _plot(sweep_dir: Path, rows: list[dict], metric: str, target: Path) -> None:
         points = [(e["step"], e[eval_metric]) for e in json.loads(history.read_text()) if eval_metric in e]
         if points:
             xs, ys = zip(*points, strict=True)
-            label = ", ".join(f"{k}={row['overrides'][k]}" for k in _varying(rows)) or f"job {row['job']}"
+            label = ", ".join(f"{k}={row['overrides'].get(k)}" for k in _varying(rows)) or f"job {row['job']}"
             ax.plot(xs, ys, "o-", markersize=3, label=label)
     ax.set(title=f"{eval_metric} per job", xlabel="step", ylabel=eval_metric)
     ax.grid(alpha=0.3)
@@ -253,10 +253,9 @@ def rounds_dirs(parent: Path) -> list[Path]:
 def rounds_row(rounds_dir: Path) -> dict:
     """One rounds dir: its keys beside the recipe, its rounds, and its last round against the start."""
     report = json.loads((rounds_dir / ROUNDS).read_text())
-    row = {
-        "dir": str(rounds_dir),
-        "overrides": _keys([o for o in report["overrides"] if not o.startswith("recipes=")]),
-    }
+    keys = _keys([o for o in report["overrides"] if not o.startswith("recipes=")])
+    processes = {"nproc": report["nproc"]} if report.get("nproc", 1) > 1 else {}  # make iterate NPROC=
+    row = {"dir": str(rounds_dir), "overrides": {**keys, **processes}}
     row["rounds"] = len(report["rounds"])
     last = report["rounds"][-1]["vs_start"] if report["rounds"] else {}
     row["win_rate_vs_start"] = last.get("win_rate")
@@ -285,7 +284,7 @@ def write_rounds_report(parent: Path) -> dict:
 
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for row in done:
-        label = ", ".join(f"{k}={row['overrides'][k]}" for k in _varying(rows)) or Path(row["dir"]).name
+        label = ", ".join(f"{k}={row['overrides'].get(k)}" for k in _varying(rows)) or Path(row["dir"]).name
         ax.plot(range(1, row["rounds"] + 1), row["rates_vs_start"], "o-", label=label)
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.set(title=f"rounds in {parent}", xlabel="round", ylabel="judged win rate vs start", ylim=(0, 1))

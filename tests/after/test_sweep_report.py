@@ -36,14 +36,15 @@ def test_a_clear_winner_names_no_tie(tmp_path, capsys):
     assert "tied" not in capsys.readouterr().out
 
 
-def rounds_dir(parent, name: str, beta: float, wins: list[int]) -> None:
+def rounds_dir(parent, name: str, beta: float, wins: list[int], nproc: int = 1) -> None:
     """A rounds dir as make iterate leaves it: a round per entry of `wins` (of 20 prompts vs the start)."""
     rows = []
     for r, won in enumerate(wins, 1):
         versus = judges.compare([1.0] * won + [0.0] * (20 - won), [10] * 20, [10] * 20)
         sampled = {"pairs": 8, "prompts": 10, "judge_scores": {"mean": 0.0, "quartiles": [-1.0, 0.0, 1.0]}}
         rows.append({"round": r, "sampled": sampled, "vs_start": versus, "vs_previous": versus})
-    report = {"overrides": ["recipes=tiny_rounds", f"train.beta={beta}"], "start": "base", "rounds": rows}
+    report = {"overrides": ["recipes=tiny_rounds", f"train.beta={beta}"], "nproc": nproc, "start": "base",
+              "rounds": rows}  # fmt: skip
     if rows:
         rounds.write(SimpleNamespace(dir=parent / name), report)
     else:  # as make iterate leaves a dir before its first round ends
@@ -53,18 +54,18 @@ def rounds_dir(parent, name: str, beta: float, wins: list[int]) -> None:
 
 def test_a_dir_of_rounds_dirs_ranks_them_by_their_last_round_against_the_start(tmp_path, capsys):
     rounds_dir(tmp_path, "steady", 0.1, [12, 15, 17])
-    rounds_dir(tmp_path, "fast_then_worse", 0.5, [18, 14])
+    rounds_dir(tmp_path, "fast_then_worse", 0.5, [18, 14], nproc=2)
     rounds_dir(tmp_path, "none_yet", 1.0, [])
     assert sweep.main([str(tmp_path)]) == 0
     report = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert [
         (Path(r["dir"]).name, r["overrides"], r["rounds"], r["rates_vs_start"]) for r in report["runs"]
     ] == [
-        ("fast_then_worse", {"beta": 0.5}, 2, [0.9, 0.7]),
+        ("fast_then_worse", {"beta": 0.5, "nproc": 2}, 2, [0.9, 0.7]),
         ("none_yet", {"beta": 1.0}, 0, []),
         ("steady", {"beta": 0.1}, 3, [0.6, 0.75, 0.85]),
     ]
     assert Path(report["best"]["dir"]).name == "steady"
-    assert "beta" in (tmp_path / "sweep_summary.csv").read_text().splitlines()[0]
+    assert {"beta", "nproc"} <= set((tmp_path / "sweep_summary.csv").read_text().splitlines()[0].split(","))
     assert (tmp_path / "sweep_curves.png").stat().st_size > 0
     assert "2 of 3 dirs with a finished round; best: " in capsys.readouterr().out
