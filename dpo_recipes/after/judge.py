@@ -1,5 +1,6 @@
 """Did DPO make the answers better: a judge compares two answers to one prompt, and `compare` turns a
-set of verdicts into the numbers to act on.
+set of verdicts into the numbers to act on; `ranked` scores several answers to each prompt and `pairs`
+pairs the best against the worst (on-policy rounds).
 
 - `reward`: a sequence-classification reward model scores each (prompt, answer) as text, through its
   own tokenizer and chat template; the higher score wins, the same answer ties.
@@ -139,6 +140,51 @@ class PairwiseJudge(Judge):
         forward, backward = self.first(prompts, a, b), self.first(prompts, b, a)
         prefs = [(x + 1 - y) / 2 for x, y in zip(forward, backward, strict=True)]
         return prefs, {"a_first": forward, "b_first": backward}
+
+
+def ranked(judge, prompts: list, texts: list[list[str]]) -> list[list[float]]:
+    """A score for each answer to each prompt: the reward model's, or a pairwise judge's mean preference
+    for it over each other answer to its prompt (every pair judged, in both orders)."""
+    if isinstance(judge, RewardJudge):
+        flat = iter(judge.scores([p for p, made in zip(prompts, texts, strict=True) for _ in made],
+                                 [t for made in texts for t in made]))  # fmt: skip
+        return [[next(flat) for _ in made] for made in texts]
+    games = [
+        (g, i, j) for g, made in enumerate(texts) for i in range(len(made)) for j in range(i + 1, len(made))
+    ]
+    prefs, _ = judge.prefer([prompts[g] for g, _, _ in games], [texts[g][i] for g, i, _ in games],
+                            [texts[g][j] for g, _, j in games])  # fmt: skip
+    won = [[0.0] * len(made) for made in texts]
+    for (g, i, j), p in zip(games, prefs, strict=True):
+        won[g][i] += p
+        won[g][j] += 1 - p
+    return [[w / max(len(row) - 1, 1) for w in row] for row in won]
+
+
+def answer(prompt, text: str):
+    """An answer in its prompt's style: an assistant message, or text that follows the prompt."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else " " + text
+
+
+def pairs(prompts: list, texts: list[list[str]], scores: list[list[float]], min_margin: float) -> tuple:
+    """Each prompt's best-scored answer against its worst, where they differ in text and the judge's
+    margin is above `min_margin`; returns the rows and the drops counted by reason."""
+    rows, dropped = [], {"same_answer": 0, "small_margin": 0}
+    for prompt, made, score in zip(prompts, texts, scores, strict=True):
+        best, worst = int(np.argmax(score)), int(np.argmin(score))
+        if made[best] == made[worst]:
+            dropped["same_answer"] += 1
+        elif score[best] - score[worst] <= min_margin:
+            dropped["small_margin"] += 1
+        else:
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": answer(prompt, made[best]),
+                    "rejected": answer(prompt, made[worst]),
+                }
+            )
+    return rows, {k: v for k, v in dropped.items() if v}
 
 
 def unit(prompt) -> str:

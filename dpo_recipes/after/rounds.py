@@ -1,5 +1,6 @@
 """On-policy rounds: each round samples `rounds.samples` answers to each of `rounds.prompts` training
-prompts from the current policy, scores them with the recipe's judge, pairs the best answer against the
+prompts from the current policy, scores them with the recipe's judge (a reward model's score, or a
+pairwise judge's mean preference for the answer over the prompt's others), pairs the best answer against the
 worst, and trains DPO on those pairs (and `rounds.offline` of the dataset's own) from the current
 policy, which is also the round's reference (a LoRA round is merged into its base before the next, so
 the adapter-off reference is the round before).
@@ -74,10 +75,11 @@ def prepare(name: str | None, overrides: list[str], nproc: int = 1) -> Setup:
     problems = []
     if built.task != "dpo":
         problems.append(f"task={built.task}: rounds train DPO (task=dpo)")
-    if built.judge.kind != "reward":
+    if built.judge.kind not in judges.KINDS:
         problems.append(
-            f"judge.kind={built.judge.kind}: rounds score each sampled answer, which needs a reward model "
-            "(judge=tiny on the tiny recipes, judge=skywork_v2_qwen3_8b on the 7B ones)"
+            f"judge.kind={built.judge.kind}: rounds rank each prompt's sampled answers by a judge: a reward "
+            "model (judge=tiny on the tiny recipes, judge=skywork_v2_qwen3_8b on the 7B ones) or "
+            "judge.kind=pairwise with a causal LM as judge.path"
         )
     if view.rounds.samples < 2 or view.rounds.count < 1 or view.rounds.offline < 0:
         problems.append(
@@ -176,40 +178,18 @@ def answers(s: Setup, model: str, prompts: list, temperature: float, seed: int, 
     return made
 
 
-def scored(s: Setup, prompts: list, made: list[str]) -> list[float]:
-    """The judge's score of each answer; the judge is loaded for this and let go after."""
+def judge_of(s: Setup):
     evaluate.ready(s.built.judge.path, s.built.judge.revision)
-    scorer = judges.load("reward", s.built.judge.path, s.built.judge.revision, s.rounds.batch_size)
-    found = scorer.scores(prompts, made)
-    del scorer
+    return judges.load(s.built.judge.kind, s.built.judge.path, s.built.judge.revision, s.rounds.batch_size)
+
+
+def judged(s: Setup, prompts: list, texts: list[list[str]]) -> list[list[float]]:
+    """`ranked`, with the judge loaded for it and let go after."""
+    judge = judge_of(s)
+    found = judges.ranked(judge, prompts, texts)
+    del judge
     freed()
     return found
-
-
-def answer(prompt, text: str):
-    """An answer in its prompt's style: an assistant message, or text that follows the prompt."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else " " + text
-
-
-def pairs(prompts: list, texts: list[list[str]], scores: list[list[float]], min_margin: float) -> tuple:
-    """Each prompt's best-scored answer against its worst, where they differ in text and the judge's
-    margin is above `min_margin`; returns the rows and the drops counted by reason."""
-    rows, dropped = [], {"same_answer": 0, "small_margin": 0}
-    for prompt, made, score in zip(prompts, texts, scores, strict=True):
-        best, worst = int(np.argmax(score)), int(np.argmin(score))
-        if made[best] == made[worst]:
-            dropped["same_answer"] += 1
-        elif score[best] - score[worst] <= min_margin:
-            dropped["small_margin"] += 1
-        else:
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "chosen": answer(prompt, made[best]),
-                    "rejected": answer(prompt, made[worst]),
-                }
-            )
-    return rows, {k: v for k, v in dropped.items() if v}
 
 
 def sampled(s: Setup, r: int, model: str) -> dict:
@@ -226,11 +206,11 @@ def sampled(s: Setup, r: int, model: str) -> dict:
     flat = answers(s, model, [p for p in prompts for _ in range(k)], rounds.temperature,
                    s.built.args.seed + r, f"round {r}: sampling {k} answers a prompt")  # fmt: skip
     generation = time.perf_counter() - clock
-    scores = scored(s, [p for p in prompts for _ in range(k)], flat)
-    judging = time.perf_counter() - clock - generation
     grouped = [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
-    rows, dropped = pairs(prompts, grouped, [scores[i * k : (i + 1) * k] for i in range(len(prompts))],
-                          rounds.min_margin)  # fmt: skip
+    found = judged(s, prompts, grouped)
+    judging = time.perf_counter() - clock - generation
+    rows, dropped = judges.pairs(prompts, grouped, found, rounds.min_margin)
+    scores = [x for row in found for x in row]
     if not rows:
         raise errors.RunError(
             f"round {r}: no pair kept of {len(prompts)} prompts ({dropped}): sample more answers a prompt "
@@ -281,19 +261,34 @@ def merged(s: Setup, r: int) -> str:
 
 
 def greedy(s: Setup, model: str, name: str) -> dict:
-    """`model`'s greedy answers to the eval prompts and their judge scores, kept in
+    """`model`'s greedy answers to the eval prompts, with a reward model's scores of them, kept in
     <dir>/data/answers-<name>.json."""
     cached = s.dir / "data" / f"answers-{name}.json"
     if not cached.exists():
         made = answers(s, model, s.eval_prompts, 0.0, 0, f"{name}: answering the eval prompts")
-        found = {"answers": made, "scores": scored(s, s.eval_prompts, made)}
+        found = {"answers": made, "scores": None}
+        if s.built.judge.kind == "reward":
+            found["scores"] = [x for [x] in judged(s, s.eval_prompts, [[a] for a in made])]
         write_text(cached, json.dumps(found, ensure_ascii=False))
     return json.loads(cached.read_text())
 
 
-def compared(a: dict, b: dict) -> dict:
-    prefs = judges.preferences(a["answers"], b["answers"], a["scores"], b["scores"])
-    return judges.compare(prefs, [len(x) for x in a["answers"]], [len(x) for x in b["answers"]])
+def compared(s: Setup, now: dict, others: dict[str, dict]) -> dict:
+    """`now`'s answers against each of `others` by the judge: a reward model's scores, or the pairwise
+    judge's verdicts (loaded once for all of them)."""
+    judge = judge_of(s) if now["scores"] is None else None
+    out = {}
+    for name, other in others.items():
+        if judge is None:
+            prefs = judges.preferences(now["answers"], other["answers"], now["scores"], other["scores"])
+        else:
+            prefs, _ = judge.prefer(s.eval_prompts, now["answers"], other["answers"])
+        out[name] = judges.compare(
+            prefs, [len(x) for x in now["answers"]], [len(x) for x in other["answers"]]
+        )
+    del judge
+    freed()
+    return out
 
 
 def iterate(s: Setup) -> dict:
@@ -313,8 +308,7 @@ def iterate(s: Setup) -> dict:
             "round": r,
             "run": str(s.dir / f"round-{r}"),
             "sampled": sampled_report,
-            "vs_start": compared(now, start),
-            "vs_previous": compared(now, previous),
+            **compared(s, now, {"vs_start": start, "vs_previous": previous}),
             "seconds": {**sampled_report["seconds"], **timed, "eval": round(time.perf_counter() - clock, 1)},
         }
         report["rounds"].append(row)

@@ -180,7 +180,7 @@ class RoundsSchema:
     prompts: int = 128  # fresh ones each round while the training prompts last
     temperature: float = 1.0
     max_new_tokens: int = 64
-    min_margin: float = 0.0
+    min_margin: float = 0.0  # a reward model's units; a pairwise judge's mean preferences lie in [0, 1]
     eval_prompts: int = 64
     batch_size: int = 32  # prompts generated at once
     offline: int = 0  # the dataset's pairs added to each round's (fresh ones each round while they last)

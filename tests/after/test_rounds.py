@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +17,7 @@ from dpo_recipes import errors
 from dpo_recipes.after import judge as judges
 from dpo_recipes.after import rounds, sweep
 from dpo_recipes.rundir import paths, planning
+from dpo_recipes.sources import tiny
 from dpo_recipes.training import data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_each_prompt_pairs_its_best_scored_answer_against_its_worst_and_counts_what_it_drops():
     chat = [{"role": "user", "content": "Hi"}]
-    found, dropped = rounds.pairs(
+    found, dropped = judges.pairs(
         [chat, "Plain", chat, chat],
         [["a", "b", "c"], ["x", "y"], ["same", "same"], ["p", "q"]],
         [[0.1, 2.0, -1.0], [1.0, 0.0], [3.0, 1.0], [0.5, 0.7]],
@@ -37,10 +39,59 @@ def test_each_prompt_pairs_its_best_scored_answer_against_its_worst_and_counts_w
     assert dropped == {"same_answer": 1, "small_margin": 1}
 
 
+class Longer:
+    """A pairwise judge that prefers the longer answer and ties equal lengths; counts what it judged."""
+
+    judged = 0
+
+    def prefer(self, prompts, a, b):
+        self.judged += len(a)
+        return [0.5 if len(x) == len(y) else float(len(x) > len(y)) for x, y in zip(a, b, strict=True)], {}
+
+
+class Lengths(judges.RewardJudge):
+    """A reward model whose score is the answer's length."""
+
+    def __init__(self):
+        pass
+
+    def scores(self, prompts, answers):
+        return [float(len(a)) for a in answers]
+
+
+def test_a_pairwise_judge_ranks_each_answer_by_its_mean_preference_over_the_prompts_others():
+    texts = [["a", "bbb", "cc", "dd"], ["x", "yy"]]
+    judge = Longer()
+    assert judges.ranked(judge, ["p", "q"], texts) == [[0.0, 1.0, 0.5, 0.5], [0.0, 1.0]]
+    assert judge.judged == 6 + 1  # every pair of a prompt's answers once (prefer judges both orders)
+    assert judges.ranked(Lengths(), ["p", "q"], texts) == [[1.0, 3.0, 2.0, 2.0], [1.0, 2.0]]
+    found, _ = judges.pairs(["p", "q"], texts, judges.ranked(judge, ["p", "q"], texts), min_margin=0.5)
+    assert [(r["chosen"], r["rejected"]) for r in found] == [(" bbb", " a"), (" yy", " x")]
+
+
+def test_a_round_is_judged_against_the_start_and_the_round_before_by_its_judges_kind(monkeypatch):
+    now = {"answers": ["long answer", "mid", "same"], "scores": None}
+    start = {"answers": ["short", "a", "same"], "scores": None}
+    previous = {"answers": ["the longest answer", "b", "same"], "scores": None}
+    loaded = []
+    monkeypatch.setattr(rounds, "judge_of", lambda s: loaded.append(Longer()) or loaded[-1])
+    s = SimpleNamespace(eval_prompts=["p", "q", "r"])
+    versus = rounds.compared(s, now, {"vs_start": start, "vs_previous": previous})
+    assert len(loaded) == 1 and loaded[0].judged == 6  # the pairwise judge, loaded once for both
+    assert (versus["vs_start"]["wins"], versus["vs_start"]["ties"]) == (2, 1)
+    assert (versus["vs_previous"]["wins"], versus["vs_previous"]["losses"]) == (1, 1)
+    scored = {k: {**v, "scores": [float(len(a)) for a in v["answers"]]} for k, v in
+              {"now": now, "start": start, "previous": previous}.items()}  # fmt: skip
+    by_scores = rounds.compared(
+        s, scored["now"], {"vs_start": scored["start"], "vs_previous": scored["previous"]}
+    )
+    assert len(loaded) == 1 and by_scores == versus  # a reward model's scores need no judge here
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["recipes=tiny_rounds", "judge=none"], "judge.kind=none: rounds score each sampled answer"),
+        (["recipes=tiny_rounds", "judge=none"], "judge.kind=none: rounds rank each prompt's sampled answers"),
         (["recipes=tiny_rounds", "rounds.samples=1"], "rounds.samples must be at least 2"),
         (["recipes=tiny_rounds", "rounds.offline=-1"], "rounds.offline 0 or more"),
         (["recipes=tiny_kto", "judge=tiny"], "task=kto: rounds train DPO"),
@@ -95,6 +146,24 @@ def test_nproc_trains_each_round_on_that_many_processes(tmp_path):
     assert report["nproc"] == 2 and [r["round"] for r in report["rounds"]] == [1]
     assert [planning.read_launch(r).world for r in paths.records(where / "round-1")] == [2]
     assert paths.summary(where / "round-1")["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_round_pairs_answers_by_a_pairwise_judge(tmp_path, monkeypatch):
+    """judge.kind=pairwise with the tiny Llama judging its own answers (as self-rewarding models do): two
+    answers a prompt, so each kept pair's chosen answer is the one the judge prefers to its rejected."""
+    monkeypatch.chdir(tmp_path)
+    keys = ["judge.kind=pairwise", f"judge.path={tiny.path()}", "rounds.samples=2", "rounds.prompts=8",
+            "rounds.max_new_tokens=16"]  # fmt: skip
+    s = rounds.prepare("pairwise", ["recipes=tiny_rounds", *keys])
+    report = rounds.sampled(s, 1, s.start)
+    written = rows_of(s.dir / "data" / "round-1.jsonl")
+    assert len(written) == report["pairs"] and report["pairs"] + sum(report["dropped"].values()) == 8
+    assert all(0 <= q <= 1 for q in report["judge_scores"]["quartiles"])
+    judge = judges.load("pairwise", str(tiny.path()))
+    text = [[judges.text(row[side]) for row in written] for side in ("chosen", "rejected")]
+    prefs, _ = judge.prefer([row["prompt"] for row in written], *text)
+    assert written and min(prefs) > 0.5 - 1e-5, prefs  # batched otherwise, so the last digits may differ
 
 
 def command(*extra: str) -> list[str]:
