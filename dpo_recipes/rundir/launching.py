@@ -9,6 +9,7 @@ and `launch.yaml` (processes, nodes, hardware option). A relaunch starts from th
 change once allowed stays allowed.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,6 +76,12 @@ def discard(plan: Plan) -> None:
     files = {p.relative_to(plan.dir).as_posix() for p in plan.dir.rglob("*") if p.is_file()}
     if files <= {f"{RECORD}/{name}" for name in (*HYDRA_FILES, LAUNCH)} | {LOCK}:
         shutil.rmtree(plan.dir)
+        here = Path.cwd()  # and the folders above it (outputs/<recipe>/) where it was all they held
+        for folder in plan.dir.absolute().parents:
+            if here not in folder.parents:
+                break
+            with contextlib.suppress(OSError):  # not empty
+                folder.rmdir()
 
 
 # The plan of each run dir this process launches into, made once: by decide() before Hydra starts a run,

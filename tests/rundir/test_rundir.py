@@ -249,12 +249,19 @@ def test_a_second_launch_into_a_live_launchs_run_dir_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [paths.LOCK]
 
 
-def test_a_launch_that_fails_before_training_leaves_nothing_behind(tmp_path):
-    new = tmp_path / "new"
-    (new / ".hydra").mkdir(parents=True)
-    (new / ".hydra/config.yaml").write_text("x")
-    launching.discard(planning.Plan("new", new, record=".hydra"))
-    assert not new.exists()
+def test_a_launch_that_fails_before_training_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Its dir goes, and the folders above it that held nothing else, up to the working dir only."""
+    (tmp_path / "work/outputs/other_recipe").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    for new in (Path("outputs/tiny/new"), Path("outputs/tiny/later"), tmp_path / "away" / "new"):
+        (new / ".hydra").mkdir(parents=True)
+        (new / ".hydra/config.yaml").write_text("x")
+    launching.discard(planning.Plan("new", Path("outputs/tiny/new"), record=".hydra"))
+    assert sorted(p.name for p in Path("outputs/tiny").iterdir()) == ["later"]
+    launching.discard(planning.Plan("new", Path("outputs/tiny/later"), record=".hydra"))
+    assert sorted(p.name for p in Path("outputs").iterdir()) == ["other_recipe"]
+    launching.discard(planning.Plan("new", tmp_path / "away" / "new", record=".hydra"))
+    assert not (tmp_path / "away" / "new").exists() and (tmp_path / "away").is_dir()  # not the working dir's
     relaunched = tmp_path / "old"
     (relaunched / "checkpoint-10").mkdir(parents=True)
     (relaunched / ".hydra/relaunched/t").mkdir(parents=True)
