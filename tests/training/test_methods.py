@@ -113,8 +113,7 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
     which rates each answer alone: the margin of the mean rewards), `make export` (the adapter merged,
     the card naming the recipe, the method and its reference or none), and `make eval` on the run: the
     tiny judge prefers the policy's answers to the base's on 64 held-out prompts, the 95% interval of its
-    win rate above 1/2. At the recipes' train.seed 42; at seeds 1 and 2 SimPO's eval accuracy (0.60) or
-    its interval (0.39-0.61) falls short (BENCHMARKS.md, Methods), ORPO's and KTO's hold."""
+    win rate above 1/2. At the recipes' train.seed 42; seeds 1 and 2: BENCHMARKS.md, Methods."""
     from conftest import python_m
 
     trainer, metrics = run(tmp_path, [f"recipes={recipe}", "++train.disable_tqdm=true"])
