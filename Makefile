@@ -68,9 +68,9 @@ sweep-report: setup ## Rebuild the report of the sweep in DIR (e.g. after its jo
 	@test -n "$(DIR)" || { echo 'usage: make sweep-report DIR=multirun/<recipe>/<time>'; exit 2; }
 	$(PY) -m dpo_recipes.after.sweep '$(DIR)' $(ARGV)
 
-iterate: setup ## On-policy rounds of RECIPE (e.g. tiny_rounds): sample, judge, pair best vs worst, train DPO again; ROUNDS=3; RUN=name resumes them; NPROC=N trains each round on N processes; HARDWARE, ARGS as for train
+iterate: setup ## On-policy rounds of RECIPE (e.g. tiny_rounds): sample, judge, pair best vs worst, train DPO again; ROUNDS=3; RUN=name resumes them; NPROC=N (MAIN_PORT) trains each round on N processes; HARDWARE, ARGS as for train
 	$(PY) -m dpo_recipes.after.rounds recipes=$(RECIPE) $(if $(HARDWARE),hardware=$(HARDWARE)) $(if $(ROUNDS),rounds.count=$(ROUNDS)) \
-		$(if $(RUN),--name '$(RUN)') $(if $(NPROC),--nproc $(NPROC)) $(ARGV)
+		$(if $(RUN),--name '$(RUN)') $(if $(NPROC),--nproc $(NPROC) --main-port $(MAIN_PORT)) $(ARGV)
 
 samples: setup ## Answers of the reference and the trained policy to N held-out prompts of RUN (a run dir), side by side; ARGS="--temperature 0.7"
 	@test -n "$(RUN)" || { echo 'usage: make samples RUN=outputs/<recipe>/<time> [N=16]'; exit 2; }

@@ -8,7 +8,7 @@ Each round is a run of its own in <dir>/round-<r>; a finished round is skipped a
 round it was in. Every round's greedy answers to held-out prompts are judged against the start's and
 the round before's: <dir>/rounds.json, rounds.md and rounds.png.
 
-python -m dpo_recipes.after.rounds [--name NAME] [--nproc N] recipes=<recipe> [rounds.count=3] [key=value ...]
+python -m dpo_recipes.after.rounds [--name NAME] [--nproc N [--main-port P]] recipes=<recipe> [key=value ...]
 
 --nproc N trains each round on N processes through `python -m dpo_recipes.launch` (as make train NPROC=N);
 sampling and judging run in this process.
@@ -56,13 +56,14 @@ class Setup:
     start: str  # the model the first round starts from
     offline: list  # the dataset's pairs on training prompts, when rounds.offline mixes them in
     nproc: int = 1  # processes that train each round
+    port: int = 29500  # their rendezvous port (make MAIN_PORT=)
 
 
 def distinct(rows) -> list:
     return list({judges.unit(row["prompt"]): row["prompt"] for row in rows}.values())
 
 
-def prepare(name: str | None, overrides: list[str], nproc: int = 1) -> Setup:
+def prepare(name: str | None, overrides: list[str], nproc: int = 1, port: int = 29500) -> Setup:
     """Compose the recipe, refuse what rounds cannot run, and write the held-out rows once."""
     cfg, recipe = config.compose(overrides)
     if nproc > 1 and not cfg.hardware.accelerate_config:  # before the checks of this machine
@@ -120,7 +121,7 @@ def prepare(name: str | None, overrides: list[str], nproc: int = 1) -> Setup:
         keep = ("prompt", "chosen", "rejected")
         offline = [{k: row[k] for k in keep} for row in train if judges.unit(row["prompt"]) not in unseen]
     return Setup(run_dir, ours["overrides"], built, view.rounds, prompts,
-                 eval_prompts[: view.rounds.eval_prompts], start, offline, nproc)  # fmt: skip
+                 eval_prompts[: view.rounds.eval_prompts], start, offline, nproc, port)  # fmt: skip
 
 
 def settings(report: dict) -> dict:
@@ -243,7 +244,8 @@ def trained_round(s: Setup, r: int, model: str) -> None:
             f"dataset.eval_path={(s.dir / 'data' / 'eval.jsonl').absolute()}", *DATASET,
             f"model.model_name_or_path={model}", "run.resume=auto"]  # fmt: skip
     clock = time.perf_counter()
-    entry = ["dpo_recipes.launch", "--nproc", str(s.nproc)] if s.nproc > 1 else ["dpo_recipes.train"]
+    launched = ["dpo_recipes.launch", "--nproc", str(s.nproc), "--main-port", str(s.port)]
+    entry = launched if s.nproc > 1 else ["dpo_recipes.train"]
     done = subprocess.run([sys.executable, "-m", *entry, *s.overrides, *keys])
     if done.returncode != 0:
         raise errors.RunError(
@@ -370,9 +372,10 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--name", help="the rounds' dir, outputs/<recipe>/<name>; the same name resumes them")
     parser.add_argument("--nproc", type=int, default=1, help="processes that train each round (make NPROC=N)")
+    parser.add_argument("--main-port", type=int, default=29500, help="their rendezvous port (MAIN_PORT)")
     options, overrides = parser.parse_known_args(argv)
     try:
-        s = prepare(options.name, config.plain_keys(overrides), options.nproc)
+        s = prepare(options.name, config.plain_keys(overrides), options.nproc, options.main_port)
         print(
             f"{s.rounds.count} round(s) in {s.dir}: {len(s.prompts)} training prompts, {len(s.eval_prompts)} eval prompts"
         )

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,7 +140,10 @@ def test_nproc_trains_each_round_on_that_many_processes(tmp_path):
     processes (DDP over gloo) into the round's run dir, whose record says so."""
     short = ["rounds.count=1", "rounds.prompts=16", "rounds.max_new_tokens=16", "rounds.eval_prompts=8",
              "train.max_steps=4", "train.eval_steps=2"]  # fmt: skip
-    done = iterate(tmp_path, "--nproc", "2", *short)
+    with socket.socket() as free:  # another test file's processes may hold the default port
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = iterate(tmp_path, "--nproc", "2", "--main-port", str(port), *short)
     assert done.returncode == 0, done.stderr[-3000:]
     where = tmp_path / "outputs" / "tiny_rounds" / "r"
     report = json.loads((where / "rounds.json").read_text())
