@@ -87,8 +87,11 @@ def prepare(name: str | None, overrides: list[str], nproc: int = 1, port: int = 
             "rounds.samples must be at least 2 (a best and a worst), rounds.count at least 1 and "
             "rounds.offline 0 or more"
         )
+    if view.rounds.engine not in samples.ENGINES:
+        problems.append(f"rounds.engine={view.rounds.engine}: one of {', '.join(samples.ENGINES)}")
     if problems:
         raise errors.ConfigError(problems)
+    samples.engine(view.rounds.engine)  # vllm asked where it is not installed: refused before anything runs
     train, held, _ = data.load(built.dataset, built.args.seed)
     if held is None:
         raise errors.ConfigError(
@@ -159,22 +162,22 @@ def freed() -> None:
 
 
 def answers(s: Setup, model: str, prompts: list, temperature: float, seed: int, desc: str) -> list[str]:
-    """Each prompt's answer from `model`, in batches: sampled at `temperature`, or greedy at 0."""
-    tokenizer = tokenizer_of(s, model)
+    """Each prompt's answer from `model`, in batches (vLLM's, where rounds.engine picks it): sampled at
+    `temperature`, or greedy at 0."""
+    tokenizer, dtype = tokenizer_of(s, model), s.built.model.dtype or "auto"
     revision = s.built.model.model_revision if model == s.start else None
-    flags = {
-        "revision": revision,
-        "trust_remote_code": s.built.args.trust_remote_code,
-        "use_safetensors": True,
-    }
-    policy = trained.load(model, s.built.model.dtype or "auto", "model.model_name_or_path", flags)
+    flags = dict(revision=revision, trust_remote_code=s.built.args.trust_remote_code, use_safetensors=True)
     rounds = s.rounds
     options = SimpleNamespace(
         temperature=temperature, max_new_tokens=rounds.max_new_tokens, seed=seed, batch_size=rounds.batch_size
     )
-    decoding = samples.decoding_of(tokenizer, policy, options)
-    made = evaluate.answers(policy, tokenizer, prompts, options, decoding, policy.device, desc)
-    del policy
+    if samples.engine(rounds.engine) == "vllm":
+        made = samples.vllm_answers(model, tokenizer, prompts, options, flags, dtype)
+    else:
+        policy = trained.load(model, dtype, "model.model_name_or_path", flags)
+        decoding = samples.decoding_of(tokenizer, policy, options)
+        made = evaluate.answers(policy, tokenizer, prompts, options, decoding, policy.device, desc)
+        del policy
     freed()
     return made
 

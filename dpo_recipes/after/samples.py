@@ -93,6 +93,43 @@ def batched(model, tokenizer, prompts: list, options, decoding: dict, device, de
     return out
 
 
+ENGINES = ("auto", "vllm", "transformers")
+
+
+def engine(asked: str) -> str:
+    """The engine that generates: vLLM where asked, or at auto where it is installed and a GPU is there;
+    transformers' generate otherwise."""
+    import importlib.util
+
+    import torch
+
+    found = importlib.util.find_spec("vllm") is not None
+    if asked == "vllm" and not found:
+        why = "rounds.engine=vllm: vLLM is not installed here: pip install vllm or rounds.engine=transformers"
+        raise errors.ConfigError([why])
+    return ("vllm" if found and torch.cuda.is_available() else "transformers") if asked == "auto" else asked
+
+
+def vllm_answers(model: str, tokenizer, prompts: list, options, flags: dict, dtype: str) -> list[str]:
+    """Each prompt's answer from vLLM, in words: the token ids `batched` gives generate, its stops, its
+    temperature (0: greedy). The engine is seeded once: a seed per request would give a prompt asked k
+    times one answer k times."""
+    from transformers import GenerationConfig
+    from vllm import LLM, SamplingParams
+
+    try:
+        own = GenerationConfig.from_pretrained(model, revision=flags["revision"])
+    except OSError:  # a model without a generation_config.json
+        own = None
+    llm = LLM(model=model, revision=flags["revision"], dtype=dtype, seed=options.seed,
+              trust_remote_code=flags["trust_remote_code"])  # fmt: skip
+    decoding = SamplingParams(temperature=options.temperature, max_tokens=options.max_new_tokens,
+                              stop_token_ids=stops(tokenizer, own))  # fmt: skip
+    made = llm.generate([{"prompt_token_ids": token_ids(tokenizer, p)} for p in prompts], decoding)
+    del llm
+    return [tokenizer.decode(x.outputs[0].token_ids, skip_special_tokens=True).strip() for x in made]
+
+
 def generate(models: dict, tokenizer, rows: list[dict], beta: float, options) -> list[dict]:
     """Each model's answers to the prompts, generated in batches from the same seed, and the implicit
     reward of each answer."""

@@ -184,6 +184,7 @@ class RoundsSchema:
     eval_prompts: int = 64
     batch_size: int = 32  # prompts generated at once
     offline: int = 0  # the dataset's pairs added to each round's (fresh ones each round while they last)
+    engine: str = "auto"  # what samples: vllm | transformers | auto (vLLM where installed and a GPU is there)
 
 
 @dataclass
