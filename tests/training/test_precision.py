@@ -14,8 +14,8 @@ from dpo_recipes.config import precision, schema
 from dpo_recipes.errors import ConfigError
 from dpo_recipes.training import health, updates
 
-# 4 steps from the first, no warm-up: the learning rate the recipe ships with from step 1
-STEPS = 4
+# 2 steps from the first, no warm-up: the learning rate the recipe ships with from step 1
+STEPS = 2
 FIRST = [
     f"train.max_steps={STEPS}",
     "train.warmup_steps=0",
@@ -76,7 +76,7 @@ def test_a_lost_update_is_a_non_zero_gradient_that_left_the_weight_as_it_was():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Smoke runs of 4 steps, once each, with the number of trainable elements each changed (read
+    """Smoke runs of STEPS steps, once each, with the number of trainable elements each changed (read
     around transformers' Trainer.train, RewardTrainer's too)."""
     done, real = {}, transformers.Trainer.train
 
@@ -124,7 +124,7 @@ def test_pure_bf16_full_fine_tuning_reports_its_lost_updates_and_masters_lose_no
 
 def training_paths() -> list[str]:
     """One Qwen recipe for each way its smoke line trains (the trainer, the model's load, the engine, the
-    train keys but the epochs, which 4 steps never reach): qwen7b_lora_rounds trains as qwen7b_lora_dpo."""
+    train keys but the epochs, which STEPS steps never reach): qwen7b_lora_rounds trains as qwen7b_lora_dpo."""
     chosen = {}
     for recipe in (r for r in schema.recipes() if r.startswith("qwen7b") and not r.endswith("_sft")):
         cfg, _ = config.compose(smoke(recipe))
