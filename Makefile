@@ -109,8 +109,8 @@ test-e2e: setup ## Subprocesses and equality: resume, DDP/FSDP vs one process, l
 bench: setup ## Run every benchmark (or ONLY="data_prep memory"); writes benchmarks/results.json and BENCHMARKS.md
 	$(PY) -m benchmarks $(ONLY)
 
-bench-gpu: setup ## On a CUDA GPU: qwen7b_lora_dpo at Qwen2.5-7B's shape (random weights) vs plain TRL, and predicted vs measured memory at Qwen2.5-1.5B's; writes the GPU sections of BENCHMARKS.md
-	$(PY) -m benchmarks gpu gpu_memory
+bench-gpu: setup ## On a CUDA GPU: qwen7b_lora_dpo at Qwen2.5-7B's shape (random weights) vs plain TRL, predicted vs measured memory at Qwen2.5-1.5B's; rounds' sampling through vLLM (where installed) vs generate; writes the GPU sections of BENCHMARKS.md
+	$(PY) -m benchmarks gpu gpu_memory gpu_rounds
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

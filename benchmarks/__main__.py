@@ -16,6 +16,7 @@ from benchmarks import (
     evaluation,
     gpu,
     gpu_memory,
+    gpu_rounds,
     jobs,
     memory,
     methods,
@@ -47,6 +48,10 @@ BENCHMARKS = {
         "Qwen2.5-1.5B's shape",
         gpu_memory,
     ),
+    "gpu_rounds": (
+        "GPU rounds: sampling through vLLM beside transformers' generate (tiny_rounds)",
+        gpu_rounds,
+    ),
     "step": (
         "Step: the CPU log-prob head, padding-free batches and the shared prompt vs TRL as shipped",
         step,
@@ -58,9 +63,9 @@ BENCHMARKS = {
     "rounds": ("Rounds: `make iterate RECIPE=tiny_rounds`, three rounds a seed, win rates and cost", rounds),
     "suite": ("Tests: the suite on a fresh clone, as CI runs it", suite),
 }
-# Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory`; the spread and the
+# Run only when named: `make bench-gpu` is `python -m benchmarks gpu gpu_memory gpu_rounds`; the spread and the
 # suite take most of an hour, the rounds and the methods minutes a seed.
-ON_REQUEST = {"gpu", "gpu_memory", "spread", "methods", "rounds", "suite"}
+ON_REQUEST = {"gpu", "gpu_memory", "gpu_rounds", "spread", "methods", "rounds", "suite"}
 LIBRARIES = ["torch", "transformers", "trl", "peft", "datasets"]
 
 

@@ -1,4 +1,5 @@
 import contextlib
+import importlib.machinery
 import io
 import logging
 import os
@@ -6,7 +7,9 @@ import runpy
 import signal
 import subprocess
 import sys
+import types
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,3 +157,30 @@ def python_m(module: str, *args: str) -> subprocess.CompletedProcess:
         for number, handler in handlers.items():
             signal.signal(number, handler)
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+class VLLM:
+    """vLLM's LLM as rounds use it, for a machine without vLLM: what it was built with and asked; each
+    answer the prompt's last three tokens and its first stop token."""
+
+    built: dict = {}
+    asked: list = []
+
+    def __init__(self, **kwargs):
+        VLLM.built = kwargs
+
+    def generate(self, prompts, params):
+        VLLM.asked = [prompts, params]
+        stop = params["stop_token_ids"][0]
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=p["prompt_token_ids"][-3:] + [stop])])
+                for p in prompts]  # fmt: skip
+
+
+@pytest.fixture
+def vllm(monkeypatch):
+    """An installed `vllm` whose LLM is the stand-in above (SamplingParams: a dict of its arguments)."""
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    module.LLM, module.SamplingParams = VLLM, dict
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return VLLM

@@ -1,7 +1,6 @@
 """On-policy rounds (dpo_recipes/after/rounds.py): the pairing rule and its counted drops, the refusals,
 and the tiny recipe's three rounds as `make iterate` runs them, judged round over round and resumed."""
 
-import importlib.machinery
 import json
 import os
 import shutil
@@ -10,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,64 +119,40 @@ def test_a_rounds_dir_refuses_another_number_of_training_processes(tmp_path, mon
         rounds.prepare("r", ["recipes=tiny_rounds"], nproc=2)
 
 
-class Engine:
-    """vLLM's LLM as rounds use it: what it was built with and asked; each answer the prompt's last three
-    tokens and a stop token."""
-
-    built: dict = {}
-    asked: list = []
-
-    def __init__(self, **kwargs):
-        Engine.built = kwargs
-
-    def generate(self, prompts, params):
-        Engine.asked = [prompts, params]
-        stop = params["stop_token_ids"][0]
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=p["prompt_token_ids"][-3:] + [stop])])
-                for p in prompts]  # fmt: skip
-
-
-def installed_vllm(monkeypatch) -> None:
-    module = types.ModuleType("vllm")
-    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    module.LLM, module.SamplingParams = Engine, dict
-    monkeypatch.setitem(sys.modules, "vllm", module)
-
-
-def test_rounds_sample_through_vllm_with_generates_token_ids_stops_and_seed(tmp_path, monkeypatch):
+def test_rounds_sample_through_vllm_with_generates_token_ids_stops_and_seed(tmp_path, monkeypatch, vllm):
     monkeypatch.chdir(tmp_path)
-    installed_vllm(monkeypatch)
     monkeypatch.setattr(trained, "load", lambda *a: pytest.fail("vLLM samples without a transformers model"))
     s = rounds.prepare("v", ["recipes=tiny_rounds", "rounds.engine=vllm"])
     tokenizer = rounds.tokenizer_of(s, s.start)
     asked = s.prompts[:3]
     made = rounds.answers(s, s.start, asked, 0.7, 5, "sampling")
     ids = [token_ids(tokenizer, p) for p in asked]  # what samples.batched gives transformers' generate
-    assert Engine.asked[0] == [{"prompt_token_ids": x} for x in ids]
+    assert vllm.asked[0] == [{"prompt_token_ids": x} for x in ids]
     own = transformers.GenerationConfig.from_pretrained(s.start)
-    assert Engine.asked[1] == {"temperature": 0.7, "max_tokens": s.rounds.max_new_tokens,
+    assert vllm.asked[1] == {"temperature": 0.7, "max_tokens": s.rounds.max_new_tokens,
                                "stop_token_ids": chat.stops(tokenizer, own)}  # fmt: skip
-    assert Engine.built == {"model": s.start, "revision": s.built.model.model_revision, "seed": 5,
+    assert vllm.built == {"model": s.start, "revision": s.built.model.model_revision, "seed": 5,
                             "dtype": s.built.model.dtype or "auto", "trust_remote_code": False}  # fmt: skip
     assert made == [tokenizer.decode(x[-3:], skip_special_tokens=True).strip() for x in ids]
 
 
 def test_the_engine_is_vllm_where_asked_or_installed_beside_a_gpu_and_a_missing_one_is_refused(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, vllm
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
-    with pytest.raises(errors.ConfigError, match="rounds.engine=vllm: vLLM is not installed here: pip"):
-        rounds.prepare("v", ["recipes=tiny_rounds", "rounds.engine=vllm"])
-    with pytest.raises(errors.ConfigError, match="rounds.engine=fast: one of auto, vllm, transformers"):
-        rounds.prepare("v", ["recipes=tiny_rounds", "rounds.engine=fast"])
-    assert not (tmp_path / "outputs").exists()
-    assert samples.engine("auto") == "transformers"
-    installed_vllm(monkeypatch)
+    installed = sys.modules["vllm"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert (samples.engine("auto"), samples.engine("transformers")) == ("transformers", "transformers")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert samples.engine("auto") == "vllm"
+    assert (samples.engine("auto"), samples.engine("vllm")) == ("vllm", "vllm")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    assert samples.engine("auto") == "transformers"
+    with pytest.raises(errors.ConfigError, match="rounds.engine=vllm: vLLM is not installed here: pip"):
+        rounds.prepare("v", ["recipes=tiny_rounds", "rounds.engine=vllm"])
+    monkeypatch.setitem(sys.modules, "vllm", installed)
+    with pytest.raises(errors.ConfigError, match="rounds.engine=fast: one of auto, vllm, transformers"):
+        rounds.prepare("v", ["recipes=tiny_rounds", "rounds.engine=fast"])
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slow

@@ -199,3 +199,20 @@ def test_the_methods_table_has_a_row_a_run_and_the_two_stage_rows_comparison():
         "over the SFT model: 0.70 (0.58-0.80; 40-10-14); over `tiny_lora_dpo` from the base: 0.60 (0.48-0.70"
         in table
     )
+
+
+@pytest.mark.slow
+def test_the_gpu_rounds_check_compares_the_engines_on_the_same_prompts(tmp_path, monkeypatch, vllm):
+    """On CPU with vLLM's stand-in: both engines answer the same held-out and training prompts through
+    rounds' own `answers`; the agreement is counted over the greedy answers."""
+    import tempfile
+
+    from benchmarks import gpu_rounds
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = gpu_rounds.run(prompts=4)
+    assert list(result["engines"]) == ["transformers", "vllm"] and vllm.built["seed"] == 42
+    for r in result["engines"].values():
+        assert r["greedy"]["answers"] == 64 and (r["sampled"]["answers"], r["sampled"]["k"]) == (16, 4)
+    assert 0 <= result["greedy_agreement"] < 1  # the stand-in answers the prompt's last tokens
+    assert "| vllm | 64 |" in gpu_rounds.table(result)
