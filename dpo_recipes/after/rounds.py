@@ -113,9 +113,7 @@ def prepare(name: str | None, overrides: list[str], nproc: int = 1, port: int = 
         raise errors.ConfigError(
             ["rounds need training prompts: every one of the dataset's is an eval prompt"]
         )
-    if (
-        not recorded.exists()
-    ):  # the settings, before anything else is written: a rerun is checked against them
+    if not recorded.exists():  # the settings, before anything else: a rerun is checked against them
         write_text(recorded, json.dumps({**ours, "rounds": []}))
         io.write(held, run_dir / "data" / "eval.jsonl")
     start = built.model.model_name_or_path
@@ -282,18 +280,20 @@ def compared(s: Setup, now: dict, others: dict[str, dict]) -> dict:
     """`now`'s answers against each of `others` by the judge: a reward model's scores, or the pairwise
     judge's verdicts (loaded once for all of them)."""
     judge = judge_of(s) if now["scores"] is None else None
-    out = {}
-    for name, other in others.items():
+    found = {}  # by answer set: round 1's round before is the start, judged once
+    for other in others.values():
+        if id(other) in found:
+            continue
         if judge is None:
             prefs = judges.preferences(now["answers"], other["answers"], now["scores"], other["scores"])
         else:
             prefs, _ = judge.prefer(s.eval_prompts, now["answers"], other["answers"])
-        out[name] = judges.compare(
+        found[id(other)] = judges.compare(
             prefs, [len(x) for x in now["answers"]], [len(x) for x in other["answers"]]
         )
     del judge
     freed()
-    return out
+    return {name: found[id(other)] for name, other in others.items()}
 
 
 def iterate(s: Setup) -> dict:

@@ -90,6 +90,8 @@ def test_a_round_is_judged_against_the_start_and_the_round_before_by_its_judges_
         s, scored["now"], {"vs_start": scored["start"], "vs_previous": scored["previous"]}
     )
     assert len(loaded) == 1 and by_scores == versus  # a reward model's scores need no judge here
+    first = rounds.compared(s, now, {"vs_start": start, "vs_previous": start})  # round 1
+    assert loaded[-1].judged == 3 and first["vs_previous"] == first["vs_start"] == versus["vs_start"]
 
 
 @pytest.mark.parametrize(
