@@ -12,6 +12,7 @@ from dpo_recipes.memory.shapes import Shape
 from dpo_recipes.memory.trace import KINDS, MB, _quantized_linears, trace
 
 _PREDICTED: dict = {}  # shape's content -> (shape, estimate): a plan asks for the same shape several times
+_COUNTED: dict = {}  # the model's content -> its Counts: shapes that differ in batch or length share them
 
 
 FP32 = 4
@@ -40,6 +41,15 @@ class Counts:
 
 
 def _counts(shape: Shape) -> Counts:
+    """The shape's model counted once, however many batches and lengths are predicted for it."""
+    fields = ("config", "reference_config", "dtype", "lora", "reference")
+    key = tuple(_content(getattr(shape, f)) for f in fields)
+    if key not in _COUNTED:
+        _COUNTED[key] = _counted(shape)
+    return _COUNTED[key]
+
+
+def _counted(shape: Shape) -> Counts:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
