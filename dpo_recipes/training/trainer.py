@@ -176,7 +176,12 @@ class RecipeTrainer(CPUHead, DPOTrainer):
         # TRL's length filter hashes the whole DPOConfig, output_dir included, so every run would give
         # the same tokens a new fingerprint. Key them on what they depend on instead.
         # ld_alpha and precision shape the reference log-probs cached under this fingerprint too.
-        inputs = (dataset._fingerprint, Hasher.hash(processing_class), args.max_length, args.truncation_mode)
+        inputs = (
+            dataset._fingerprint,
+            tokenize.identity(processing_class),
+            args.max_length,
+            args.truncation_mode,
+        )
         prepared._fingerprint = Hasher.hash(
             (*inputs, args.ld_alpha, args.bf16, args.fp16, trl.__version__, tokenize.CODE)
         )

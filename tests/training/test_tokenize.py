@@ -190,3 +190,27 @@ def test_tokens_cached_by_other_code_are_not_reused(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenize, "CODE", "another version")
     changed = tokenize.prepare(dataset, tokenizer, 256, "keep_start", None, "train")
     assert first.cache_files == again.cache_files != changed.cache_files
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: setattr(t, "chat_template", t.chat_template.replace("<|", "<| ")),
+        lambda t: t.add_tokens(["<extra>"]),
+        lambda t: t.add_special_tokens({"pad_token": "<pad-2>"}),
+        lambda t: setattr(t, "truncation_side", "left" if t.truncation_side == "right" else "right"),
+    ],
+    ids=["template", "added token", "special token", "side"],
+)
+def test_tokens_are_reused_by_the_same_tokenizer_loaded_again_and_by_no_other(change):
+    """The cache key reads the tokenizer's Rust state as JSON and its Python state, not the Python copies
+    of its vocabulary (tokenize.identity); it still tells apart what changes the ids or the template."""
+    dataset = toy(20)
+    first, again = (
+        tokenize.prepare(dataset, t, 256, "keep_start", None, "train")
+        for t in map(AutoTokenizer.from_pretrained, [tiny.path()] * 2)
+    )
+    changed = AutoTokenizer.from_pretrained(tiny.path())
+    change(changed)
+    other = tokenize.prepare(dataset, changed, 256, "keep_start", None, "train")
+    assert first.cache_files == again.cache_files != other.cache_files
