@@ -95,14 +95,14 @@ def test_each_method_logs_trls_own_losses_on_the_same_rows(recipe, tmp_path):
     summary = json.loads((metrics / "summary.json").read_text())
     assert summary["task"] == built.task and summary["status"] == "finished"
     assert "rewards/margins" in (metrics / "training_metrics.csv").read_text().splitlines()[0]
-    if recipe == "tiny_kto":  # 32 pairs, unpaired: 32 rows of each label, so both weights stay 1
+    if recipe == "tiny_kto":  # 32 pairs, unpaired: 32 rows of each label; the recipe's weights kept
         balance = json.loads((metrics / paths.DATA_REPORT).read_text())["train"]["kto_balance"]
         assert balance == dict(
             desirable=32,
             undesirable=32,
-            desirable_weight=1.0,
+            desirable_weight=2.0,
             undesirable_weight=1.0,
-            set_by="the data's balance",
+            set_by="the recipe",
         )
 
 
@@ -118,8 +118,8 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
 
     trainer, metrics = run(tmp_path, [f"recipes={recipe}", "++train.disable_tqdm=true"])
     summary = json.loads((metrics / "summary.json").read_text())
-    if recipe == "tiny_kto":  # measured 0.47 to 5.93 over train.seed 1, 2 and 42
-        assert summary["final"]["eval_rewards/margins"] >= 0.25, summary["final"]
+    if recipe == "tiny_kto":  # measured 3.5 to 7.9 over tiny bases 0-2, train.seed 1, 2, 42 (its header)
+        assert summary["final"]["eval_rewards/margins"] >= 1.0, summary["final"]
     else:
         assert summary["final"]["eval_rewards/accuracies"] >= 0.9, summary["final"]
     exported = python_m("dpo_recipes.after.export", str(metrics.parent))  # make export, the adapter merged
@@ -131,8 +131,6 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
         card
     )
     assert not (metrics.parent / "export" / "adapter_config.json").exists()
-    if recipe == "tiny_kto":  # lower bound 0.53 to 0.83 over seeds 1, 2, 42 here; with the kernels capped
-        return  # at AVX2 or at baseline (their own tiny base and judge) the win rate is 0.47 and 0.50
     done = python_m("dpo_recipes.after.evaluate", str(metrics.parent), "--n", "64", "--max-new-tokens", "48")
     assert done.returncode == 0, done.stderr
     versus = json.loads((metrics / "eval.json").read_text())["comparisons"]["policy_vs_reference"]
@@ -141,7 +139,7 @@ def test_each_tiny_method_recipe_learns_the_toy_and_its_answers_beat_the_base(re
 
 @pytest.mark.parametrize(
     "overrides,expected",
-    [([], (3.0, 1.0, "the data's balance")), (["+train.desirable_weight=2.0"], (2.0, 1.0, "the recipe"))],
+    [(["train.desirable_weight=1.0"], (3.0, 1.0, "the data's balance")), ([], (2.0, 1.0, "the recipe"))],
 )
 def test_kto_weights_come_from_the_rows_balance_unless_the_recipe_sets_them(overrides, expected, capsys):
     from datasets import Dataset
